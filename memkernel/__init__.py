@@ -1,0 +1,5 @@
+"""memkernel: the Recursive Memory Kernel in JAX/Flax."""
+
+from memkernel.config import ModelConfig
+
+__all__ = ["ModelConfig"]

@@ -1,0 +1,150 @@
+"""The one typed model configuration at the library boundary.
+
+`configs/*.py` return `ml_collections.ConfigDict`s; `ModelConfig.from_dict` converts the `model`
+section once into a frozen, validated dataclass. Every invalid value raises `ValueError` naming the
+field and the value, before anything is traced or compiled.
+
+Parameter shapes never depend on `max_seq_len`: a trained model is evaluated on longer inputs with
+`dataclasses.replace(config, max_seq_len=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+_SCAN_IMPLS = ("associative", "linear")
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n >= 1 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of `FractalV2Model` (one memory-kernel layer per `num_layers`).
+
+  Attributes:
+    vocab_size: number of token ids.
+    d_model: width of the residual stream (D).
+    num_layers: memory-kernel layers, each followed by an MLP.
+    num_roots: trunk roots (R), 1-4; each is a gated diagonal affine recurrence.
+    leaf_size: tokens per leaf (L); a power of two.
+    num_route_heads: routing / exact-read heads (H).
+    beam_width: leaves each head selects at evaluation (K).
+    train_beam_width: beam used while training (a wide beam breaks the find/read deadlock);
+      0 means `beam_width`. Evaluation always uses `beam_width`.
+    max_seq_len: capacity of the memory in tokens; a power-of-two number of leaves.
+    use_tree_read: fuse the routed summary value into the residual stream.
+    use_exact_read: fuse the token-level read of the routed leaves into the residual stream.
+    head_dim: per-head width of the exact read (E); 0 means d_model // num_route_heads.
+    route_dim: per-head width of routing keys (Dr); 0 means 2 * head_dim.
+    conv_width: taps of the causal convolution in the trunk.
+    mlp_ratio: hidden width of each MLP relative to d_model.
+    scan_impl: 'associative' (lax.associative_scan) or 'linear' (lax.scan) for the trunk in the
+      parallel form.
+    teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
+    min_timescale, max_timescale: range of the roots' initial decay timescales (tokens).
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_roots: int = 2
+  leaf_size: int = 16
+  num_route_heads: int = 4
+  beam_width: int = 2
+  train_beam_width: int = 0
+  max_seq_len: int = 512
+  use_tree_read: bool = True
+  use_exact_read: bool = True
+  head_dim: int = 0
+  route_dim: int = 0
+  conv_width: int = 4
+  mlp_ratio: int = 4
+  scan_impl: str = "associative"
+  teacher_weight: float = 1.0
+  min_timescale: float = 1.0
+  max_timescale: float = 256.0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "leaf_size", "num_route_heads",
+                 "beam_width", "max_seq_len", "conv_width", "mlp_ratio"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+    for name in ("head_dim", "route_dim", "train_beam_width"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
+    if not isinstance(self.num_roots, int) or not 1 <= self.num_roots <= 4:
+      raise ValueError(f"ModelConfig.num_roots must be between 1 and 4, got {self.num_roots!r}")
+    if not _is_power_of_two(self.leaf_size):
+      raise ValueError(f"ModelConfig.leaf_size must be a power of two, got {self.leaf_size!r}")
+    if self.max_seq_len % self.leaf_size:
+      raise ValueError(
+          f"ModelConfig.max_seq_len must be a multiple of leaf_size={self.leaf_size}, "
+          f"got {self.max_seq_len!r}")
+    if not _is_power_of_two(self.max_seq_len // self.leaf_size):
+      raise ValueError(
+          "ModelConfig.max_seq_len must hold a power-of-two number of leaves, got "
+          f"{self.max_seq_len!r} ({self.max_seq_len // self.leaf_size} leaves of {self.leaf_size})")
+    if self.num_route_heads > self.d_model:
+      raise ValueError(f"ModelConfig.num_route_heads must be <= d_model={self.d_model}, "
+                       f"got {self.num_route_heads!r}")
+    if self.head_dim == 0 and self.d_model % self.num_route_heads:
+      raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by "
+                       f"num_route_heads={self.num_route_heads} when head_dim is 0")
+    if self.scan_impl not in _SCAN_IMPLS:
+      raise ValueError(f"ModelConfig.scan_impl must be one of {_SCAN_IMPLS}, got {self.scan_impl!r}")
+    for name in ("use_tree_read", "use_exact_read"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if not self.teacher_weight >= 0:
+      raise ValueError(f"ModelConfig.teacher_weight must be >= 0, got {self.teacher_weight!r}")
+    if not 0 < self.min_timescale <= self.max_timescale:
+      raise ValueError("ModelConfig.min_timescale/max_timescale must satisfy "
+                       f"0 < min <= max, got {self.min_timescale!r}, {self.max_timescale!r}")
+
+  # Derived sizes.
+  @property
+  def num_leaves(self) -> int:
+    """N: leaf capacity of the memory."""
+    return self.max_seq_len // self.leaf_size
+
+  @property
+  def num_levels(self) -> int:
+    """Tree levels 0..log2(N), leaves at level 0."""
+    return int(math.log2(self.num_leaves)) + 1
+
+  @property
+  def num_nodes(self) -> int:
+    """S: nodes over all levels, stored level-major (2N - 1)."""
+    return 2 * self.num_leaves - 1
+
+  @property
+  def read_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_route_heads
+
+  @property
+  def key_dim(self) -> int:
+    return self.route_dim or 2 * self.read_dim
+
+  @property
+  def effective_train_beam(self) -> int:
+    return self.train_beam_width or self.beam_width
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a mapping (e.g. a `ConfigDict`), rejecting unknown fields."""
+    if hasattr(values, "to_dict"):
+      values = values.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"ModelConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**dict(values))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
