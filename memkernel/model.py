@@ -1,0 +1,493 @@
+"""FractalV2Model: the Recursive Memory Kernel language model, in three execution forms.
+
+    x = embed(tokens)
+    per layer:  trunk (causal conv + R gated diagonal recurrences)   -> root outputs
+                tokens' K/V, routing keys and pooling logits         -> live leaf; sealed leaves
+                                                                        -> token cache + summary tree
+                beam routing over sealed nodes -> exact read of the routed leaves' tokens
+                x += ReadFusion(roots, routed tree value, exact read);  x += MLP(x)
+    logits = head(norm(x))
+
+Forms, all producing the same logits:
+  * `__call__(tokens)`: parallel, the whole sequence at once (training).
+  * `scan(tokens, memory)`: `lax.scan` over leaf-sized chunks carrying the memory (prefill, long
+    inputs); any length, a trailing partial leaf stays live.
+  * `step(token, memory)`: one token (decoding).
+The recurrent forms share one chunk function (`_chunk`, C <= L tokens, at most one leaf seals per
+chunk); the parallel form builds the same tree and cache in one batched pass. Causality: a token in
+leaf c reads its own trunk state and sealed leaves < c, nothing else.
+
+Shape key in `memkernel.state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memkernel import read as read_lib
+from memkernel import routing
+from memkernel import tree as tree_lib
+from memkernel.config import ModelConfig
+from memkernel.scan import linear_recurrence
+from memkernel.state import LayerMemory, Memory
+
+SOURCES = ("roots", "tree", "exact")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interventions:
+  """Run-time ablations of the memory's sources, applied as explicit, static transforms.
+
+  Attributes:
+    no_tree_read: zero the routed tree value's contribution.
+    no_exact_read: zero the exact read's contribution.
+    next_best_span: read each head's best unselected leaves of the last routing step instead of
+      its selected ones (same depth, sealed only).
+    root_drop: roots whose output is zeroed everywhere.
+  """
+
+  no_tree_read: bool = False
+  no_exact_read: bool = False
+  next_best_span: bool = False
+  root_drop: tuple[int, ...] = ()
+
+
+NONE = Interventions()
+
+
+class Features(NamedTuple):
+  """Per-token quantities of one layer: normed input, trunk outputs and memory projections."""
+
+  xn: jax.Array          # [B, T, D]
+  roots: jax.Array       # [B, T, R, D] per-root outputs
+  trunk: jax.Array       # [B, T, D] fused root contribution
+  q: jax.Array           # [B, T, H, E]
+  k: jax.Array           # [B, T, H, E]
+  v: jax.Array           # [B, T, H, E]
+  rq: jax.Array          # [B, T, H, P]
+  rk: jax.Array          # [B, T, H, P]
+  pool: jax.Array        # [B, T, H]
+
+
+def _root_gate_bias(config: ModelConfig) -> np.ndarray:
+  """Logit of a per-token decay exp(-1/tau), tau log-spaced; root r owns the r-th band of scales."""
+  r, d = config.num_roots, config.d_model
+  lo, hi = math.log(config.min_timescale), math.log(config.max_timescale)
+  tau = np.exp(np.linspace(lo, hi, r * d)).reshape(r, d)
+  a = np.exp(-1.0 / tau)
+  a = np.clip(a, 1e-4, 1 - 1e-4)
+  return np.log(a) - np.log1p(-a)
+
+
+class LocalTrunk(nn.Module):
+  """Short causal depthwise convolution followed by R gated diagonal affine recurrences.
+
+  Root r: a_t = sigmoid(u_t Wa_r + ba_r), h_t = a_t * h_{t-1} + sqrt(1 - a_t^2) * (u_t Wb_r).
+  The gate biases start at distinct timescales per root so the roots do not start collapsed.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    r, d = c.num_roots, c.d_model
+    self.conv_w = self.param("conv_w", nn.initializers.normal(0.5), (c.conv_width, d))
+    self.conv_b = self.param("conv_b", nn.initializers.zeros, (d,))
+    self.gate_w = self.param("gate_w", nn.initializers.normal(0.02), (r, d, d))
+    self.gate_b = self.param("gate_b", lambda *_: jnp.asarray(_root_gate_bias(c), jnp.float32))
+    self.in_w = self.param("in_w", nn.initializers.lecun_normal(), (r, d, d))
+    self.out_w = self.param("out_w", nn.initializers.normal(d ** -0.5 / r), (r, d, d))
+
+  def conv(self, xn_BTD, conv_BWD):
+    """Causal conv over [previous W-1 inputs, xn]; returns (u_BTD, new conv state)."""
+    w = self.config.conv_width
+    full = jnp.concatenate([conv_BWD, xn_BTD], axis=1)
+    t = xn_BTD.shape[1]
+    u = self.conv_b + sum(full[:, w - 1 - j: w - 1 - j + t] * self.conv_w[j] for j in range(w))
+    return u, full[:, t:]
+
+  def recur(self, u_BTD, roots_BRD, impl):
+    """All roots over the chunk; returns (per-root outputs [B, T, R, D], final states [B, R, D])."""
+    a = jax.nn.sigmoid(jnp.einsum("btd,rde->btre", u_BTD, self.gate_w) + self.gate_b)
+    x = jnp.einsum("btd,rde->btre", u_BTD, self.in_w)
+    b = jnp.sqrt(jnp.maximum(1.0 - a * a, 0.0)) * x
+    bt, t, r, d = a.shape
+    h = linear_recurrence(jnp.moveaxis(a, 2, 1).reshape(bt * r, t, d),
+                          jnp.moveaxis(b, 2, 1).reshape(bt * r, t, d),
+                          roots_BRD.reshape(bt * r, d), impl)
+    h = jnp.moveaxis(h.reshape(bt, r, t, d), 1, 2)
+    return h, h[:, -1]
+
+  def project(self, roots_BTRD, keep_R):
+    """Sum of the roots' output projections, dropped roots zeroed."""
+    return jnp.einsum("btrd,rde->bte", roots_BTRD * keep_R[:, None], self.out_w)
+
+
+class ReadFusion(nn.Module):
+  """Explicit fusion of (root outputs, routed tree value, exact read), one gate per source.
+
+  out = g_roots * roots + g_tree * W_tree(tree) + g_exact * W_exact(read), with per-token gates
+  g = sigmoid(W_g xn + b). A source switched off (config or intervention) contributes exactly zero.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, xn_BTD, trunk_BTD, tree_BTHE, exact_BTHE, keep: tuple[bool, bool, bool]):
+    d = self.config.d_model
+    gates = jax.nn.sigmoid(nn.Dense(3, name="gates")(xn_BTD))
+    tree = nn.Dense(d, use_bias=False, name="tree_proj")(tree_BTHE.reshape(tree_BTHE.shape[:2] + (-1,)))
+    exact = nn.Dense(d, use_bias=False, name="exact_proj")(
+        exact_BTHE.reshape(exact_BTHE.shape[:2] + (-1,)))
+    out = jnp.zeros_like(trunk_BTD)
+    for i, (source, on) in enumerate(zip((trunk_BTD, tree, exact), keep)):
+      if on:
+        out = out + gates[..., i:i + 1] * source
+    return out, gates
+
+
+class KernelLayer(nn.Module):
+  """One memory-kernel layer plus its MLP. The forms call `features` and `finish`."""
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    h, e, p = c.num_route_heads, c.read_dim, c.key_dim
+    self.norm = nn.RMSNorm(name="norm")
+    self.trunk = LocalTrunk(c, name="trunk")
+    self.proj = nn.Dense(h * (3 * e + 2 * p + 1), use_bias=False, name="memory_proj")
+    self.fusion = ReadFusion(c, name="fusion")
+    self.mlp_norm = nn.RMSNorm(name="mlp_norm")
+    self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")
+    self.mlp_out = nn.Dense(c.d_model, name="mlp_out")
+
+  def features(self, x_BTD, conv_BWD, roots_BRD, keep_R, impl):
+    c = self.config
+    h, e, p = c.num_route_heads, c.read_dim, c.key_dim
+    xn = self.norm(x_BTD)
+    u, conv = self.trunk.conv(xn, conv_BWD)
+    roots, root_state = self.trunk.recur(u, roots_BRD, impl)
+    trunk = self.trunk.project(roots, keep_R)
+    z = self.proj(u + trunk)
+    b, t = z.shape[:2]
+    sizes = np.cumsum([h * e, h * e, h * e, h * p, h * p])
+    q, k, v, rq, rk, pool = jnp.split(z, sizes, axis=-1)
+    q, k, v = (y.reshape(b, t, h, e) for y in (q, k, v))
+    rq, rk = (y.reshape(b, t, h, p) for y in (rq, rk))
+    feats = Features(xn, roots, trunk, q, k, v, rq, rk, pool)
+    return feats, conv, root_state
+
+  def finish(self, x_BTD, feats: Features, tree_BTHE, exact_BTHE, keep):
+    fused, gates = self.fusion(feats.xn, feats.trunk, tree_BTHE, exact_BTHE, keep)
+    x = x_BTD + fused
+    x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
+    return x, gates
+
+
+class FractalV2Model(nn.Module):
+  """The Recursive Memory Kernel LM. See the module docstring for the three forms."""
+
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(1.0))
+    self.layers = [KernelLayer(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.final_norm = nn.RMSNorm()
+    self.head = nn.Dense(c.vocab_size, use_bias=False)
+
+  # ----------------------------------------------------------------------------------------------
+  # Shared pieces.
+
+  def _keep(self, interventions: Interventions):
+    c = self.config
+    keep_sources = (True, c.use_tree_read and not interventions.no_tree_read,
+                    c.use_exact_read and not interventions.no_exact_read)
+    for r in interventions.root_drop:
+      if not 0 <= r < c.num_roots:
+        raise ValueError(f"Interventions.root_drop names root {r}, but the model has "
+                         f"{c.num_roots} root(s)")
+    keep_r = jnp.asarray([0.0 if r in interventions.root_drop else 1.0
+                          for r in range(c.num_roots)], jnp.float32)
+    return keep_sources, keep_r
+
+  def _uses_routing(self) -> bool:
+    return self.config.use_tree_read or self.config.use_exact_read
+
+  def _read_memory(self, feats: Features, node_keys, node_vals, cache_k, cache_v, query_leaf_T,
+                   beam, oracle_leaves, interventions):
+    """Routes and reads for every token of `feats`; returns (tree value, read value, aux)."""
+    c = self.config
+    b, t, h, e = feats.q.shape
+    if not self._uses_routing():
+      zeros = jnp.zeros((b, t, h, e), jnp.float32)
+      return zeros, zeros, None
+    route = routing.route_beam(feats.rq, node_keys, node_vals, query_leaf_T, beam)
+    leaves, weights = route.leaves, route.weights
+    if interventions.next_best_span:
+      leaves = route.runner_up
+      weights = jnp.where(leaves >= 0, weights, 0.0)
+    if oracle_leaves is not None:
+      leaves, weights = _oracle_selection(oracle_leaves, query_leaf_T, leaves, weights, h)
+    read = read_lib.exact_read(feats.q, cache_k, cache_v, leaves, weights)
+    aux = {"leaves": leaves, "weights": weights, "entropy": route.entropy,
+           "start_level": route.start_level, "read_probs": read.probs,
+           "read_active": read.active}
+    return route.tree_value, read.value, aux
+
+  def _logits(self, x_BTD):
+    return self.head(self.final_norm(x_BTD)).astype(jnp.float32)
+
+  def _check_tokens(self, tokens, ndim, what):
+    if not hasattr(tokens, "ndim") or tokens.ndim != ndim:
+      raise ValueError(f"{what} must be an int array of rank {ndim}, got "
+                       f"{getattr(tokens, 'shape', type(tokens))}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"{what} must have an integer dtype, got {tokens.dtype}")
+
+  # ----------------------------------------------------------------------------------------------
+  # Parallel form.
+
+  def __call__(self, tokens, oracle_leaves=None, train: bool = False,
+               interventions: Interventions = NONE):
+    """Parallel form.
+
+    Args:
+      tokens: int32 [B, T], T <= max_seq_len.
+      oracle_leaves: optional int32 [B, T, A]; where a row holds a leaf >= 0, every head reads
+        those leaves (the answer leaves of a probe) instead of its routed ones.
+      train: use the training beam width and add the routing teacher loss.
+      interventions: run-time ablations.
+    Returns:
+      (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
+      weights [B, T, H, K], entropy, start_level, read_probs, read_active), aux["roots"] the per-layer
+      root outputs [B, T, R, D], aux["gates"] the per-layer fusion gates [B, T, 3], aux["losses"]
+      extra weighted losses for training and aux["metrics"] scalar diagnostics.
+    """
+    c = self.config
+    self._check_tokens(tokens, 2, "tokens")
+    b, t = tokens.shape
+    if t > c.max_seq_len:
+      raise ValueError(f"sequence length {t} exceeds ModelConfig.max_seq_len={c.max_seq_len}; "
+                       "build the model with dataclasses.replace(config, max_seq_len=...)")
+    keep, keep_r = self._keep(interventions)
+    beam = c.effective_train_beam if train else c.beam_width
+    l, n = c.leaf_size, c.num_leaves
+    n_full = t // l
+    query_leaf = jnp.arange(t, dtype=jnp.int32) // l
+    x = self.embed(tokens)
+    conv0 = jnp.zeros((b, c.conv_width - 1, c.d_model), jnp.float32)
+    roots0 = jnp.zeros((b, c.num_roots, c.d_model), jnp.float32)
+    aux_route, aux_roots, aux_gates, teacher = [], [], [], []
+    for layer in self.layers:
+      feats, _, _ = layer.features(x, conv0, roots0, keep_r, c.scan_impl)
+
+      def leaf_major(y):
+        y = y[:, :n_full * l].reshape((b, n_full, l) + y.shape[2:])
+        return jnp.pad(y, [(0, 0), (0, n - n_full)] + [(0, 0)] * (y.ndim - 2))
+
+      leaf_key, leaf_val = tree_lib.summarize_leaf(leaf_major(feats.rk), leaf_major(feats.v),
+                                                   leaf_major(feats.pool))
+      node_keys, node_vals, _ = tree_lib.build_tree(leaf_key, leaf_val, n_full)
+      tree_val, exact_val, route_aux = self._read_memory(
+          feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
+          oracle_leaves, interventions)
+      if train and c.teacher_weight > 0 and c.use_exact_read:
+        mass = routing.leaf_attention_mass(feats.q, feats.k, l, n)
+        teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass))
+      x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
+      aux_route.append(route_aux)
+      aux_roots.append(feats.roots)
+      aux_gates.append(gates)
+    logits = self._logits(x)
+    losses = {}
+    if teacher:
+      losses["teacher"] = c.teacher_weight * sum(teacher) / len(teacher)
+    aux = {"routing": tuple(aux_route), "roots": tuple(aux_roots), "gates": tuple(aux_gates),
+           "losses": losses,
+           "metrics": diagnostics(tuple(aux_route), tuple(aux_roots), tuple(aux_gates))}
+    return logits, aux
+
+  # ----------------------------------------------------------------------------------------------
+  # Recurrent forms.
+
+  def _chunk(self, tokens_BC, memory: Memory, interventions: Interventions):
+    """Advances the memory by C <= L tokens; at most one leaf seals inside the chunk."""
+    c = self.config
+    l = c.leaf_size
+    b, cl = tokens_BC.shape
+    keep, keep_r = self._keep(interventions)
+    p0 = memory.num_tokens
+    fill, sealed_count = p0 % l, p0 // l
+    seals = fill + cl >= l
+    query_leaf = (p0 + jnp.arange(cl, dtype=jnp.int32)) // l
+    x = self.embed(tokens_BC)
+    new_layers, aux_route, aux_gates, aux_roots = [], [], [], []
+    node_span = memory.node_span_S2
+    for layer, mem in zip(self.layers, memory.layers):
+      feats, conv, roots = layer.features(x, mem.conv_BWD, mem.roots_BRD, keep_r, c.scan_impl)
+
+      def buffer(live, new):
+        pad = jnp.zeros((b, l + (l - cl)) + live.shape[2:], live.dtype)
+        buf = jnp.concatenate([live, pad], axis=1)       # [B, 2L, ...]
+        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(live.dtype), fill, axis=1)
+
+      bufs = [buffer(mem.live_k_BLHE, feats.k), buffer(mem.live_v_BLHE, feats.v),
+              buffer(mem.live_rk_BLHP, feats.rk), buffer(mem.live_pool_BLH, feats.pool)]
+      leaf_k, leaf_v, leaf_rk, leaf_pool = (y[:, :l] for y in bufs)
+      key, val = tree_lib.summarize_leaf(leaf_rk, leaf_v, leaf_pool)
+      node_keys, node_vals, new_span = tree_lib.insert_leaf(
+          mem.node_keys_BSHP, mem.node_vals_BSHE, node_span, key, val, sealed_count, seals)
+      cache_k = _write_leaf(mem.cache_k_BNLHE, leaf_k, sealed_count, seals)
+      cache_v = _write_leaf(mem.cache_v_BNLHE, leaf_v, sealed_count, seals)
+      live = [jax.lax.dynamic_slice_in_dim(y, seals.astype(jnp.int32) * l, l, axis=1)
+              for y in bufs]
+      new_layers.append(LayerMemory(
+          roots_BRD=roots, conv_BWD=conv, live_k_BLHE=live[0], live_v_BLHE=live[1],
+          live_rk_BLHP=live[2], live_pool_BLH=live[3], node_keys_BSHP=node_keys,
+          node_vals_BSHE=node_vals, cache_k_BNLHE=cache_k, cache_v_BNLHE=cache_v))
+      tree_val, exact_val, route_aux = self._read_memory(
+          feats, node_keys, node_vals, cache_k, cache_v, query_leaf, c.beam_width, None,
+          interventions)
+      x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
+      aux_route.append(route_aux)
+      aux_gates.append(gates)
+      aux_roots.append(feats.roots)
+    node_span = new_span
+    memory = Memory(layers=tuple(new_layers), num_tokens=p0 + cl, node_span_S2=node_span,
+                    leaf_size=l)
+    aux = {"routing": tuple(aux_route), "roots": tuple(aux_roots), "gates": tuple(aux_gates)}
+    return self._logits(x), memory, aux
+
+  def _check_capacity(self, memory: Memory, new_tokens: int):
+    c = self.config
+    if not isinstance(memory, Memory):
+      raise ValueError(f"memory must be a memkernel.Memory (from init_memory), got {type(memory)}")
+    if len(memory.layers) != c.num_layers or memory.leaf_size != c.leaf_size or (
+        memory.node_span_S2.shape[0] != c.num_nodes):
+      raise ValueError("memory does not match the model config (layers, leaf_size or "
+                       "max_seq_len differ); build it with init_memory(config, batch_size)")
+    if not isinstance(memory.num_tokens, jax.core.Tracer):
+      total = int(memory.num_tokens) + new_tokens
+      if total > c.max_seq_len:
+        raise ValueError(f"memory would hold {total} tokens, more than ModelConfig.max_seq_len="
+                         f"{c.max_seq_len}")
+
+  def scan(self, tokens, memory: Memory, interventions: Interventions = NONE,
+           return_aux: bool = False):
+    """Recurrent form: `lax.scan` over leaf-sized chunks of `tokens` [B, T], any T >= 1.
+
+    Returns:
+      (logits [B, T, V], memory') or, with return_aux, (logits, memory', aux) where aux["routing"]
+      matches the parallel form's.
+    """
+    c = self.config
+    self._check_tokens(tokens, 2, "tokens")
+    b, t = tokens.shape
+    self._check_capacity(memory, t)
+    l = c.leaf_size
+    n_chunks, tail = divmod(t, l)
+    outs = []
+    if n_chunks:
+      chunks = jnp.swapaxes(tokens[:, :n_chunks * l].reshape(b, n_chunks, l), 0, 1)
+
+      def body(module, mem, chunk):
+        logits, mem, aux = module._chunk(chunk, mem, interventions)
+        return mem, (logits, aux)
+
+      memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
+                                      split_rngs={"params": False})(self, memory, chunks)
+      merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n_chunks * l) + y.shape[3:])
+      outs.append((merge(logits), jax.tree.map(merge, aux)))
+    if tail:
+      logits, memory, aux = self._chunk(tokens[:, n_chunks * l:], memory, interventions)
+      outs.append((logits, aux))
+    logits = jnp.concatenate([o[0] for o in outs], axis=1)
+    if not return_aux:
+      return logits, memory
+    aux = jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *[o[1] for o in outs])
+    return logits, memory, aux
+
+  def step(self, token, memory: Memory, interventions: Interventions = NONE,
+           return_aux: bool = False):
+    """Decoding form: one token per sequence, `token` int32 [B].
+
+    Returns:
+      (logits [B, V], memory') or, with return_aux, (logits, memory', aux).
+    """
+    self._check_tokens(token, 1, "token")
+    self._check_capacity(memory, 1)
+    logits, memory, aux = self._chunk(token[:, None], memory, interventions)
+    if return_aux:
+      return logits[:, 0], memory, aux
+    return logits[:, 0], memory
+
+
+def _write_leaf(cache_BNLHE, leaf_BLHE, index, cond):
+  n = cache_BNLHE.shape[1]
+  safe = jnp.minimum(index, n - 1)
+  old = jax.lax.dynamic_index_in_dim(cache_BNLHE, safe, axis=1, keepdims=False)
+  new = jnp.where(cond & (index < n), leaf_BLHE, old)
+  return jax.lax.dynamic_update_index_in_dim(cache_BNLHE, new, safe, axis=1)
+
+
+def _oracle_selection(oracle_BTA, query_leaf_T, leaves_BTHK, weights_BTHK, num_heads):
+  """Replaces the routed leaves by the supplied ones where a row names any (visible) leaf."""
+  k = leaves_BTHK.shape[-1]
+  oracle = oracle_BTA[..., :k].astype(jnp.int32)
+  oracle = jnp.where((oracle >= 0) & (oracle < query_leaf_T[None, :, None]), oracle, -1)
+  if oracle.shape[-1] < k:
+    oracle = jnp.pad(oracle, ((0, 0), (0, 0), (0, k - oracle.shape[-1])), constant_values=-1)
+  valid = oracle >= 0
+  w = valid / jnp.maximum(valid.sum(-1, keepdims=True), 1)
+  use = jnp.any(valid, axis=-1)[:, :, None, None]
+  oracle_h = jnp.broadcast_to(oracle[:, :, None], leaves_BTHK.shape)
+  w_h = jnp.broadcast_to(w[:, :, None], weights_BTHK.shape).astype(weights_BTHK.dtype)
+  return jnp.where(use, oracle_h, leaves_BTHK), jnp.where(use, w_h, weights_BTHK)
+
+
+def root_similarity(roots_BTRD: jax.Array) -> jax.Array:
+  """Mean pairwise cosine similarity between root outputs (1.0 means collapsed); 0 for one root."""
+  r = roots_BTRD.shape[2]
+  if r < 2:
+    return jnp.zeros(())
+  unit = roots_BTRD / (jnp.linalg.norm(roots_BTRD, axis=-1, keepdims=True) + 1e-6)
+  cos = jnp.einsum("btrd,btsd->btrs", unit, unit)
+  off = 1.0 - jnp.eye(r)
+  return jnp.sum(jnp.mean(cos, axis=(0, 1)) * off) / (r * (r - 1))
+
+
+def diagnostics(route_aux, roots, gates) -> dict[str, jax.Array]:
+  """Scalar diagnostics of one forward: roots, gates, routing and exact read."""
+  m: dict[str, Any] = {}
+  for i, (ra, rt, g) in enumerate(zip(route_aux, roots, gates)):
+    m[f"layer_{i}/root_similarity"] = root_similarity(rt)
+    for r in range(rt.shape[2]):
+      m[f"layer_{i}/root_{r}_norm"] = jnp.mean(jnp.linalg.norm(rt[:, :, r], axis=-1))
+      m[f"layer_{i}/root_{r}_std"] = jnp.std(rt[:, :, r])
+    for s, name in enumerate(SOURCES):
+      m[f"layer_{i}/gate_{name}"] = jnp.mean(g[..., s])
+    if ra is None:
+      continue
+    leaves, probs, active = ra["leaves"], ra["read_probs"], ra["read_active"]
+    m[f"layer_{i}/route_entropy"] = jnp.mean(ra["entropy"])
+    m[f"layer_{i}/exact_read_usage"] = jnp.mean(active)
+    p_tok = probs.reshape(probs.shape[:3] + (-1,))
+    ent = -jnp.sum(jnp.where(p_tok > 0, p_tok * jnp.log(jnp.maximum(p_tok, 1e-30)), 0.0), -1)
+    m[f"layer_{i}/read_entropy"] = jnp.sum(jnp.where(active, ent, 0.0)) / jnp.maximum(
+        jnp.sum(active), 1)
+    m[f"layer_{i}/read_max_prob"] = jnp.sum(jnp.where(active, p_tok.max(-1), 0.0)) / jnp.maximum(
+        jnp.sum(active), 1)
+    top1 = leaves[..., 0]
+    visible = top1[..., 0] >= 0
+    disagree = jnp.any(top1 != top1[..., :1], axis=-1) & visible
+    m[f"layer_{i}/head_disagreement"] = jnp.sum(disagree) / jnp.maximum(jnp.sum(visible), 1)
+  return m

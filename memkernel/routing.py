@@ -1,0 +1,242 @@
+"""FractalRouterHead's pure functions: top-down beam routing over the sealed tree, and its teacher.
+
+For a query in leaf c the visible memory is the Fenwick decomposition of c: the maximal complete
+nodes that tile leaves [0, c), one per set bit of c. The router scores them, keeps the best K, replaces
+each kept node by its two children (a leaf stays itself), and repeats until only leaves remain.
+Weights are a softmax over the K survivors only. Ties break towards the lower candidate slot
+(`lax.top_k`), and candidates are laid out in the same order in every execution form.
+
+Finding the right leaf is the hard part of this model (reading works once the leaf is found), so two
+training signals reach the router: the selected leaves' weights enter the exact-read logits (as
+`log w`), and `teacher_loss` trains every level's scores towards the attention mass of a dense,
+stop-gradient exact attention over all visible tokens (training only; inference never uses it).
+
+Shape key in `memkernel.state`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from memkernel.state import level_offset
+
+NEG_INF = -1e30
+
+
+class RouteResult(NamedTuple):
+  """What the router selected, per query and head.
+
+  Attributes:
+    leaves: int32 [B, T, H, K], selected leaf indices, -1 where fewer than K leaves are visible.
+    weights: float32 [B, T, H, K], softmax over the surviving leaves (0 where leaves is -1).
+    runner_up: int32 [B, T, H, K], the best unselected leaves of the last step (-1 if none).
+    tree_value: float32 [B, T, H, E], summary values of the beam, weighted per step and averaged
+      over the descent (the "routed tree value").
+    entropy: float32 [B, T, H], mean candidate entropy over the descent.
+    start_level: int32 [B, T, H], level of the best first-step candidate (-1 when nothing visible).
+  """
+
+  leaves: jax.Array
+  weights: jax.Array
+  runner_up: jax.Array
+  tree_value: jax.Array
+  entropy: jax.Array
+  start_level: jax.Array
+
+
+def num_expansions(num_leaves: int) -> int:
+  """Beam steps after the first: the deepest visible Fenwick node has level log2(N) - 1."""
+  return max(num_leaves.bit_length() - 2, 0)
+
+
+def fenwick_candidates(query_leaf_T: jax.Array, num_leaves: int):
+  """The maximal complete nodes covering leaves [0, c), highest level first.
+
+  Args:
+    query_leaf_T: int32 [...], the leaf index c of each query.
+    num_leaves: N (a power of two).
+  Returns:
+    level, index (within level), valid: each int32/bool [..., F] with F = log2(N) + 1.
+  """
+  levels = jnp.arange(num_leaves.bit_length() - 1, -1, -1, dtype=jnp.int32)
+  c = jnp.asarray(query_leaf_T, jnp.int32)[..., None]
+  valid = ((c >> levels) & 1) == 1
+  index = (c >> (levels + 1)) << 1
+  level = jnp.broadcast_to(levels, valid.shape)
+  return level, index, valid
+
+
+def flat_index(level: jax.Array, index: jax.Array, num_leaves: int) -> jax.Array:
+  """Level-major flat node index of (level, index)."""
+  return 2 * num_leaves - ((2 * num_leaves) >> level) + index
+
+
+def gather_nodes(store_BSHX: jax.Array, flat_BTHC: jax.Array) -> jax.Array:
+  """store[b, flat[b, t, h, c], h] -> [B, T, H, C, X]."""
+  heads = jnp.arange(store_BSHX.shape[2])[None, :, None]
+  return jax.vmap(lambda s, i: s[i, heads])(store_BSHX, flat_BTHC)
+
+
+def _masked_softmax(scores, valid):
+  w = jax.nn.softmax(jnp.where(valid, scores, NEG_INF), axis=-1)
+  return jnp.where(valid, w, 0.0)
+
+
+def _entropy(scores, valid):
+  logp = jax.nn.log_softmax(jnp.where(valid, scores, NEG_INF), axis=-1)
+  p = jnp.where(valid, jnp.exp(logp), 0.0)
+  return -jnp.sum(jnp.where(valid, p * logp, 0.0), axis=-1)
+
+
+def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array,
+               query_leaf_T: jax.Array, beam_width: int) -> RouteResult:
+  """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
+
+  Args:
+    rq_BTHP: routing queries.
+    node_keys_BSHP, node_vals_BSHE: the level-major store (nodes outside a query's Fenwick
+      decomposition may hold anything: they are never candidates of that query).
+    query_leaf_T: int32 [T], the leaf each query sits in (it sees leaves < that index).
+    beam_width: K.
+  Returns:
+    A `RouteResult`.
+  """
+  b, t, h, p = rq_BTHP.shape
+  num_leaves = (node_keys_BSHP.shape[1] + 1) // 2
+  scale = p ** -0.5
+  k = beam_width
+
+  def score(level, index, valid):
+    flat = jnp.where(valid, flat_index(level, index, num_leaves), 0)
+    keys = gather_nodes(node_keys_BSHP, flat)
+    s = jnp.einsum("bthcp,bthp->bthc", keys, rq_BTHP) * scale
+    return jnp.where(valid, s, NEG_INF), flat
+
+  def keep(scores, valid, *fields, width):
+    width = min(width, scores.shape[-1])
+    top, slot = jax.lax.top_k(scores, width)
+    kept_valid = jnp.take_along_axis(valid, slot, axis=-1) & (top > NEG_INF / 2)
+    return (top, kept_valid) + tuple(jnp.take_along_axis(f, slot, axis=-1) for f in fields)
+
+  def pad_to(x, width, fill):
+    missing = width - x.shape[-1]
+    return x if missing <= 0 else jnp.concatenate(
+        [x, jnp.full(x.shape[:-1] + (missing,), fill, x.dtype)], axis=-1)
+
+  def weighted_value(weights, flat):
+    vals = gather_nodes(node_vals_BSHE, flat)
+    return jnp.einsum("bthc,bthce->bthe", weights, vals)
+
+  level, index, valid = fenwick_candidates(query_leaf_T, num_leaves)
+  level, index, valid = (jnp.broadcast_to(x[None, :, None, :], (b, t, h, x.shape[-1]))
+                         for x in (level, index, valid))
+  scores, flat = score(level, index, valid)
+  entropy = _entropy(scores, valid)
+  n_exp = num_expansions(num_leaves)
+  top, kv, level, index, flat = keep(scores, valid, level, index, flat,
+                                     width=k if n_exp else 2 * k)
+  start_level = jnp.where(kv[..., 0], level[..., 0], -1)
+  runner = (top[..., k:], kv[..., k:], level[..., k:], index[..., k:])
+  top, kv, level, index, flat = (x[..., :k] for x in (top, kv, level, index, flat))
+  w = _masked_softmax(top, kv)
+  tree_value = weighted_value(w, flat)
+
+  for _ in range(n_exp):
+    is_leaf = level == 0
+    child_level = jnp.where(is_leaf, 0, level - 1)
+    left = jnp.where(is_leaf, index, 2 * index)
+    c_level = jnp.concatenate([child_level, child_level], axis=-1)
+    c_index = jnp.concatenate([left, 2 * index + 1], axis=-1)
+    c_valid = jnp.concatenate([kv, kv & ~is_leaf], axis=-1)
+    c_scores, c_flat = score(c_level, c_index, c_valid)
+    # A leaf that stays in the beam keeps the score it was kept with.
+    kw = top.shape[-1]
+    c_scores = c_scores.at[..., :kw].set(jnp.where(is_leaf & kv, top, c_scores[..., :kw]))
+    entropy = entropy + _entropy(c_scores, c_valid)
+    top, kv, level, index, flat = keep(c_scores, c_valid, c_level, c_index, c_flat, width=2 * k)
+    runner = (top[..., k:], kv[..., k:], level[..., k:], index[..., k:])
+    top, kv, level, index, flat = (x[..., :k] for x in (top, kv, level, index, flat))
+    w = _masked_softmax(top, kv)
+    tree_value = tree_value + weighted_value(w, flat)
+
+  tree_value = tree_value / (n_exp + 1)
+  leaves = pad_to(jnp.where(kv, index, -1), k, -1)
+  _, r_valid, r_level, r_index = runner
+  runner_up = pad_to(jnp.where(r_valid & (r_level == 0), r_index, -1), k, -1)
+  return RouteResult(
+      leaves=leaves.astype(jnp.int32),
+      weights=pad_to(w, k, 0.0),
+      runner_up=runner_up.astype(jnp.int32),
+      tree_value=tree_value,
+      entropy=entropy / (n_exp + 1),
+      start_level=start_level.astype(jnp.int32),
+  )
+
+
+def leaf_attention_mass(q_BTHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
+                        num_leaves: int) -> jax.Array:
+  """Dense causal teacher: the attention mass each visible sealed leaf gets, per query and head.
+
+  A query in leaf c attends over every token of leaves < c. The result is stop-gradient.
+
+  Returns:
+    float32 [B, T, H, N] (zeros for leaves a query cannot see; rows of leaf-0 queries are zero).
+  """
+  b, t, h, e = q_BTHE.shape
+  n_full = t // leaf_size
+  keys = k_BTHE[:, :n_full * leaf_size]
+  logits = jnp.einsum("bthe,bshe->bths", q_BTHE, keys) * e ** -0.5
+  q_leaf = jnp.arange(t) // leaf_size
+  k_leaf = jnp.arange(n_full * leaf_size) // leaf_size
+  visible = (k_leaf[None, :] < q_leaf[:, None])[None, :, None, :]
+  probs = jax.nn.softmax(jnp.where(visible, logits, NEG_INF), axis=-1)
+  probs = jnp.where(visible, probs, 0.0)
+  mass = probs.reshape(b, t, h, n_full, leaf_size).sum(-1)
+  mass = jnp.pad(mass, ((0, 0), (0, 0), (0, 0), (0, num_leaves - n_full)))
+  return jax.lax.stop_gradient(mass)
+
+
+def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: jax.Array,
+                 leaf_mass_BTHN: jax.Array) -> jax.Array:
+  """Cross-entropy from each level's node-score softmax to the teacher's mass on those nodes.
+
+  At every level the candidates are all complete nodes inside the query's visible prefix, so the
+  signal reaches nodes the beam did not pick (an in-beam loss only confirms what was picked).
+  Levels where a query sees fewer than two nodes contribute nothing.
+
+  Returns:
+    scalar mean cross-entropy over (query, head, level) terms that have >= 2 candidates.
+  """
+  b, t, h, p = rq_BTHP.shape
+  num_leaves = leaf_mass_BTHN.shape[-1]
+  c = jnp.asarray(query_leaf_T, jnp.int32)
+  total, count = 0.0, 0.0
+  level = 0
+  while (num_leaves >> level) >= 2:
+    n_l = num_leaves >> level
+    off = level_offset(num_leaves, level)
+    keys = node_keys_BSHP[:, off:off + n_l]
+    scores = jnp.einsum("bnhp,bthp->bthn", keys, rq_BTHP) * p ** -0.5
+    visible = (jnp.arange(n_l)[None, :] < (c[:, None] >> level))[None, :, None, :]
+    target = leaf_mass_BTHN.reshape(b, t, h, n_l, 1 << level).sum(-1)
+    target = jnp.where(visible, target, 0.0)
+    target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-9)
+    logp = jax.nn.log_softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
+    ce = -jnp.sum(jnp.where(visible, target * logp, 0.0), axis=-1)  # [B, T, H]
+    active = jnp.broadcast_to(((c >> level) >= 2)[None, :, None], ce.shape)
+    total = total + jnp.sum(jnp.where(active, ce, 0.0))
+    count = count + jnp.sum(active)
+    level += 1
+  return total / jnp.maximum(count, 1.0)
+
+
+def routing_recall(leaves_BTHK: jax.Array, answer_leaves_BTA: jax.Array,
+                   mask_BT: jax.Array) -> jax.Array:
+  """Fraction of (scored position, answer leaf) pairs whose leaf some head selected."""
+  sel = leaves_BTHK.reshape(leaves_BTHK.shape[:2] + (-1,))
+  hit = jnp.any(sel[..., None, :] == answer_leaves_BTA[..., :, None], axis=-1)  # [B, T, A]
+  want = (answer_leaves_BTA >= 0) & (mask_BT[..., None] > 0)
+  return jnp.sum(hit & want) / jnp.maximum(jnp.sum(want), 1)

@@ -1,0 +1,146 @@
+"""The sealed dyadic summary tree: leaf summaries, parent merge, batched build and incremental insert.
+
+Pure functions over arrays (shape key in `memkernel.state`). The tree is regular: level 0 holds one
+summary per sealed leaf, node i of level l is `merge_nodes(node 2i, node 2i + 1)` of level l - 1, and a
+node exists only once all its leaves are sealed. Nothing here is learned except through its inputs, so
+the batched build of the parallel form and the incremental insert of the recurrent forms produce the
+same store (the same float operations on the same operands).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memkernel.state import level_offset
+
+
+def summarize_leaf(rk_LHP: jax.Array, v_LHE: jax.Array, pool_LH: jax.Array):
+  """LeafSummarizer: attention-pools a leaf's tokens into one routing key and one value per head.
+
+  Works on any leading batch axes: rk [..., L, H, P], v [..., L, H, E], pool [..., L, H].
+  Returns:
+    key [..., H, P] and value [..., H, E].
+  """
+  alpha = jax.nn.softmax(pool_LH.astype(jnp.float32), axis=-2)[..., None]
+  key = jnp.sum(alpha * rk_LHP, axis=-3)
+  val = jnp.sum(alpha * v_LHE, axis=-3)
+  return key, val
+
+
+def merge_nodes(left: jax.Array, right: jax.Array) -> jax.Array:
+  """TreeMergeCell: the parent of two complete siblings, their mean.
+
+  A mean keeps every level on one scale, so a parent's routing score q . key is the mean of its
+  children's scores: the beam compares nodes of different levels on equal terms.
+  """
+  return 0.5 * (left + right)
+
+
+def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
+  """Reference span metadata: int32 [S, 2] of [start, end) leaves, (-1, -1) for absent nodes."""
+  spans = []
+  level = 0
+  while (1 << level) <= num_leaves:
+    size = 1 << level
+    for i in range(num_leaves >> level):
+      spans.append((i * size, (i + 1) * size) if (i + 1) * size <= num_sealed else (-1, -1))
+    level += 1
+  return np.asarray(spans, np.int32)
+
+
+def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, num_sealed: int):
+  """Builds the whole level-major store in one batched pass (the parallel form).
+
+  Args:
+    leaf_keys_BNHP: leaf routing keys for all N leaf slots (slots >= num_sealed are ignored).
+    leaf_vals_BNHE: leaf values for all N leaf slots.
+    num_sealed: static number of sealed leaves.
+  Returns:
+    node_keys [B, S, H, P], node_vals [B, S, H, E], node_span [S, 2].
+  """
+  num_leaves = leaf_keys_BNHP.shape[1]
+  keys, vals = [], []
+  level_k, level_v = leaf_keys_BNHP, leaf_vals_BNHE
+  level = 0
+  while True:
+    present = (np.arange(num_leaves >> level) < (num_sealed >> level))[None, :, None, None]
+    keys.append(jnp.where(present, level_k, 0.0))
+    vals.append(jnp.where(present, level_v, 0.0))
+    if level_k.shape[1] == 1:
+      break
+    level_k = merge_nodes(level_k[:, 0::2], level_k[:, 1::2])
+    level_v = merge_nodes(level_v[:, 0::2], level_v[:, 1::2])
+    level += 1
+  span = jnp.asarray(node_spans(num_leaves, num_sealed))
+  return jnp.concatenate(keys, axis=1), jnp.concatenate(vals, axis=1), span
+
+
+def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_span_S2: jax.Array,
+                leaf_key_BHP: jax.Array, leaf_val_BHE: jax.Array, leaf_index: jax.Array,
+                do_insert: jax.Array):
+  """Seals one leaf into the store: writes level 0 and every ancestor it completes (a carry chain).
+
+  Touches O(log N) nodes. `leaf_index` and `do_insert` may be traced; when `do_insert` is False the
+  store comes back unchanged.
+
+  Returns:
+    node_keys, node_vals, node_span, updated.
+  """
+  num_nodes = node_keys_BSHP.shape[1]
+  num_leaves = (num_nodes + 1) // 2
+  leaf_index = jnp.asarray(leaf_index, jnp.int32)
+
+  def write(store, flat, value, cond):
+    old = jax.lax.dynamic_index_in_dim(store, flat, axis=1, keepdims=False)
+    new = jnp.where(cond, value.astype(store.dtype), old)
+    return jax.lax.dynamic_update_index_in_dim(store, new, flat, axis=1)
+
+  def write_span(span, flat, level, index, cond):
+    value = jnp.stack([index << level, (index + 1) << level]).astype(jnp.int32)
+    old = jax.lax.dynamic_index_in_dim(span, flat, axis=0, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(span, jnp.where(cond, value, old), flat, axis=0)
+
+  cond = do_insert & (leaf_index < num_leaves)
+  safe_leaf = jnp.minimum(leaf_index, num_leaves - 1)
+  node_keys_BSHP = write(node_keys_BSHP, safe_leaf, leaf_key_BHP, cond)
+  node_vals_BSHE = write(node_vals_BSHE, safe_leaf, leaf_val_BHE, cond)
+  node_span_S2 = write_span(node_span_S2, safe_leaf, 0, safe_leaf, cond)
+  level = 1
+  while (1 << level) <= num_leaves:
+    index = safe_leaf >> level
+    completes = cond & (((safe_leaf + 1) & ((1 << level) - 1)) == 0)
+    child = level_offset(num_leaves, level - 1) + 2 * index
+    parent = level_offset(num_leaves, level) + index
+    for store_name in ("k", "v"):
+      store = node_keys_BSHP if store_name == "k" else node_vals_BSHE
+      left = jax.lax.dynamic_index_in_dim(store, child, axis=1, keepdims=False)
+      right = jax.lax.dynamic_index_in_dim(store, child + 1, axis=1, keepdims=False)
+      store = write(store, parent, merge_nodes(left, right), completes)
+      if store_name == "k":
+        node_keys_BSHP = store
+      else:
+        node_vals_BSHE = store
+    node_span_S2 = write_span(node_span_S2, parent, level, index, completes)
+    level += 1
+  return node_keys_BSHP, node_vals_BSHE, node_span_S2
+
+
+def tree_diagnostics(node_keys_BSHP: jax.Array, node_span_S2: jax.Array, num_leaves: int,
+                     dead_norm: float = 1e-6) -> dict[str, jax.Array]:
+  """Nodes per level, depth reached, and dead nodes (present but with a ~zero routing key)."""
+  present = node_span_S2[:, 0] >= 0
+  norms = jnp.sqrt(jnp.sum(node_keys_BSHP.astype(jnp.float32) ** 2, axis=-1))  # [B, S, H]
+  dead = present & jnp.all(norms < dead_norm, axis=(0, 2))
+  per_level, dead_per_level = [], []
+  level = 0
+  while (1 << level) <= num_leaves:
+    lo, hi = level_offset(num_leaves, level), level_offset(num_leaves, level) + (num_leaves >> level)
+    per_level.append(jnp.sum(present[lo:hi]))
+    dead_per_level.append(jnp.sum(dead[lo:hi]))
+    level += 1
+  per_level = jnp.stack(per_level)
+  depth = jnp.max(jnp.where(per_level > 0, jnp.arange(per_level.shape[0]) + 1, 0))
+  return {"nodes_per_level": per_level, "depth_reached": depth,
+          "dead_nodes_per_level": jnp.stack(dead_per_level)}
