@@ -1,0 +1,410 @@
+"""Synthetic probe tasks: deterministic, jittable batch generators in pure JAX.
+
+    batch = generate(task, jax.random.fold_in(key, step), batch_size)
+
+works inside or outside `jax.jit` (with `task` and `batch_size` static, e.g.
+`jax.jit(generate, static_argnums=(0, 2))`); the batch is a function of the key alone, so nothing random
+is threaded through the training loop and any step can be regenerated.
+
+Batch layout (B batch, T = `seq_len` tokens):
+  tokens        int32[B, T]    model inputs.
+  targets       int32[B, T]    what the model should output *at* position t (next-token style: at a
+                               query key's position the target is its value); 0 where unscored.
+  mask          float32[B, T]  1.0 at scored positions, 0.0 elsewhere. Every sequence of a task has the
+                               same number of scored positions (`TaskConfig.num_queries`).
+  answer_leaves int32[B, T, 2] at a scored position t: the index of the leaf
+                               (`position // leaf_size`) holding the token the answer must be read from;
+                               slot 1 is the second leaf for tasks that need two (far_compare), else -1.
+                               -1 everywhere unscored. This is what an oracle-route mode feeds to the
+                               exact read and what routing recall is measured against.
+
+Answer leaves always lie strictly before the query's own leaf (answer_leaf < t // leaf_size): every
+task places its queries in a region that starts on a leaf boundary after all the information it asks
+about. The one exception is `copy` with `copy_len < leaf_size`, where a copied token can sit in the
+same leaf as its source.
+
+Token layout. Tokens [0, NUM_SPECIAL) are reserved and never used as content or filler by `induction`,
+`noisy_retrieval` and `far_compare`:
+  0 PAD, 1 SEP (copy separator), 2 MARKER (noisy_retrieval), 3 LESS and 4 GREATER (far_compare
+  answers), 5 + 3c, 6 + 3c, 7 + 3c = MARK_A, MARK_B, QUERY of far_compare comparison c (c < 8);
+  the rest of the block is unused.
+`mqar` follows Zoology exactly and ignores the block; `copy` uses only PAD and SEP.
+
+Tasks (V = vocab_size, n = num_pairs):
+  mqar             (Zoology multi-query associative recall) k1 v1 ... kn vn with keys drawn without
+                   replacement from [1, V/2) and values without replacement from [V/2, V); the rest is
+                   filler from [0, V), except that each key appears once more as a query. Queries sit at
+                   every other position (Zoology's stride 2) from q0, the first leaf boundary after the
+                   kv block: position q0 + 2g for gap index g in [0, (T - q0) // 2), drawn without
+                   replacement with p(g) ∝ a (g + 1)^(a - 1) ('power_law', a = power_a) or uniformly
+                   ('uniform'); as in Zoology, the j-th draw queries key j. Target at a query: the key's
+                   value. Answer leaf: the leaf of the value token, (2i + 1) // leaf_size. Filler re-uses
+                   keys and values (distractors grow with T, on purpose).
+  copy             a segment of c = copy_len tokens from [2, V), SEP, the segment again, PAD to T.
+                   Position c + j (SEP for j = 0, else the (j-1)-th copied token) must output segment
+                   token j; all c copied positions are scored. Answer leaf: j // leaf_size.
+  induction        filler from [NUM_SPECIAL + n, V); n' = min(n, what fits) bigrams "A B" at random
+                   non-overlapping positions in the first (leaf-aligned) half, with distinct triggers A
+                   from the reserved range [NUM_SPECIAL, NUM_SPECIAL + n) (so A never occurs as filler)
+                   and B from the filler range; each A occurs once more at a random position in the second
+                   half, whose target is B. Answer leaf: the leaf of B's first occurrence.
+  noisy_retrieval  noise from the content range [NUM_SPECIAL, V) everywhere; n triples MARKER k v (keys
+                   unique, keys and values from the same content range as the noise) at random
+                   non-overlapping positions in the first (leaf-aligned) 3/4; in the last quarter, n
+                   queries MARKER k in random order at random non-overlapping positions. Target at the
+                   query's key position: v. Answer leaf: the leaf of the triple's value token.
+  far_compare      num_compares independent comparisons per sequence (so accuracy is not one coin flip
+                   per sequence), each with its own marker tokens: MARK_A_c a_c in the first quarter,
+                   MARK_B_c b_c in the second quarter, QUERY_c in the last quarter (random positions,
+                   quarters leaf-aligned); numbers a_c != b_c are content tokens [NUM_SPECIAL, V) compared
+                   by id, filler from the same range. Target at QUERY_c: GREATER if a_c > b_c else LESS.
+                   Answer leaves: (leaf of a_c, leaf of b_c).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare")
+DISTANCES = ("power_law", "uniform")
+
+PAD = 0
+SEP = 1
+MARKER = 2
+LESS = 3
+GREATER = 4
+MAX_COMPARES = 8
+NUM_SPECIAL = 32
+
+
+def mark_a_token(c: int) -> int:
+  """MARK_A token of far_compare comparison `c`."""
+  return 5 + 3 * c
+
+
+def mark_b_token(c: int) -> int:
+  """MARK_B token of far_compare comparison `c`."""
+  return 6 + 3 * c
+
+
+def query_token(c: int) -> int:
+  """QUERY token of far_compare comparison `c`."""
+  return 7 + 3 * c
+
+
+def _leaf_floor(position: int, leaf_size: int) -> int:
+  return (position // leaf_size) * leaf_size
+
+
+def _leaf_ceil(position: int, leaf_size: int) -> int:
+  return -(-position // leaf_size) * leaf_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """One synthetic probe task. Frozen and hashable, so it can be a static `jax.jit` argument.
+
+  Attributes:
+    name: one of `TASKS`.
+    vocab_size: number of token ids (V).
+    seq_len: tokens per sequence (T).
+    num_pairs: key-value pairs (mqar, noisy_retrieval) or trigger bigrams (induction, capped by what
+      fits in the first half).
+    distance: how mqar query gaps are drawn: 'power_law' (Zoology) or 'uniform'.
+    power_a: Zoology's power-law exponent a, p(gap index g) ∝ a (g + 1)^(a - 1); must be > 0.
+    leaf_size: tokens per memory leaf; answer leaves are position // leaf_size, and query regions start
+      on leaf boundaries.
+    copy_len: copy segment length; 0 means seq_len // 2 - 1.
+    num_compares: independent comparisons per far_compare sequence (1..MAX_COMPARES).
+  """
+
+  name: str
+  vocab_size: int = 256
+  seq_len: int = 512
+  num_pairs: int = 32
+  distance: str = "power_law"
+  power_a: float = 0.01
+  leaf_size: int = 16
+  copy_len: int = 0
+  num_compares: int = 4
+
+  def __post_init__(self):
+    if self.name not in TASKS:
+      raise ValueError(f"TaskConfig.name must be one of {TASKS}, got {self.name!r}")
+    for field in ("vocab_size", "seq_len", "num_pairs", "leaf_size", "num_compares"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"TaskConfig.{field} must be a positive integer, got {value!r}")
+    if not isinstance(self.copy_len, int) or isinstance(self.copy_len, bool) or self.copy_len < 0:
+      raise ValueError(f"TaskConfig.copy_len must be a non-negative integer, got {self.copy_len!r}")
+    if self.distance not in DISTANCES:
+      raise ValueError(f"TaskConfig.distance must be one of {DISTANCES}, got {self.distance!r}")
+    if (not isinstance(self.power_a, (int, float)) or isinstance(self.power_a, bool)
+        or not self.power_a > 0):
+      raise ValueError(f"TaskConfig.power_a must be a number > 0, got {self.power_a!r}")
+    if self.num_compares > MAX_COMPARES:
+      raise ValueError(f"TaskConfig.num_compares must be <= {MAX_COMPARES}, got {self.num_compares!r}")
+    getattr(self, f"_validate_{self.name}")()
+
+  def _too_small(self, field: str, need: str) -> ValueError:
+    return ValueError(f"TaskConfig.{field}={getattr(self, field)!r} is too small for task "
+                      f"{self.name!r}: {need}")
+
+  def _validate_mqar(self):
+    n, V = self.num_pairs, self.vocab_size
+    if V // 2 - 1 < n:
+      raise self._too_small("vocab_size", f"{n} distinct keys need V // 2 - 1 >= num_pairs")
+    if self.mqar_gap_slots < n:
+      raise self._too_small(
+          "seq_len", f"the kv block ends at {2 * n}, queries start at leaf boundary "
+          f"{self.mqar_query_start} and {n} queries at stride 2 need seq_len >= "
+          f"{self.mqar_query_start + 2 * n}")
+
+  def _validate_copy(self):
+    if self.vocab_size < 3:
+      raise self._too_small("vocab_size", "segment tokens come from [2, V), so V >= 3")
+    c = self.effective_copy_len
+    if c < 1:
+      raise self._too_small("seq_len", "the default copy_len seq_len // 2 - 1 must be >= 1")
+    if 2 * c + 1 > self.seq_len:
+      raise ValueError(f"TaskConfig.copy_len={c!r} does not fit: 2 * copy_len + 1 must be <= "
+                       f"seq_len={self.seq_len}")
+
+  def _validate_induction(self):
+    if self.vocab_size < NUM_SPECIAL + self.num_pairs + 2:
+      raise self._too_small("vocab_size", f"{NUM_SPECIAL} reserved tokens, num_pairs="
+                            f"{self.num_pairs} trigger tokens and >= 2 content tokens")
+    if self.induction_pairs < 1:
+      raise self._too_small("seq_len", f"the leaf-aligned first half (leaf_size={self.leaf_size}) "
+                            "must hold a bigram and the second half a query")
+
+  def _validate_noisy_retrieval(self):
+    n = self.num_pairs
+    if self.vocab_size < NUM_SPECIAL + max(n, 2):
+      raise self._too_small("vocab_size", f"{n} unique keys from [{NUM_SPECIAL}, V)")
+    context = self.noisy_context_len
+    if 3 * n > context or 2 * n > self.seq_len - context:
+      raise self._too_small(
+          "seq_len", f"{n} triples need {3 * n} tokens in the leaf-aligned first 3/4 "
+          f"({context}) and {n} queries {2 * n} tokens in the rest ({self.seq_len - context})")
+
+  def _validate_far_compare(self):
+    if self.vocab_size < NUM_SPECIAL + 2:
+      raise self._too_small("vocab_size", f"numbers come from [{NUM_SPECIAL}, V), so V >= "
+                            f"{NUM_SPECIAL + 2}")
+    q1, q2, q3 = self.far_quarters
+    nc = self.num_compares
+    if q1 < 2 * nc or q2 - q1 < 2 * nc or self.seq_len - q3 < nc:
+      raise self._too_small(
+          "seq_len", f"each leaf-aligned quarter must hold {nc} comparisons "
+          f"(quarter boundaries {q1}, {q2}, {q3} with leaf_size={self.leaf_size})")
+
+  # Derived sizes (static Python ints).
+  @property
+  def mqar_query_start(self) -> int:
+    """First position queries may occupy: the leaf boundary at or after the kv block's end."""
+    return _leaf_ceil(2 * self.num_pairs, self.leaf_size)
+
+  @property
+  def mqar_gap_slots(self) -> int:
+    """Number of stride-2 query slots after `mqar_query_start`."""
+    return (self.seq_len - self.mqar_query_start) // 2
+
+  @property
+  def effective_copy_len(self) -> int:
+    return self.copy_len or self.seq_len // 2 - 1
+
+  @property
+  def induction_split(self) -> int:
+    """Start of the query half: the leaf boundary at or before seq_len / 2."""
+    return _leaf_floor(self.seq_len // 2, self.leaf_size)
+
+  @property
+  def induction_pairs(self) -> int:
+    """Bigrams actually placed: num_pairs capped by what fits in each half."""
+    split = self.induction_split
+    return min(self.num_pairs, split // 2, self.seq_len - split)
+
+  @property
+  def noisy_context_len(self) -> int:
+    """End of the triple region: the leaf boundary at or before 3/4 of seq_len."""
+    return _leaf_floor(3 * self.seq_len // 4, self.leaf_size)
+
+  @property
+  def far_quarters(self) -> tuple[int, int, int]:
+    """Leaf-aligned quarter boundaries of far_compare."""
+    return tuple(_leaf_floor(k * self.seq_len // 4, self.leaf_size) for k in (1, 2, 3))
+
+  @property
+  def num_queries(self) -> int:
+    """Scored positions per sequence (the mask's row sum)."""
+    return {
+        "mqar": self.num_pairs,
+        "copy": self.effective_copy_len,
+        "induction": self.induction_pairs,
+        "noisy_retrieval": self.num_pairs,
+        "far_compare": self.num_compares,
+    }[self.name]
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "TaskConfig":
+    """Builds a config from a mapping (e.g. a `ConfigDict`), rejecting unknown fields."""
+    if hasattr(values, "to_dict"):
+      values = values.to_dict()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"TaskConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
+    return cls(**dict(values))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+# Per-sequence generators: (task, key) -> (tokens[T], targets[T], mask[T], answer_leaves[T, 2]).
+
+
+def _non_overlapping_starts(key: jax.Array, region_len: int, count: int, width: int) -> jax.Array:
+  """Sorted starts of `count` disjoint blocks of `width` tokens inside [0, region_len).
+
+  Uniform over all such layouts: a sorted `count`-subset of [0, region_len - count * (width - 1))
+  shifted by i * (width - 1) is a bijection onto them.
+  """
+  free = region_len - count * (width - 1)
+  picks = jnp.sort(jax.random.choice(key, free, (count,), replace=False))
+  return picks + jnp.arange(count) * (width - 1)
+
+
+def _scored(task: TaskConfig, positions: jax.Array, answers: jax.Array, leaf_a: jax.Array,
+            leaf_b: Optional[jax.Array] = None):
+  """Targets, mask and answer leaves with `answers` at `positions` (int32[Q] each)."""
+  T = task.seq_len
+  targets = jnp.zeros((T,), jnp.int32).at[positions].set(answers.astype(jnp.int32))
+  mask = jnp.zeros((T,), jnp.float32).at[positions].set(1.0)
+  leaves = jnp.full((T, 2), -1, jnp.int32).at[positions, 0].set(leaf_a.astype(jnp.int32))
+  if leaf_b is not None:
+    leaves = leaves.at[positions, 1].set(leaf_b.astype(jnp.int32))
+  return targets, mask, leaves
+
+
+def _mqar(task: TaskConfig, key: jax.Array):
+  n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  k_keys, k_values, k_gaps, k_fill = jax.random.split(key, 4)
+  keys = jax.random.choice(k_keys, jnp.arange(1, V // 2), (n,), replace=False)
+  values = jax.random.choice(k_values, jnp.arange(V // 2, V), (n,), replace=False)
+  kv = jnp.stack([keys, values], axis=-1).reshape(-1)
+
+  slots = task.mqar_gap_slots
+  if task.distance == "power_law":
+    log_p = (task.power_a - 1.0) * jnp.log(jnp.arange(1, slots + 1, dtype=jnp.float32))
+  else:
+    log_p = jnp.zeros((slots,), jnp.float32)
+  # Gumbel top-k: sampling without replacement, in draw order (the j-th draw queries key j).
+  _, gaps = jax.lax.top_k(log_p + jax.random.gumbel(k_gaps, (slots,)), n)
+  query_pos = task.mqar_query_start + 2 * gaps
+
+  tokens = jax.random.randint(k_fill, (T,), 0, V, jnp.int32)
+  tokens = tokens.at[:2 * n].set(kv).at[query_pos].set(keys)
+  return (tokens, *_scored(task, query_pos, values, (2 * jnp.arange(n) + 1) // L))
+
+
+def _copy(task: TaskConfig, key: jax.Array):
+  c, V, T = task.effective_copy_len, task.vocab_size, task.seq_len
+  segment = jax.random.randint(key, (c,), 2, V, jnp.int32)
+  tokens = jnp.full((T,), PAD, jnp.int32)
+  tokens = tokens.at[:c].set(segment).at[c].set(SEP).at[c + 1:2 * c + 1].set(segment)
+  source = jnp.arange(c)
+  return (tokens, *_scored(task, c + source, segment, source // task.leaf_size))
+
+
+def _induction(task: TaskConfig, key: jax.Array):
+  n, V, T, L = task.induction_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  split = task.induction_split
+  content_lo = NUM_SPECIAL + task.num_pairs
+  k_trig, k_b, k_pairs, k_queries, k_fill = jax.random.split(key, 5)
+  triggers = NUM_SPECIAL + jax.random.permutation(k_trig, task.num_pairs)[:n]
+  follows = jax.random.randint(k_b, (n,), content_lo, V, jnp.int32)
+  starts = _non_overlapping_starts(k_pairs, split, n, 2)
+  # Unsorted draws: query order is independent of bigram order.
+  query_pos = split + jax.random.choice(k_queries, T - split, (n,), replace=False)
+
+  tokens = jax.random.randint(k_fill, (T,), content_lo, V, jnp.int32)
+  tokens = tokens.at[starts].set(triggers).at[starts + 1].set(follows).at[query_pos].set(triggers)
+  return (tokens, *_scored(task, query_pos, follows, (starts + 1) // L))
+
+
+def _noisy_retrieval(task: TaskConfig, key: jax.Array):
+  n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  context = task.noisy_context_len
+  k_keys, k_values, k_triples, k_queries, k_order, k_fill = jax.random.split(key, 6)
+  keys = NUM_SPECIAL + jax.random.choice(k_keys, V - NUM_SPECIAL, (n,), replace=False)
+  values = jax.random.randint(k_values, (n,), NUM_SPECIAL, V, jnp.int32)
+  starts = _non_overlapping_starts(k_triples, context, n, 3)
+  query_starts = context + _non_overlapping_starts(k_queries, T - context, n, 2)
+  order = jax.random.permutation(k_order, n)  # query j asks for triple order[j]
+
+  tokens = jax.random.randint(k_fill, (T,), NUM_SPECIAL, V, jnp.int32)
+  tokens = tokens.at[starts].set(MARKER).at[starts + 1].set(keys).at[starts + 2].set(values)
+  tokens = tokens.at[query_starts].set(MARKER).at[query_starts + 1].set(keys[order])
+  return (tokens, *_scored(task, query_starts + 1, values[order], (starts[order] + 2) // L))
+
+
+def _far_compare(task: TaskConfig, key: jax.Array):
+  nc, V, T, L = task.num_compares, task.vocab_size, task.seq_len, task.leaf_size
+  q1, q2, q3 = task.far_quarters
+  k_a, k_b, k_pos_a, k_pos_b, k_perm_a, k_perm_b, k_query, k_fill = jax.random.split(key, 8)
+  span = V - NUM_SPECIAL
+  a = jax.random.randint(k_a, (nc,), NUM_SPECIAL, V, jnp.int32)
+  b = NUM_SPECIAL + (a - NUM_SPECIAL + jax.random.randint(k_b, (nc,), 1, span)) % span  # b != a
+  # Shuffled so comparison c is not always the first pair of its quarter.
+  a_starts = jax.random.permutation(k_perm_a, _non_overlapping_starts(k_pos_a, q1, nc, 2))
+  b_starts = q1 + jax.random.permutation(k_perm_b, _non_overlapping_starts(k_pos_b, q2 - q1, nc, 2))
+  query_pos = q3 + jax.random.choice(k_query, T - q3, (nc,), replace=False)
+
+  c = jnp.arange(nc)
+  tokens = jax.random.randint(k_fill, (T,), NUM_SPECIAL, V, jnp.int32)
+  tokens = tokens.at[a_starts].set(mark_a_token(c)).at[a_starts + 1].set(a)
+  tokens = tokens.at[b_starts].set(mark_b_token(c)).at[b_starts + 1].set(b)
+  tokens = tokens.at[query_pos].set(query_token(c))
+  answers = jnp.where(a > b, GREATER, LESS)
+  return (tokens, *_scored(task, query_pos, answers, (a_starts + 1) // L, (b_starts + 1) // L))
+
+
+_GENERATORS: dict[str, Callable[[TaskConfig, jax.Array], tuple[jax.Array, ...]]] = {
+    "mqar": _mqar,
+    "copy": _copy,
+    "induction": _induction,
+    "noisy_retrieval": _noisy_retrieval,
+    "far_compare": _far_compare,
+}
+
+
+def generate(task: TaskConfig, key: jax.Array, batch_size: int,
+             seq_len: Optional[int] = None) -> dict[str, jax.Array]:
+  """Generates one batch of `task`, a deterministic function of `key`.
+
+  Args:
+    task: the task (static under jit).
+    key: a PRNG key, e.g. `jax.random.fold_in(key, step)`.
+    batch_size: B (static under jit).
+    seq_len: optional override of `task.seq_len` (static under jit), for evaluating at other lengths.
+
+  Returns:
+    A dict with `tokens` int32[B, T], `targets` int32[B, T], `mask` float32[B, T] and
+    `answer_leaves` int32[B, T, 2]; see the module docstring. Row i depends only on `key` and i, so
+    the first rows of a batch do not change with `batch_size`.
+  """
+  if seq_len is not None and seq_len != task.seq_len:
+    task = dataclasses.replace(task, seq_len=seq_len)
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    raise ValueError(f"generate: batch_size must be a positive integer, got {batch_size!r}")
+  per_sequence = functools.partial(_GENERATORS[task.name], task)
+  # Row i depends on (key, i) only, so a smaller batch is a prefix of a larger one.
+  row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(batch_size))
+  tokens, targets, mask, answer_leaves = jax.vmap(per_sequence)(row_keys)
+  return {"tokens": tokens, "targets": targets, "mask": mask, "answer_leaves": answer_leaves}

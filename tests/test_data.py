@@ -1,0 +1,245 @@
+"""Tests for the synthetic probe tasks in `memkernel.data`."""
+
+import collections
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import numpy as np
+
+from memkernel import data
+
+_BATCH = 16
+_TRACES = collections.Counter()
+
+
+def _counted_generate(task, key, batch_size, seq_len):
+  _TRACES[(task, batch_size, seq_len)] += 1
+  return data.generate(task, key, batch_size, seq_len)
+
+
+# One compilation per (task, batch size, length), shared by all tests.
+_jit_generate = jax.jit(_counted_generate, static_argnums=(0, 2, 3))
+
+
+def _small(name: str, **overrides) -> data.TaskConfig:
+  return data.TaskConfig(name, **{"seq_len": 256, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def _batch(task: data.TaskConfig, seed: int = 0, batch_size: int = _BATCH) -> dict:
+  batch = _jit_generate(task, jax.random.key(seed), batch_size, None)
+  return jax.tree.map(np.asarray, batch)
+
+
+def _solve(task: data.TaskConfig, tokens: np.ndarray, position: int):
+  """Reference solver: the answer at `position` and the positions it is read from, from tokens alone."""
+  n = task.num_pairs
+  earlier = tokens[:position]
+  if task.name == "mqar":
+    keys = list(tokens[0:2 * n:2])
+    i = keys.index(tokens[position])
+    return tokens[2 * i + 1], (2 * i + 1,)
+  if task.name == "copy":
+    c = int(np.flatnonzero(tokens == data.SEP)[0])
+    return tokens[position - c], (position - c,)
+  if task.name == "induction":
+    (j,) = np.flatnonzero(earlier == tokens[position])  # the trigger occurs exactly once before
+    return tokens[j + 1], (j + 1,)
+  if task.name == "noisy_retrieval":
+    assert tokens[position - 1] == data.MARKER
+    starts = np.flatnonzero((earlier[:-2] == data.MARKER) & (earlier[1:-1] == tokens[position]))
+    (j,) = starts  # exactly one earlier triple carries this key
+    return tokens[j + 2], (j + 2,)
+  if task.name == "far_compare":
+    c = (int(tokens[position]) - data.query_token(0)) // 3
+    assert tokens[position] == data.query_token(c) and 0 <= c < task.num_compares
+    (ja,) = np.flatnonzero(earlier == data.mark_a_token(c))
+    (jb,) = np.flatnonzero(earlier == data.mark_b_token(c))
+    answer = data.GREATER if tokens[ja + 1] > tokens[jb + 1] else data.LESS
+    return answer, (ja + 1, jb + 1)
+  raise AssertionError(task.name)
+
+
+class GenerateTest(parameterized.TestCase):
+
+  @parameterized.parameters(*data.TASKS)
+  def test_shapes_and_dtypes(self, name):
+    task = _small(name)
+    batch = _batch(task)
+    T = task.seq_len
+    chex.assert_shape([batch["tokens"], batch["targets"], batch["mask"]], (_BATCH, T))
+    chex.assert_shape(batch["answer_leaves"], (_BATCH, T, 2))
+    self.assertEqual(batch["tokens"].dtype, np.int32)
+    self.assertEqual(batch["targets"].dtype, np.int32)
+    self.assertEqual(batch["mask"].dtype, np.float32)
+    self.assertEqual(batch["answer_leaves"].dtype, np.int32)
+    np.testing.assert_array_equal(batch["mask"].sum(axis=1), task.num_queries)
+    self.assertTrue(np.isin(batch["mask"], (0.0, 1.0)).all())
+
+  @parameterized.parameters(*data.TASKS)
+  def test_deterministic_and_traced_once(self, name):
+    task = _small(name)
+    key = jax.random.key(0)
+    again = _jit_generate(task, key, _BATCH, None)
+    other = _jit_generate(task, jax.random.key(1), _BATCH, None)
+    chex.assert_trees_all_equal(_batch(task), again)
+    self.assertFalse(np.array_equal(_batch(task)["tokens"], other["tokens"]))
+    self.assertEqual(_TRACES[(task, _BATCH, None)], 1)
+
+  @parameterized.parameters(*data.TASKS)
+  def test_eager_matches_jit_and_rows_are_prefix_stable(self, name):
+    task = _small(name)
+    eager = data.generate(task, jax.random.key(0), 2)
+    chex.assert_trees_all_equal(eager, jax.tree.map(lambda x: x[:2], _batch(task)))
+
+  @parameterized.parameters(*data.TASKS)
+  def test_scored_positions_are_valid(self, name):
+    task = _small(name)
+    batch = _batch(task)
+    tokens, targets, mask, leaves = (batch[k] for k in ("tokens", "targets", "mask", "answer_leaves"))
+    self.assertTrue(((tokens >= 0) & (tokens < task.vocab_size)).all())
+    scored = mask > 0
+    self.assertTrue(((targets[scored] >= 0) & (targets[scored] < task.vocab_size)).all())
+    np.testing.assert_array_equal(targets[~scored], 0)
+    np.testing.assert_array_equal(leaves[~scored], -1)
+    query_leaf = np.broadcast_to(np.arange(task.seq_len) // task.leaf_size, mask.shape)[scored]
+    self.assertTrue(((leaves[scored][:, 0] >= 0) & (leaves[scored][:, 0] < query_leaf)).all())
+    if name == "far_compare":
+      self.assertTrue(((leaves[scored][:, 1] >= 0) & (leaves[scored][:, 1] < query_leaf)).all())
+    else:
+      np.testing.assert_array_equal(leaves[scored][:, 1], -1)
+
+  @parameterized.parameters(*data.TASKS)
+  def test_reference_solver_is_exact(self, name):
+    task = _small(name)
+    self._check_solver(task, _batch(task))
+
+  def test_long_sequence_via_seq_len_argument(self):
+    task = data.TaskConfig("mqar", seq_len=512)
+    batch = jax.tree.map(np.asarray, _jit_generate(task, jax.random.key(7), 2, 4096))
+    chex.assert_shape(batch["tokens"], (2, 4096))
+    self._check_solver(data.TaskConfig("mqar", seq_len=4096), batch)
+    self.assertLess(batch["answer_leaves"].max(), 2 * task.num_pairs // task.leaf_size)
+
+  def _check_solver(self, task, batch):
+    L = task.leaf_size
+    for b in range(batch["tokens"].shape[0]):
+      positions = np.flatnonzero(batch["mask"][b])
+      self.assertLen(positions, task.num_queries)
+      for p in positions:
+        answer, sources = _solve(task, batch["tokens"][b], p)
+        self.assertEqual(batch["targets"][b, p], answer, msg=f"row {b} position {p}")
+        expected_leaves = [s // L for s in sources] + [-1] * (2 - len(sources))
+        np.testing.assert_array_equal(batch["answer_leaves"][b, p], expected_leaves)
+
+  def test_seq_len_argument_overrides_task(self):
+    eager = data.generate(_small("copy", seq_len=64), jax.random.key(0), 2, 256)
+    chex.assert_trees_all_equal(eager, jax.tree.map(lambda x: x[:2], _batch(_small("copy"))))
+
+
+class TaskLayoutTest(parameterized.TestCase):
+
+  def test_mqar_layout(self):
+    task = _small("mqar")
+    batch = _batch(task)
+    n, V = task.num_pairs, task.vocab_size
+    keys, values = batch["tokens"][:, 0:2 * n:2], batch["tokens"][:, 1:2 * n:2]
+    self.assertTrue(((keys >= 1) & (keys < V // 2)).all())
+    self.assertTrue(((values >= V // 2) & (values < V)).all())
+    for row in keys:
+      self.assertLen(set(row.tolist()), n)
+    rows, positions = np.nonzero(batch["mask"])
+    self.assertTrue((positions >= task.mqar_query_start).all())
+    self.assertTrue((positions % 2 == 0).all())  # Zoology's stride-2 query slots
+    self.assertEqual(task.mqar_query_start % task.leaf_size, 0)
+    self.assertTrue(((batch["targets"][rows, positions] >= V // 2)).all())
+
+  def test_mqar_power_law_gaps_are_shorter_than_uniform(self):
+    def mean_gap(distance):
+      task = _small("mqar", distance=distance)
+      _, positions = np.nonzero(_batch(task)["mask"])
+      return (positions - task.mqar_query_start).mean()
+    power_law, uniform = mean_gap("power_law"), mean_gap("uniform")
+    self.assertLess(power_law, 0.7 * uniform)
+
+  def test_copy_layout(self):
+    task = _small("copy")
+    tokens = _batch(task)["tokens"]
+    c = task.effective_copy_len
+    np.testing.assert_array_equal(tokens[:, c], data.SEP)
+    np.testing.assert_array_equal(tokens[:, :c], tokens[:, c + 1:2 * c + 1])
+    self.assertTrue((tokens[:, :c] >= 2).all())
+
+  def test_induction_triggers_are_reserved(self):
+    task = _small("induction")
+    batch = _batch(task)
+    is_trigger = ((batch["tokens"] >= data.NUM_SPECIAL)
+                  & (batch["tokens"] < data.NUM_SPECIAL + task.num_pairs))
+    np.testing.assert_array_equal(is_trigger.sum(axis=1), 2 * task.induction_pairs)
+    _, positions = np.nonzero(batch["mask"])
+    self.assertTrue((positions >= task.induction_split).all())
+
+  def test_noisy_retrieval_noise_shares_vocabulary(self):
+    task = _small("noisy_retrieval")
+    tokens = _batch(task)["tokens"]
+    np.testing.assert_array_equal((tokens == data.MARKER).sum(axis=1), 2 * task.num_pairs)
+    self.assertTrue(((tokens == data.MARKER) | (tokens >= data.NUM_SPECIAL)).all())
+    # The keys and values also occur as noise somewhere in the batch.
+    self.assertGreater(len(np.unique(tokens[tokens >= data.NUM_SPECIAL])), 0.9 * (
+        task.vocab_size - data.NUM_SPECIAL))
+
+  def test_far_compare_answers_are_balanced(self):
+    task = _small("far_compare")
+    batch = _batch(task)
+    answers = batch["targets"][batch["mask"] > 0]
+    self.assertTrue(np.isin(answers, (data.LESS, data.GREATER)).all())
+    self.assertBetween((answers == data.GREATER).mean(), 0.3, 0.7)
+
+
+class TaskConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (dict(name="sorting"), "name"),
+      (dict(name="mqar", vocab_size=0), "vocab_size"),
+      (dict(name="mqar", vocab_size=64), "vocab_size"),
+      (dict(name="mqar", seq_len=100), "seq_len"),
+      (dict(name="mqar", distance="gaussian"), "distance"),
+      (dict(name="mqar", power_a=0.0), "power_a"),
+      (dict(name="mqar", num_pairs=True), "num_pairs"),
+      (dict(name="copy", vocab_size=2), "vocab_size"),
+      (dict(name="copy", seq_len=3), "seq_len"),
+      (dict(name="copy", seq_len=64, copy_len=40), "copy_len"),
+      (dict(name="induction", vocab_size=40), "vocab_size"),
+      (dict(name="induction", seq_len=16), "seq_len"),
+      (dict(name="noisy_retrieval", seq_len=200), "seq_len"),
+      (dict(name="noisy_retrieval", vocab_size=48), "vocab_size"),
+      (dict(name="far_compare", seq_len=48), "seq_len"),
+      (dict(name="far_compare", num_compares=9), "num_compares"),
+      (dict(name="far_compare", leaf_size=0), "leaf_size"),
+  )
+  def test_invalid_config_names_the_field(self, kwargs, field):
+    with self.assertRaisesRegex(ValueError, field):
+      data.TaskConfig(**kwargs)
+
+  @parameterized.parameters(*data.TASKS)
+  def test_defaults_fit_from_512_to_32768(self, name):
+    for seq_len in (512, 32768):
+      data.TaskConfig(name, seq_len=seq_len)
+
+  def test_from_dict(self):
+    task = data.TaskConfig.from_dict({"name": "mqar", "seq_len": 1024})
+    self.assertEqual(task, data.TaskConfig("mqar", seq_len=1024))
+    self.assertEqual(data.TaskConfig.from_dict(task.to_dict()), task)
+    with self.assertRaisesRegex(ValueError, "seq_length"):
+      data.TaskConfig.from_dict({"name": "mqar", "seq_length": 1024})
+
+  def test_generate_rejects_bad_batch_size(self):
+    with self.assertRaisesRegex(ValueError, "batch_size"):
+      data.generate(_small("copy"), jax.random.key(0), 0)
+
+
+if __name__ == "__main__":
+  absltest.main()
