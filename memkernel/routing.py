@@ -32,7 +32,8 @@ class RouteResult(NamedTuple):
   Attributes:
     leaves: int32 [B, T, H, K], selected leaf indices, -1 where fewer than K leaves are visible.
     weights: float32 [B, T, H, K], softmax over the surviving leaves (0 where leaves is -1).
-    runner_up: int32 [B, T, H, K], the best unselected leaves of the last step (-1 if none).
+    runner_up: int32 [B, T, H, K], the best leaves the beam scored and pruned, i.e. the best
+      unselected candidates at leaf depth (-1 if none).
     tree_value: float32 [B, T, H, E], summary values of the beam, weighted per step and averaged
       over the descent (the "routed tree value").
     entropy: float32 [B, T, H], mean candidate entropy over the descent.
@@ -130,20 +131,29 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     vals = gather_nodes(node_vals_BSHE, flat)
     return jnp.einsum("bthc,bthce->bthe", weights, vals)
 
+  def drop_to_pool(pool, top, kv, level, index):
+    """Keeps the best K leaves ever pruned from the beam (the runner-ups at leaf depth)."""
+    dropped = jnp.where(kv[..., k:] & (level[..., k:] == 0), top[..., k:], NEG_INF)
+    scores = jnp.concatenate([pool[0], dropped], axis=-1)
+    leaves = jnp.concatenate([pool[1], index[..., k:]], axis=-1)
+    width = min(k, scores.shape[-1])
+    best, slot = jax.lax.top_k(scores, width)
+    return best, jnp.where(best > NEG_INF / 2, jnp.take_along_axis(leaves, slot, axis=-1), -1)
+
   level, index, valid = fenwick_candidates(query_leaf_T, num_leaves)
   level, index, valid = (jnp.broadcast_to(x[None, :, None, :], (b, t, h, x.shape[-1]))
                          for x in (level, index, valid))
   scores, flat = score(level, index, valid)
   entropy = _entropy(scores, valid)
-  n_exp = num_expansions(num_leaves)
-  top, kv, level, index, flat = keep(scores, valid, level, index, flat,
-                                     width=k if n_exp else 2 * k)
+  top, kv, level, index, flat = keep(scores, valid, level, index, flat, width=2 * k)
   start_level = jnp.where(kv[..., 0], level[..., 0], -1)
-  runner = (top[..., k:], kv[..., k:], level[..., k:], index[..., k:])
+  pool = (jnp.full((b, t, h, 0), NEG_INF), jnp.full((b, t, h, 0), -1, jnp.int32))
+  pool = drop_to_pool(pool, top, kv, level, index)
   top, kv, level, index, flat = (x[..., :k] for x in (top, kv, level, index, flat))
   w = _masked_softmax(top, kv)
   tree_value = weighted_value(w, flat)
 
+  n_exp = num_expansions(num_leaves)
   for _ in range(n_exp):
     is_leaf = level == 0
     child_level = jnp.where(is_leaf, 0, level - 1)
@@ -157,15 +167,14 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     c_scores = c_scores.at[..., :kw].set(jnp.where(is_leaf & kv, top, c_scores[..., :kw]))
     entropy = entropy + _entropy(c_scores, c_valid)
     top, kv, level, index, flat = keep(c_scores, c_valid, c_level, c_index, c_flat, width=2 * k)
-    runner = (top[..., k:], kv[..., k:], level[..., k:], index[..., k:])
+    pool = drop_to_pool(pool, top, kv, level, index)
     top, kv, level, index, flat = (x[..., :k] for x in (top, kv, level, index, flat))
     w = _masked_softmax(top, kv)
     tree_value = tree_value + weighted_value(w, flat)
 
   tree_value = tree_value / (n_exp + 1)
   leaves = pad_to(jnp.where(kv, index, -1), k, -1)
-  _, r_valid, r_level, r_index = runner
-  runner_up = pad_to(jnp.where(r_valid & (r_level == 0), r_index, -1), k, -1)
+  runner_up = pad_to(pool[1], k, -1)
   return RouteResult(
       leaves=leaves.astype(jnp.int32),
       weights=pad_to(w, k, 0.0),

@@ -1,0 +1,48 @@
+"""ModelConfig validation: every invalid value names its field before anything compiles."""
+
+import dataclasses
+
+import ml_collections
+import pytest
+from absl.testing import parameterized
+
+from memkernel import ModelConfig
+
+
+class ConfigTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("leaf_size", 12, "power of two"),
+      ("num_roots", 0, "num_roots"),
+      ("num_roots", 5, "num_roots"),
+      ("max_seq_len", 100, "multiple of leaf_size"),
+      ("max_seq_len", 48, "power-of-two number of leaves"),
+      ("d_model", 0, "d_model"),
+      ("vocab_size", -3, "vocab_size"),
+      ("beam_width", 0, "beam_width"),
+      ("num_route_heads", 3, "divisible"),
+      ("scan_impl", "fft", "scan_impl"),
+      ("use_tree_read", "yes", "use_tree_read"),
+      ("teacher_weight", -1.0, "teacher_weight"),
+  )
+  def test_invalid_value_names_field(self, field, value, message):
+    with pytest.raises(ValueError, match=message) as err:
+      ModelConfig(**{field: value})
+    assert field in str(err.value)
+
+  def test_unknown_field(self):
+    with pytest.raises(ValueError, match="unknown field.*bogus"):
+      ModelConfig.from_dict({"d_model": 32, "bogus": 1})
+
+  def test_from_config_dict_and_replace(self):
+    cd = ml_collections.ConfigDict({"d_model": 32, "num_roots": 3, "max_seq_len": 256})
+    config = ModelConfig.from_dict(cd)
+    assert (config.d_model, config.num_roots, config.num_leaves) == (32, 3, 16)
+    longer = dataclasses.replace(config, max_seq_len=4096)
+    assert longer.num_leaves == 256 and longer.num_levels == 9 and longer.num_nodes == 511
+    with pytest.raises(ValueError, match="max_seq_len"):
+      dataclasses.replace(config, max_seq_len=4000)
+
+  def test_frozen(self):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+      ModelConfig().d_model = 3

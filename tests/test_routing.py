@@ -1,0 +1,164 @@
+"""Beam routing, its teacher, and the exact read, against plain-numpy references."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from memkernel import read as read_lib
+from memkernel import routing
+from memkernel import tree as tree_lib
+from memkernel.state import level_offset
+
+B, N, H, P, E, L = 2, 16, 3, 5, 4, 16
+
+
+def _tree(seed=0, n=N):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  keys = jax.random.normal(k1, (B, N, H, P))
+  vals = jax.random.normal(k2, (B, N, H, E))
+  return tree_lib.build_tree(keys, vals, n)
+
+
+def _reference_route(rq, node_keys, c, k):
+  """Numpy beam search for one (batch, query, head): returns (leaves, weights)."""
+  scale = len(rq) ** -0.5
+
+  def score(level, i):
+    return float(node_keys[level_offset(N, level) + i] @ rq) * scale
+
+  cands = [(l, (c >> (l + 1)) << 1) for l in range(N.bit_length() - 1, -1, -1) if (c >> l) & 1]
+  beam = sorted(cands, key=lambda li: -score(*li))[:k]  # stable: earlier slot wins ties
+  while any(l > 0 for l, _ in beam):
+    lefts = [(l, i) if l == 0 else (l - 1, 2 * i) for l, i in beam]
+    rights = [(l - 1, 2 * i + 1) for l, i in beam if l > 0]
+    beam = sorted(lefts + rights, key=lambda li: -score(*li))[:k]
+  leaves = [i for _, i in beam]
+  s = np.array([score(0, i) for i in leaves])
+  w = np.exp(s - s.max()) / np.exp(s - s.max()).sum() if len(s) else s
+  return leaves, w
+
+
+_route = jax.jit(routing.route_beam, static_argnums=4)
+
+
+class RouteTest(parameterized.TestCase):
+
+  @parameterized.parameters(1, 2, 4)
+  def test_matches_reference_beam_search(self, k):
+    node_k, node_v, _ = _tree(0)
+    t = 3 * L
+    rq = jax.random.normal(jax.random.PRNGKey(1), (B, t, H, P))
+    qleaf = jnp.arange(t) // L * 5 % (N + 1)  # spread query leaves over 0..N
+    res = _route(rq, node_k, node_v, qleaf, k)
+    chex.assert_shape(res.leaves, (B, t, H, k))
+    for b in range(B):
+      for q in range(0, t, 7):
+        for h in range(H):
+          leaves, w = _reference_route(np.asarray(rq[b, q, h]), np.asarray(node_k[b, :, h]),
+                                       int(qleaf[q]), k)
+          got = np.asarray(res.leaves[b, q, h])
+          np.testing.assert_array_equal(got[:len(leaves)], leaves)
+          assert np.all(got[len(leaves):] == -1)
+          np.testing.assert_allclose(res.weights[b, q, h, :len(leaves)], w, rtol=1e-5)
+
+  def test_sealed_only_beam_enforced_deterministic(self):
+    node_k, node_v, _ = _tree(2)
+    t = (N + 1) * L
+    rq = jax.random.normal(jax.random.PRNGKey(3), (B, t, H, P))
+    qleaf = jnp.minimum(jnp.arange(t) // L, N)
+    res = _route(rq, node_k, node_v, qleaf, 2)
+    leaves = np.asarray(res.leaves)
+    c = np.asarray(qleaf)[None, :, None, None]
+    valid = leaves >= 0
+    assert np.all(leaves[valid] < np.broadcast_to(c, leaves.shape)[valid])  # sealed, < own leaf
+    np.testing.assert_array_equal(valid.sum(-1), np.minimum(np.broadcast_to(c[..., 0], valid.shape[:-1]), 2))
+    # Two different leaves per head once two are visible.
+    both = valid.all(-1)
+    assert np.all(leaves[both][:, 0] != leaves[both][:, 1])
+    np.testing.assert_allclose(res.weights.sum(-1), np.minimum(c[..., 0], 1) + 0 * res.weights.sum(-1), rtol=1e-6)
+    chex.assert_trees_all_equal(res, _route(rq, node_k, node_v, qleaf, 2))
+    # Query-dependent and head-dependent.
+    late = leaves[:, -L:]
+    assert len(np.unique(late[..., 0])) > 3
+    assert np.mean(late[..., 0, 0] != late[..., 1, 0]) > 0.2
+
+  def test_runner_up_is_unselected_leaf_at_same_depth(self):
+    node_k, node_v, _ = _tree(4)
+    t = N * L
+    rq = jax.random.normal(jax.random.PRNGKey(5), (B, t, H, P))
+    qleaf = jnp.arange(t) // L
+    res = _route(rq, node_k, node_v, qleaf, 2)
+    alt, sel = np.asarray(res.runner_up), np.asarray(res.leaves)
+    ok = alt >= 0
+    assert ok.mean() > 0.5
+    c = np.broadcast_to(np.asarray(qleaf)[None, :, None, None], alt.shape)
+    assert np.all(alt[ok] < c[ok])
+    assert not np.any((alt[..., :, None] == sel[..., None, :]) & ok[..., :, None])
+
+  def test_teacher_mass_and_loss(self):
+    t = 4 * L
+    kq, kk, kr = jax.random.split(jax.random.PRNGKey(6), 3)
+    q = jax.random.normal(kq, (B, t, H, E))
+    k = jax.random.normal(kk, (B, t, H, E))
+    mass = routing.leaf_attention_mass(q, k, L, N)
+    chex.assert_shape(mass, (B, t, H, N))
+    c = np.arange(t) // L
+    np.testing.assert_allclose(mass.sum(-1), (c > 0)[None, :, None] * np.ones((B, t, H)), rtol=1e-5)
+    for ci in range(4):
+      assert np.all(np.asarray(mass)[:, c == ci, :, ci:] == 0)  # nothing from its own or later leaves
+    node_k, _, _ = _tree(7, n=t // L)
+    rq = jax.random.normal(kr, (B, t, H, P))
+    loss_fn = lambda rq, nk: routing.teacher_loss(rq, nk, jnp.arange(t) // L, mass)
+    loss, grads = jax.value_and_grad(loss_fn, argnums=(0, 1))(rq, node_k)
+    assert np.isfinite(loss) and loss > 0
+    assert float(jnp.abs(grads[0]).sum()) > 0 and float(jnp.abs(grads[1]).sum()) > 0
+
+  def test_routing_recall(self):
+    leaves = jnp.array([[[[0, 1], [2, -1]], [[3, 4], [5, 6]]]])  # [1, 2, 2, 2]
+    answers = jnp.array([[[2, -1], [7, 3]]])
+    mask = jnp.array([[1.0, 1.0]])
+    np.testing.assert_allclose(routing.routing_recall(leaves, answers, mask), 2 / 3, rtol=1e-6)
+
+
+class ExactReadTest(parameterized.TestCase):
+
+  def test_reads_exactly_the_routed_leaves(self):
+    t, k = 5, 2
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(8), 3)
+    q = jax.random.normal(kq, (B, t, H, E))
+    cache_k = jax.random.normal(kk, (B, N, L, H, E))
+    cache_v = jax.random.normal(kv, (B, N, L, H, E))
+    leaves = jax.random.randint(jax.random.PRNGKey(9), (B, t, H, k), 0, N).at[0, 0, 0, 1].set(-1)
+    w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(10), (B, t, H, k)), -1)
+    w = jnp.where(leaves >= 0, w, 0.0)
+    res = read_lib.exact_read(q, cache_k, cache_v, leaves, w)
+    # gather: local token indices are correct.
+    g = read_lib.gather_leaves(cache_k, leaves)
+    np.testing.assert_array_equal(g[1, 2, 1, 0, 7], cache_k[1, leaves[1, 2, 1, 0], 7, 1])
+    for b in range(B):
+      for i in range(t):
+        for h in range(H):
+          sel = [j for j in np.asarray(leaves[b, i, h]) if j >= 0]
+          ks = np.concatenate([cache_k[b, j, :, h] for j in sel])
+          vs = np.concatenate([cache_v[b, j, :, h] for j in sel])
+          logw = np.repeat([np.log(w[b, i, h, s]) for s in range(k) if leaves[b, i, h, s] >= 0], L)
+          logit = ks @ np.asarray(q[b, i, h]) / np.sqrt(E) + logw
+          p = np.exp(logit - logit.max()); p /= p.sum()
+          np.testing.assert_allclose(res.value[b, i, h], p @ vs, rtol=1e-4, atol=1e-5)
+    # Changing any leaf that is not selected changes nothing.
+    unselected = np.setdiff1d(np.arange(N), np.asarray(leaves))
+    if len(unselected):
+      res2 = read_lib.exact_read(q, cache_k.at[:, unselected].set(9.0),
+                                 cache_v.at[:, unselected].set(9.0), leaves, w)
+      np.testing.assert_array_equal(res.value, res2.value)
+    assert np.all(res.active)
+
+  def test_nothing_selected_reads_zero(self):
+    q = jnp.ones((1, 1, H, E))
+    cache = jnp.ones((1, N, L, H, E))
+    res = read_lib.exact_read(q, cache, cache, -jnp.ones((1, 1, H, 2), jnp.int32),
+                              jnp.zeros((1, 1, H, 2)))
+    np.testing.assert_array_equal(res.value, 0.0)
+    assert not np.any(res.active)
