@@ -1,0 +1,157 @@
+"""Defaults shared by every probe config, and the `arg` variants they all accept.
+
+Layout of an experiment config (`memkernel.train.parse_config` validates it):
+
+  model_type  'kernel' | 'dense' | 'sliding_window': which model trains.
+  model       `memkernel.ModelConfig` fields (the kernel).
+  peer        `memkernel.peers.PeerConfig` fields except `kind` (the attention peers).
+  task        `memkernel.data.TaskConfig` fields.
+  train       seed, steps, batch_size, lr, schedule, warmup_steps, decay_steps, weight_decay,
+              clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle.
+  eval        batches, batch_size, lengths, oracle.
+
+Sizes the kernel and its peers must share (vocab_size, d_model, num_layers, mlp_ratio) and sizes the
+task and the kernel must share (vocab_size, leaf_size) are one `FieldReference` each, so
+`--config.model.d_model=128` changes the kernel, the peers and nothing else in step.
+
+`arg` (after the colon in `--config=configs/mqar.py:ARG`) is a comma-separated list of:
+  smoke            tiny model, short sequences, ~20 steps: trains in seconds (tests, CI).
+  dense, sliding_window, kernel   the model_type.
+  oracle           feed the true answer leaves to the exact read (train and eval).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ml_collections
+
+ARGS = ("smoke", "kernel", "dense", "sliding_window", "oracle")
+
+
+def parse_arg(arg: Optional[str]) -> set[str]:
+  """The set of variant names in `arg`; unknown names raise ValueError."""
+  names = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  unknown = sorted(names - set(ARGS))
+  if unknown:
+    raise ValueError(f"unknown config arg(s) {unknown}; known: {list(ARGS)}")
+  model_types = names & {"kernel", "dense", "sliding_window"}
+  if len(model_types) > 1:
+    raise ValueError(f"config arg names more than one model type: {sorted(model_types)}")
+  return names
+
+
+def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
+               smoke_task: Optional[dict[str, Any]] = None) -> ml_collections.ConfigDict:
+  """The full experiment config for one probe task.
+
+  Args:
+    task: TaskConfig fields of the full-size task (vocab_size, seq_len, leaf_size are shared with
+      the model; the other fields are the task's own).
+    arg: the variant string (see the module docstring).
+    smoke_task: TaskConfig fields that override `task` in the smoke variant.
+  """
+  names = parse_arg(arg)
+  task = dict(task)
+  if "smoke" in names:
+    task.update(smoke_task or {})
+  vocab_size = ml_collections.FieldReference(task.pop("vocab_size", 256))
+  leaf_size = ml_collections.FieldReference(task.pop("leaf_size", 16))
+  d_model = ml_collections.FieldReference(64)
+  num_layers = ml_collections.FieldReference(2)
+  mlp_ratio = ml_collections.FieldReference(4)
+  seq_len = task.pop("seq_len", 512)
+
+  config = ml_collections.ConfigDict()
+  config.model_type = "kernel"
+
+  config.model = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      mlp_ratio=mlp_ratio,
+      leaf_size=leaf_size,
+      num_roots=2,
+      num_route_heads=4,
+      beam_width=2,
+      train_beam_width=8,
+      teacher_weight=1.0,
+      # Capacity of the training model; the harness raises it to fit task.seq_len (and each eval
+      # length), rounded up to a power-of-two number of leaves. Parameters do not depend on it.
+      max_seq_len=seq_len,
+      use_tree_read=True,
+      use_exact_read=True,
+      head_dim=0,
+      route_dim=0,
+      conv_width=4,
+      # lax.scan: as fast as associative_scan at these widths, and ~4x faster to compile.
+      scan_impl="linear",
+      min_timescale=1.0,
+      max_timescale=256.0,
+  ))
+
+  config.peer = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      mlp_ratio=mlp_ratio,
+      num_heads=4,
+      window=128,
+      max_seq_len=seq_len,
+  ))
+
+  config.task = ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size, leaf_size=leaf_size, seq_len=seq_len, **task))
+
+  config.train = ml_collections.ConfigDict(dict(
+      seed=0,
+      # ~10 minutes on a 2-core CPU (measured ~0.6-0.8 steps/s for MQAR at these sizes).
+      steps=400,
+      batch_size=8,
+      lr=3e-3,
+      schedule="cosine",      # 'cosine' (warmup, then cosine to 10% of lr) or 'constant'.
+      warmup_steps=40,
+      decay_steps=0,          # Length of the cosine decay; 0 means `steps`.
+      weight_decay=0.01,
+      clip_norm=1.0,
+      log_every=10,
+      eval_every=200,         # In-training eval at the train length; 0 disables it.
+      ckpt_every=100,
+      keep_checkpoints=3,
+      max_nonfinite=20,       # Consecutive non-finite losses tolerated before the run stops.
+      oracle=False,
+  ))
+
+  config.eval = ml_collections.ConfigDict(dict(
+      batches=8,
+      batch_size=8,
+      lengths=(seq_len,),     # A tuple so `--config.eval.lengths='(512, 2048)'` works.
+      oracle=False,
+  ))
+
+  for model_type in ("kernel", "dense", "sliding_window"):
+    if model_type in names:
+      config.model_type = model_type
+  if "oracle" in names:
+    config.train.oracle = True
+    config.eval.oracle = True
+  if "smoke" in names:
+    make_smoke(config, d_model=d_model, num_layers=num_layers)
+  return config
+
+
+def make_smoke(config: ml_collections.ConfigDict, *, d_model: ml_collections.FieldReference,
+               num_layers: ml_collections.FieldReference) -> None:
+  """Shrinks `config` in place to something that trains in seconds on a CPU."""
+  d_model.set(16)
+  num_layers.set(1)
+  config.model.mlp_ratio = 2
+  config.model.num_roots = 2
+  config.model.train_beam_width = 2
+  config.model.max_timescale = 32.0
+  config.peer.window = 32
+  config.train.update(dict(steps=20, batch_size=4, warmup_steps=2, log_every=5, eval_every=0,
+                           ckpt_every=10))
+  # Two lengths, so the smoke run also exercises evaluation beyond the training length.
+  config.eval.update(dict(batches=1, batch_size=4,
+                          lengths=(config.task.seq_len, 2 * config.task.seq_len)))

@@ -1,0 +1,20 @@
+"""Multi-query associative recall (Zoology MQAR): 32 key-value pairs, queries at power-law gaps.
+
+Run (about 10 minutes on a 2-core CPU; add `:smoke` for a seconds-long check):
+
+  python -m experiments.train --config=configs/mqar.py --workdir=/tmp/mqar
+  python -m experiments.train --config=configs/mqar.py:dense --workdir=/tmp/mqar_dense
+  python -m experiments.train --config=configs/mqar.py:oracle --workdir=/tmp/mqar_oracle
+  python -m experiments.train --config=configs/mqar.py \\
+      --config.eval.lengths='(512, 2048, 8192)' --workdir=/tmp/mqar_long
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.get_config(
+      dict(name="mqar", vocab_size=256, seq_len=512, num_pairs=32, distance="power_law",
+           power_a=0.01),
+      arg,
+      smoke_task=dict(vocab_size=64, seq_len=64, num_pairs=4))

@@ -1,0 +1,344 @@
+"""Tests for the training harness (`memkernel.train`, `memkernel.runs`, `experiments/train.py`).
+
+Everything runs the smoke configs (one tiny layer, 64-token sequences), and the runs that share a
+config share one compiled step (the harness caches it), so the suite stays small:
+
+* end to end through the library for the kernel (mqar, far_compare) and both peers (induction,
+  noisy_retrieval), and non-finite handling on copy: every task trains a few steps;
+* resume equivalence (bitwise params, identical metrics rows) and no recompilation on resume;
+* incompatible configs on an existing workdir; config validation before compilation;
+* the binary: bad flags, SIGKILL mid-run then `load_run` and resume, 4-device data parallel.
+"""
+
+import dataclasses
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import numpy as np
+
+from memkernel import checkpoint as checkpoint_lib
+from memkernel import train as train_lib
+from memkernel.config import ModelConfig
+from memkernel.peers import PeerConfig
+from memkernel.runs import load_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare")
+# Fields that differ between two runs of the same steps.
+TIME_FIELDS = ("time", "steps_per_s")
+# The reference run: shared by the resume, SIGKILL and data-parallel tests (one compiled step).
+REFERENCE = {"train.steps": 6, "train.decay_steps": 20, "train.log_every": 1,
+             "train.ckpt_every": 3}
+
+
+def smoke_config(task="mqar", arg="smoke", overrides=None):
+  config = importlib.import_module(f"configs.{task}").get_config(arg)
+  config.eval.lengths = (config.task.seq_len,)
+  for path, value in (overrides or {}).items():
+    section, field = path.split(".")
+    config[section][field] = value
+  return config
+
+
+def as_flags(overrides):
+  flags = []
+  for path, value in overrides.items():
+    flags.append(f"--config.{path}={value}")
+  return flags
+
+
+def read_rows(workdir, split="train"):
+  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
+    rows = [json.loads(line) for line in f]
+  return [r for r in rows if r["split"] == split]
+
+
+def strip_times(rows):
+  return [{k: v for k, v in r.items() if k not in TIME_FIELDS} for r in rows]
+
+
+def run_binary(workdir, config_arg, overrides, env=None, **kwargs):
+  cmd = [sys.executable, "-m", "experiments.train", f"--config=configs/{config_arg}",
+         f"--workdir={workdir}"] + as_flags(overrides)
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+                  **(env or {}))
+  return cmd, dict(cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   text=True, **kwargs)
+
+
+def assert_bitwise_equal(test, a, b):
+  test.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+class TrainTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = tempfile.mkdtemp(prefix="memkernel_train_test_")
+    cls.ref_dir = os.path.join(cls.tmp, "reference")
+    config = smoke_config(overrides=REFERENCE)
+    config.eval.lengths = (64, 128)
+    cls.ref_summary = train_lib.train_and_evaluate(config, cls.ref_dir)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.tmp, ignore_errors=True)
+    super().tearDownClass()
+
+  def workdir(self, name):
+    return os.path.join(self.tmp, name)
+
+  # -- end to end --------------------------------------------------------------------------------
+
+  def test_reference_run_writes_metrics_eval_and_checkpoints(self):
+    rows = read_rows(self.ref_dir)
+    self.assertEqual([r["step"] for r in rows], [1, 2, 3, 4, 5, 6])
+    for key in ("loss", "accuracy", "grad_norm", "lr", "nonfinite", "loss/teacher",
+                "layer_0/routing_recall", "layer_0/routing_sparsity", "layer_0/root_similarity",
+                "steps_per_s", "time"):
+      self.assertIn(key, rows[-1])
+    self.assertTrue(all(np.isfinite(r["loss"]) and r["nonfinite"] == 0 for r in rows))
+    with open(os.path.join(self.ref_dir, train_lib.EVAL_FILE)) as f:
+      summary = json.load(f)
+    self.assertEqual(summary, json.loads(json.dumps(self.ref_summary)))
+    self.assertEqual(summary["step"], 6)
+    self.assertEqual(set(summary["lengths"]), {"64", "128"})
+    for m in summary["lengths"].values():
+      for key in ("accuracy", "loss", "layer_0/routing_recall", "layer_0/routing_sparsity",
+                  "layer_0/leaves_read", "layer_0/root_similarity", "layer_0/exact_read_usage",
+                  "layer_0/head_disagreement"):
+        self.assertIn(key, m)
+        self.assertTrue(np.isfinite(m[key]), key)
+      self.assertNotIn("loss/teacher", m)  # Evaluation never uses the teacher.
+      self.assertBetween(m["accuracy"], 0.0, 1.0)
+    ckpt = checkpoint_lib.Checkpointer(self.ref_dir, read_only=True)
+    self.assertEqual(ckpt.all_steps(), [3, 6])
+    self.assertIn("routing recall", train_lib.format_summary(summary))
+
+  def test_load_run(self):
+    model_config, params = load_run(self.ref_dir)
+    self.assertIsInstance(model_config, ModelConfig)
+    self.assertEqual((model_config.d_model, model_config.max_seq_len), (16, 64))
+    model = train_lib.build_model(dataclasses.replace(model_config, max_seq_len=128))
+    logits, _ = jax.jit(model.apply)({"params": params}, np.zeros((1, 100), np.int32))
+    self.assertEqual(logits.shape, (1, 100, model_config.vocab_size))
+    _, params_3 = load_run(self.ref_dir, step=3)
+    self.assertFalse(np.array_equal(params_3["embed"]["embedding"], params["embed"]["embedding"]))
+
+  def test_far_compare_kernel_with_oracle_and_periodic_eval(self):
+    workdir = self.workdir("far_compare")
+    config = smoke_config("far_compare", "smoke,oracle", {"train.steps": 3, "train.eval_every": 2})
+    summary = train_lib.train_and_evaluate(config, workdir)
+    self.assertEqual(summary["step"], 3)
+    # The oracle feeds both answer leaves of each comparison to the read.
+    self.assertEqual(summary["lengths"]["64"]["layer_0/routing_recall"], 1.0)
+    self.assertEqual([r["step"] for r in read_rows(workdir)], [3])  # log_every=5, and the end.
+    (eval_row,) = read_rows(workdir, "eval")
+    self.assertEqual((eval_row["step"], eval_row["length"]), (2, 64))
+    self.assertEqual(eval_row["layer_0/routing_recall"], 1.0)
+
+  @parameterized.parameters(("dense", "induction"), ("sliding_window", "noisy_retrieval"))
+  def test_peer_trains_in_the_same_harness(self, model_type, task):
+    workdir = self.workdir(model_type)
+    config = smoke_config(task, f"smoke,{model_type}", {"train.steps": 3})
+    summary = train_lib.train_and_evaluate(config, workdir)
+    self.assertEqual(summary["model_type"], model_type)
+    self.assertTrue(np.isfinite(summary["lengths"]["64"]["loss"]))
+    self.assertEqual([r["step"] for r in read_rows(workdir)], [3])
+    model_config, params = load_run(workdir)
+    self.assertEqual(model_config, PeerConfig(
+        kind=model_type, vocab_size=64, d_model=16, num_layers=1, num_heads=4, mlp_ratio=2,
+        window=32, max_seq_len=64))
+    self.assertIn("block_0", params)
+
+  # -- resume --------------------------------------------------------------------------------
+
+  def test_resume_is_bitwise_equivalent(self):
+    workdir = self.workdir("resumed")
+    first = train_lib.train_and_evaluate(
+        smoke_config(overrides={**REFERENCE, "train.steps": 4}), workdir)
+    self.assertEqual(first["step"], 4)
+    final = train_lib.train_and_evaluate(smoke_config(overrides=REFERENCE), workdir)
+    self.assertEqual(final["step"], 6)
+    assert_bitwise_equal(self, load_run(workdir)[1], load_run(self.ref_dir)[1])
+    self.assertEqual(strip_times(read_rows(workdir)), strip_times(read_rows(self.ref_dir)))
+    self.assertEqual(final["lengths"]["64"], self.ref_summary["lengths"]["64"])
+    # One compiled step served the reference run, both halves and the resume.
+    experiment = train_lib.parse_config(smoke_config(overrides=REFERENCE))
+    self.assertEqual(train_lib.make_train_step(experiment, train_lib.make_mesh())._cache_size(), 1)
+
+  @parameterized.parameters(("model.d_model", 32, "model.d_model"),
+                            ("model.leaf_size", 8, "model.leaf_size"),
+                            ("model_type", "dense", "model_type"))
+  def test_incompatible_config_on_existing_workdir_fails(self, field, value, named):
+    workdir = self.workdir(f"incompatible_{field}")
+    shutil.copytree(self.ref_dir, workdir)
+    if field == "model_type":
+      config = smoke_config(arg="smoke,dense", overrides=REFERENCE)
+    else:
+      config = smoke_config(overrides={**REFERENCE, field: value})
+    with self.assertRaisesRegex(checkpoint_lib.CheckpointMismatchError, named):
+      train_lib.train_and_evaluate(config, workdir)
+
+  # -- non-finite losses -------------------------------------------------------------------------
+
+  def test_nonfinite_losses_are_counted_and_stop_the_run(self):
+    workdir = self.workdir("nonfinite")
+    config = smoke_config("copy", overrides={
+        "train.lr": 1e30, "train.max_nonfinite": 3, "train.log_every": 1,
+        "train.ckpt_every": 1, "train.warmup_steps": 0})
+    with self.assertRaisesRegex(train_lib.NonFiniteLossError,
+                                r"3 consecutive non-finite losses.*max_nonfinite=3"):
+      train_lib.train_and_evaluate(config, workdir)
+    rows = read_rows(workdir)
+    self.assertEqual([r["nonfinite"] for r in rows[-3:]], [1, 1, 1])
+    self.assertEqual(rows[-1]["nonfinite_total"], 3)
+    last_good = max(r["step"] for r in rows if not r["nonfinite"])
+    self.assertEqual(checkpoint_lib.Checkpointer(workdir, read_only=True).latest_step(), last_good)
+    _, params = load_run(workdir)
+    self.assertTrue(all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params)))
+
+  # -- validation --------------------------------------------------------------------------------
+
+  def test_every_config_and_variant_validates(self):
+    for task in TASKS:
+      module = importlib.import_module(f"configs.{task}")
+      for arg in (None, "smoke", "dense", "sliding_window", "oracle", "smoke,oracle,dense"):
+        config = module.get_config(arg)
+        experiment = train_lib.parse_config(config)
+        self.assertEqual(experiment.task.name, task)
+        self.assertEqual(config.model.d_model, config.peer.d_model)
+        self.assertEqual(config.task.vocab_size, config.model.vocab_size)
+        self.assertIn("python -m experiments.train", module.__doc__)
+      with self.assertRaisesRegex(ValueError, "unknown config arg"):
+        module.get_config("smokey")
+    # Shared sizes move together.
+    config = smoke_config()
+    config.model.d_model = 32
+    self.assertEqual(config.peer.d_model, 32)
+
+  @parameterized.named_parameters(
+      ("negative_width", "model.d_model", -1, "ModelConfig.d_model"),
+      ("unknown_model_field", "model.bogus", 1, r"unknown field\(s\) \['bogus'\]"),
+      ("unknown_train_field", "train.bogus", 1, r"config.train got unknown field"),
+      ("zero_batch", "train.batch_size", 0, "train.batch_size must be >= 1"),
+      ("bad_lr", "train.lr", float("nan"), "train.lr must be a finite number"),
+      ("bad_schedule", "train.schedule", "linear", "train.schedule must be one of"),
+      ("no_lengths", "eval.lengths", (), "eval.lengths must be a non-empty"),
+      ("bad_length", "eval.lengths", (64, 8), "eval.lengths: task 'mqar' is invalid at length 8"),
+      ("bad_model_type", "model_type", "rnn", "config.model_type must be one of"),
+      ("vocab_mismatch", "peer.vocab_size", 32, None),
+      ("bad_task", "task.distance", "cubic", "TaskConfig.distance"),
+  )
+  def test_bad_config_raises_before_compiling(self, path, value, regex):
+    config = smoke_config()
+    if path == "peer.vocab_size":  # The references keep vocab sizes equal; break them by hand.
+      config.model_type = "dense"
+      config = config.to_dict()
+      config["peer"]["vocab_size"] = value
+      regex = r"task.vocab_size=64 must equal peer.vocab_size=32"
+    elif "." in path:
+      section, field = path.split(".")
+      config[section][field] = value
+    else:
+      config[path] = value
+    workdir = self.workdir(f"bad_{path}")
+    with self.assertRaisesRegex(ValueError, regex):
+      train_lib.train_and_evaluate(config, workdir)
+    self.assertFalse(os.path.exists(workdir))
+
+  def test_batch_must_divide_over_devices(self):
+    experiment = train_lib.parse_config(smoke_config(overrides={"train.batch_size": 6}))
+    with self.assertRaisesRegex(ValueError, r"train.batch_size=6 must be divisible by the number "
+                                r"of devices \(4\)"):
+      train_lib.check_devices(experiment, 4)
+
+  def test_capacity(self):
+    self.assertEqual([train_lib.capacity(n, 16) for n in (1, 16, 17, 64, 100, 512, 513)],
+                     [16, 16, 32, 64, 128, 512, 1024])
+
+  # -- the binary --------------------------------------------------------------------------------
+
+  def test_bad_flags_exit_nonzero_before_compiling(self):
+    for flag, message in (("--config.model.d_model=-1",
+                           "ModelConfig.d_model must be a positive integer, got -1"),
+                          ("--config.model.bogus=1",
+                           "--config.model.bogus: the config has no field 'bogus'")):
+      workdir = self.workdir("bad_flags")
+      cmd, kwargs = run_binary(workdir, "mqar.py:smoke", {})
+      start = time.time()
+      result = subprocess.run(cmd + [flag], timeout=120, **kwargs)
+      self.assertNotEqual(result.returncode, 0)
+      self.assertIn(message, result.stdout)
+      self.assertNotIn("Traceback", result.stdout)
+      self.assertFalse(os.path.exists(workdir))
+      self.assertLess(time.time() - start, 60)
+
+  def test_sigkill_mid_run_then_load_and_resume(self):
+    workdir = self.workdir("killed")
+    overrides = {**REFERENCE, "train.steps": 100000, "train.ckpt_every": 2,
+                 "eval.lengths": "(64,)"}
+    cmd, kwargs = run_binary(workdir, "mqar.py:smoke", overrides)
+    proc = subprocess.Popen(cmd, **kwargs)
+    try:
+      reader = None
+      deadline = time.time() + 150
+      while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if os.path.isdir(os.path.join(workdir, "checkpoints")):
+          reader = reader or checkpoint_lib.Checkpointer(workdir, read_only=True)
+          if (reader.latest_step() or 0) >= 6:
+            break
+      self.assertIsNone(proc.poll(), proc.stdout.read() if proc.poll() is not None else "")
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait(timeout=30)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+      proc.stdout.close()
+    self.assertEqual(proc.returncode, -signal.SIGKILL)
+
+    model_config, params = load_run(workdir)
+    self.assertEqual(model_config.d_model, 16)
+    latest = checkpoint_lib.Checkpointer(workdir, read_only=True).latest_step()
+    killed_rows = read_rows(workdir)
+    # Same program in another process: the same numbers as the in-process reference run.
+    np.testing.assert_allclose([r["loss"] for r in killed_rows[:6]],
+                               [r["loss"] for r in read_rows(self.ref_dir)], rtol=1e-6)
+
+    summary = train_lib.train_and_evaluate(
+        smoke_config(overrides={**REFERENCE, "train.steps": latest + 2}), workdir)
+    self.assertEqual(summary["step"], latest + 2)
+    rows = read_rows(workdir)
+    self.assertEqual([r["step"] for r in rows], list(range(1, latest + 3)))
+    self.assertEqual(strip_times(rows[:latest]), strip_times(killed_rows[:latest]))
+
+  def test_data_parallel_on_four_devices_matches_one(self):
+    workdir = self.workdir("four_devices")
+    overrides = {**REFERENCE, "train.steps": 3, "eval.lengths": "(64,)"}
+    cmd, kwargs = run_binary(workdir, "mqar.py:smoke", overrides,
+                             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    result = subprocess.run(cmd, timeout=170, **kwargs)
+    self.assertEqual(result.returncode, 0, result.stdout[-3000:])
+    self.assertIn("on 4 device(s)", result.stdout)
+    rows, ref = read_rows(workdir), read_rows(self.ref_dir)[:3]
+    for key in ("loss", "accuracy", "grad_norm", "layer_0/routing_recall"):
+      np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref], atol=1e-5,
+                                 err_msg=key)
+
+
+if __name__ == "__main__":
+  absltest.main()
