@@ -27,15 +27,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _parse_flags(argv):
-  """absl flag parsing, with unknown `--config.*` fields reported as a usage error."""
+  """absl flag parsing; a bad `--config` or override exits with one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # config_flags: the override names no config field.
-    name = str(e).strip("\"'")
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-           and a.split("=")[0].endswith("." + name)]
+  except (AttributeError, KeyError) as e:  # config_flags: an override names no config field.
+    while isinstance(e, BaseException) and e.args:
+      e = e.args[0]
+    name, _, hint = str(e).partition("\n")
+    name = name.strip("'\"")
+    bad = [a.split("=")[0] for a in argv[1:] if a.split("=")[0].startswith("--config.")
+           and f".{name}." in a.split("=")[0] + "."]
     sys.exit(f"FATAL Flags parsing error: {', '.join(bad) or '--config'}: the config has no "
-             f"field {name!r} (the layout is in configs/common.py)")
+             f"field {name!r}. {hint} (layout: configs/common.py)")
+  except (flags.Error, ValueError) as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
 
 
 def main(argv):

@@ -248,24 +248,26 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
   model_type = config["model_type"]
   if model_type not in MODEL_TYPES:
     raise ValueError(f"config.model_type must be one of {MODEL_TYPES}, got {model_type!r}")
-  kernel = ModelConfig.from_dict(config["model"])
-  peer_values = dict(config["peer"])
-  if "kind" in peer_values:
-    raise ValueError("config.peer.kind is not a field: set config.model_type instead")
-  peer = PeerConfig.from_dict({**peer_values,
-                               "kind": "dense" if model_type == "kernel" else model_type})
+  # Only the section of the model that trains is built: the other may not fit (e.g. a width the
+  # kernel accepts may leave the peers' RoPE heads an odd width).
+  if model_type == "kernel":
+    section = "model"
+    model = ModelConfig.from_dict(config["model"])
+  else:
+    section = "peer"
+    if "kind" in config["peer"]:
+      raise ValueError("config.peer.kind is not a field: set config.model_type instead")
+    model = PeerConfig.from_dict({**config["peer"], "kind": model_type})
   task = data_lib.TaskConfig.from_dict(config["task"])
   train = TrainConfig.from_dict(config["train"])
   evaluation = EvalConfig.from_dict(config["eval"])
 
-  model = kernel if model_type == "kernel" else peer
-  section = "model" if model_type == "kernel" else "peer"
   if task.vocab_size != model.vocab_size:
     raise ValueError(f"task.vocab_size={task.vocab_size} must equal {section}.vocab_size="
                      f"{model.vocab_size}")
-  if model_type == "kernel" and task.leaf_size != kernel.leaf_size:
+  if model_type == "kernel" and task.leaf_size != model.leaf_size:
     raise ValueError(f"task.leaf_size={task.leaf_size} must equal model.leaf_size="
-                     f"{kernel.leaf_size} (answer leaves are counted in model leaves)")
+                     f"{model.leaf_size} (answer leaves are counted in model leaves)")
   for length in evaluation.lengths:
     try:
       dataclasses.replace(task, seq_len=length)

@@ -227,8 +227,13 @@ class TrainTest(parameterized.TestCase):
         module.get_config("smokey")
     # Shared sizes move together.
     config = smoke_config()
-    config.model.d_model = 32
-    self.assertEqual(config.peer.d_model, 32)
+    config.model.d_model = 20
+    self.assertEqual(config.peer.d_model, 20)
+    # Only the model that trains is validated: width 20 suits the kernel, not the peers' RoPE.
+    self.assertEqual(train_lib.parse_config(config).model.d_model, 20)
+    config.model_type = "dense"
+    with self.assertRaisesRegex(ValueError, "PeerConfig.num_heads must leave an even head width"):
+      train_lib.parse_config(config)
 
   @parameterized.named_parameters(
       ("negative_width", "model.d_model", -1, "ModelConfig.d_model"),
