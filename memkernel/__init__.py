@@ -6,6 +6,7 @@ leaves, read by sparse beam routing and an exact token-level read. See README.md
 
 from memkernel.config import ModelConfig
 from memkernel.model import FractalV2Model, Interventions
+from memkernel.runs import load_run
 from memkernel.state import LayerMemory, Memory, init_memory, memory_bytes
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "Memory",
     "ModelConfig",
     "init_memory",
+    "load_run",
     "memory_bytes",
 ]

@@ -106,12 +106,18 @@ class LocalTrunk(nn.Module):
     self.out_w = self.param("out_w", nn.initializers.normal(d ** -0.5 / r), (r, d, d))
 
   def conv(self, xn_BTD, conv_BWD):
-    """Causal conv over [previous W-1 inputs, xn]; returns (u_BTD, new conv state)."""
+    """Causal conv over [previous W-1 inputs, xn].
+
+    Returns:
+      u_BTD (the depthwise conv), lags [B, T, W*D] (xn_t, xn_{t-1}, ..., xn_{t-W+1}) and the new
+      conv state.
+    """
     w = self.config.conv_width
     full = jnp.concatenate([conv_BWD, xn_BTD], axis=1)
     t = xn_BTD.shape[1]
-    u = self.conv_b + sum(full[:, w - 1 - j: w - 1 - j + t] * self.conv_w[j] for j in range(w))
-    return u, full[:, t:]
+    lags = [full[:, w - 1 - j: w - 1 - j + t] for j in range(w)]
+    u = self.conv_b + sum(lag * self.conv_w[j] for j, lag in enumerate(lags))
+    return u, jnp.concatenate(lags, axis=-1), full[:, t:]
 
   def recur(self, u_BTD, roots_BRD, impl):
     """All roots over the chunk; returns (per-root outputs [B, T, R, D], final states [B, R, D])."""
@@ -173,10 +179,12 @@ class KernelLayer(nn.Module):
     c = self.config
     h, e, p = c.num_route_heads, c.read_dim, c.key_dim
     xn = self.norm(x_BTD)
-    u, conv = self.trunk.conv(xn, conv_BWD)
+    u, lags, conv = self.trunk.conv(xn, conv_BWD)
     roots, root_state = self.trunk.recur(u, roots_BRD, impl)
     trunk = self.trunk.project(roots, keep_R)
-    z = self.proj(u + trunk)
+    # Memory projections see the last W tokens separately (a full causal conv), so a key can be
+    # "the previous token" without untangling the depthwise conv's mixed lags, plus the trunk.
+    z = self.proj(jnp.concatenate([lags, trunk], axis=-1))
     b, t = z.shape[:2]
     sizes = np.cumsum([h * e, h * e, h * e, h * p, h * p])
     q, k, v, rq, rk, pool = jnp.split(z, sizes, axis=-1)

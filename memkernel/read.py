@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from memkernel.routing import NEG_INF
+from memkernel.routing import NEG_INF, matvec, vecmat
 
 
 class ReadResult(NamedTuple):
@@ -51,12 +51,13 @@ def exact_read(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array, cache_v_BNLHE: jax.A
   keys = gather_leaves(cache_k_BNLHE, leaves_BTHK)   # [B, T, H, K, L, E]
   vals = gather_leaves(cache_v_BNLHE, leaves_BTHK)
   valid = (leaves_BTHK >= 0) & (weights_BTHK > 0)
-  logits = jnp.einsum("bthe,bthkle->bthkl", q_BTHE, keys) * e ** -0.5
+  b, t, h, k, l, _ = keys.shape
+  logits = matvec(keys.reshape(b, t, h, k * l, e), q_BTHE).reshape(b, t, h, k, l) * e ** -0.5
   logits = logits + jnp.log(jnp.where(valid, weights_BTHK, 1.0))[..., None]
   logits = jnp.where(valid[..., None], logits, NEG_INF)
   shape = logits.shape
   probs = jax.nn.softmax(logits.reshape(shape[:3] + (-1,)), axis=-1).reshape(shape)
   active = jnp.any(valid, axis=-1)
   probs = jnp.where(active[..., None, None] & valid[..., None], probs, 0.0)
-  value = jnp.einsum("bthkl,bthkle->bthe", probs, vals)
+  value = vecmat(probs.reshape(b, t, h, k * l), vals.reshape(b, t, h, k * l, e))
   return ReadResult(value=value, probs=probs, active=active)
