@@ -96,7 +96,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       num_layers=num_layers,
       mlp_ratio=mlp_ratio,
       num_heads=4,
-      window=128,
+      window=256,
       max_seq_len=seq_len,
   ))
 

@@ -159,6 +159,41 @@ class ReadFusion(nn.Module):
     return out, gates
 
 
+def memory_proj_init(config: ModelConfig):
+  """Initialiser of the memory projections [(W + 1) D, H (3E + 2P + 1)].
+
+  Input rows: lags 0..W-1 of the normed stream, then the trunk output. Output columns: read
+  q, k, v, routing rq, rk, pooling logits. With `shift_init` the read and the router start as an
+  associative-recall prior (as a token shift does in other recurrent models): a key is the
+  *previous* token projected exactly like a query's *current* token (k = R lag1, q = R lag0, and
+  rk / rq likewise with their own R), values are the current token, pooling is uniform, and the
+  trunk enters small. Everything stays trainable; without `shift_init` all blocks are random.
+  """
+  c = config
+  d, w, h, e, p = c.d_model, c.conv_width, c.num_route_heads, c.read_dim, c.key_dim
+  lecun = nn.initializers.lecun_normal()
+
+  def init(key, shape, dtype=jnp.float32):
+    if not c.shift_init:
+      return lecun(key, shape, dtype)
+    kq, kv, kr, kt = jax.random.split(key, 4)
+    std = d ** -0.5
+    r_q = jax.random.normal(kq, (d, h * e), dtype) * std
+    r_v = jax.random.normal(kv, (d, h * e), dtype) * std
+    r_r = jax.random.normal(kr, (d, h * p), dtype) * std
+    kernel = jnp.zeros(shape, dtype)
+    col = np.cumsum([0, h * e, h * e, h * e, h * p, h * p])
+    kernel = kernel.at[0:d, col[0]:col[1]].set(r_q)          # q  <- lag 0
+    kernel = kernel.at[d:2 * d, col[1]:col[2]].set(r_q)      # k  <- lag 1
+    kernel = kernel.at[0:d, col[2]:col[3]].set(r_v)          # v  <- lag 0
+    kernel = kernel.at[0:d, col[3]:col[4]].set(r_r)          # rq <- lag 0
+    kernel = kernel.at[d:2 * d, col[4]:col[5]].set(r_r)      # rk <- lag 1
+    trunk = jax.random.normal(kt, (d, shape[1]), dtype) * 0.1 * std
+    return kernel.at[w * d:].set(trunk)
+
+  return init
+
+
 class KernelLayer(nn.Module):
   """One memory-kernel layer plus its MLP. The forms call `features` and `finish`."""
 
@@ -169,7 +204,8 @@ class KernelLayer(nn.Module):
     h, e, p = c.num_route_heads, c.read_dim, c.key_dim
     self.norm = nn.RMSNorm(name="norm")
     self.trunk = LocalTrunk(c, name="trunk")
-    self.proj = nn.Dense(h * (3 * e + 2 * p + 1), use_bias=False, name="memory_proj")
+    self.proj = nn.Dense(h * (3 * e + 2 * p + 1), use_bias=False, name="memory_proj",
+                         kernel_init=memory_proj_init(c))
     self.fusion = ReadFusion(c, name="fusion")
     self.mlp_norm = nn.RMSNorm(name="mlp_norm")
     self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")

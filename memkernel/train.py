@@ -123,6 +123,9 @@ class TrainConfig:
     keep_checkpoints: newest checkpoints kept.
     max_nonfinite: consecutive non-finite losses tolerated before the run stops.
     oracle: feed each batch's answer leaves to the exact read (`oracle_leaves`).
+    narrow_beam_at: beam curriculum for the kernel: from this step on, train with the
+      evaluation beam (`model.beam_width`) instead of `model.train_beam_width`, so the read
+      adapts to the beam it is evaluated with; 0 keeps the training beam throughout.
   """
 
   seed: int = 0
@@ -140,11 +143,12 @@ class TrainConfig:
   keep_checkpoints: int = 3
   max_nonfinite: int = 20
   oracle: bool = False
+  narrow_beam_at: int = 0
 
   def __post_init__(self):
     s = "train"
     _check_int(s, "seed", self.seed, 0)
-    for name in ("steps", "warmup_steps", "decay_steps", "eval_every"):
+    for name in ("steps", "warmup_steps", "decay_steps", "eval_every", "narrow_beam_at"):
       _check_int(s, name, getattr(self, name), 0)
     for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "max_nonfinite"):
       _check_int(s, name, getattr(self, name), 1)
@@ -413,7 +417,8 @@ def _step_settings(train: TrainConfig) -> TrainConfig:
   """`train` with only the fields a compiled step depends on (a cache key: resuming with more
   steps, or logging differently, reuses the compiled step)."""
   return dataclasses.replace(train, steps=0, decay_steps=train.decay_steps or train.steps,
-                             log_every=1, eval_every=0, ckpt_every=1, keep_checkpoints=1)
+                             log_every=1, eval_every=0, ckpt_every=1, keep_checkpoints=1,
+                             narrow_beam_at=0)
 
 
 def make_train_step(experiment: Experiment, mesh: Mesh):
@@ -700,7 +705,13 @@ def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
                 checkpointer: checkpoint_lib.Checkpointer, writer: _MetricsWriter,
                 config_dict: dict, start: int) -> TrainState:
   train = experiment.train
-  train_step = make_train_step(experiment, mesh)
+  wide_step = make_train_step(experiment, mesh)
+  narrow_step = wide_step
+  if train.narrow_beam_at and experiment.model_type == "kernel":
+    narrow = dataclasses.replace(experiment.model, train_beam_width=0)
+    narrow_step = make_train_step(dataclasses.replace(experiment, model=narrow), mesh)
+  train_step = lambda state, step: (
+      narrow_step if train.narrow_beam_at and step >= train.narrow_beam_at else wide_step)(state)
   tokens_per_step = train.batch_size * experiment.task.seq_len
   data_state = lambda step: {"step": step, "seed": train.seed}
   clock = {"t": time.time(), "step": start, "t0": time.time(), "consecutive": 0}
@@ -737,7 +748,8 @@ def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
   pending = None
   step = start
   while step < train.steps:
-    state, metrics = train_step(state)  # Dispatched before the previous metrics are pulled.
+    # Dispatched before the previous metrics are pulled.
+    state, metrics = train_step(state, step)
     step += 1
     if pending is not None:
       record(*pending)
