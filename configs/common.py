@@ -76,6 +76,8 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       beam_width=2,
       train_beam_width=8,
       teacher_weight=1.0,
+      leaf_rerank=False,
+      read_sink=False,
       # Capacity of the training model; the harness raises it to fit task.seq_len (and each eval
       # length), rounded up to a power-of-two number of leaves. Parameters do not depend on it.
       max_seq_len=seq_len,
@@ -120,6 +122,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       keep_checkpoints=3,
       max_nonfinite=20,       # Consecutive non-finite losses tolerated before the run stops.
       oracle=False,
+      narrow_beam_at=0,       # From this step on, train with the evaluation beam (0: never).
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

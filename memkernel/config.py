@@ -45,6 +45,10 @@ class ModelConfig:
     scan_impl: 'associative' (lax.associative_scan) or 'linear' (lax.scan) for the trunk in the
       parallel form.
     teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
+    leaf_rerank: choose the final K leaves among the beam's 2K candidate leaves by their tokens
+      (`routing.exact_leaf_scores`) instead of their summaries.
+    read_sink: give every exact-read head a learned "read nothing" slot (zero value), so a head
+      whose routed leaves hold no match need not average unrelated tokens into the stream.
     shift_init: start the memory projections as an associative-recall prior (keys = previous
       token, queries = current token; see `model.memory_proj_init`); False = all random.
     min_timescale, max_timescale: range of the roots' initial decay timescales (tokens).
@@ -67,6 +71,8 @@ class ModelConfig:
   mlp_ratio: int = 4
   scan_impl: str = "associative"
   teacher_weight: float = 1.0
+  leaf_rerank: bool = False
+  read_sink: bool = False
   shift_init: bool = True
   min_timescale: float = 1.0
   max_timescale: float = 256.0
@@ -101,7 +107,8 @@ class ModelConfig:
                        f"num_route_heads={self.num_route_heads} when head_dim is 0")
     if self.scan_impl not in _SCAN_IMPLS:
       raise ValueError(f"ModelConfig.scan_impl must be one of {_SCAN_IMPLS}, got {self.scan_impl!r}")
-    for name in ("use_tree_read", "use_exact_read", "shift_init"):
+    for name in ("use_tree_read", "use_exact_read", "shift_init", "leaf_rerank",
+                 "read_sink"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if not self.teacher_weight >= 0:

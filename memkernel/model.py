@@ -207,6 +207,8 @@ class KernelLayer(nn.Module):
     self.proj = nn.Dense(h * (3 * e + 2 * p + 1), use_bias=False, name="memory_proj",
                          kernel_init=memory_proj_init(c))
     self.fusion = ReadFusion(c, name="fusion")
+    self.read_sink = (self.param("read_sink", nn.initializers.zeros, (h,)) if c.read_sink
+                      else None)
     self.mlp_norm = nn.RMSNorm(name="mlp_norm")
     self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")
     self.mlp_out = nn.Dense(c.d_model, name="mlp_out")
@@ -267,21 +269,22 @@ class FractalV2Model(nn.Module):
     return self.config.use_tree_read or self.config.use_exact_read
 
   def _read_memory(self, feats: Features, node_keys, node_vals, cache_k, cache_v, query_leaf_T,
-                   beam, oracle_leaves, interventions):
+                   beam, oracle_leaves, interventions, read_sink):
     """Routes and reads for every token of `feats`; returns (tree value, read value, aux)."""
     c = self.config
     b, t, h, e = feats.q.shape
     if not self._uses_routing():
       zeros = jnp.zeros((b, t, h, e), jnp.float32)
       return zeros, zeros, None
-    route = routing.route_beam(feats.rq, node_keys, node_vals, query_leaf_T, beam)
+    rerank = (feats.q, cache_k) if c.leaf_rerank else None
+    route = routing.route_beam(feats.rq, node_keys, node_vals, query_leaf_T, beam, rerank)
     leaves, weights = route.leaves, route.weights
     if interventions.next_best_span:
       leaves = route.runner_up
       weights = jnp.where(leaves >= 0, weights, 0.0)
     if oracle_leaves is not None:
       leaves, weights = _oracle_selection(oracle_leaves, query_leaf_T, leaves, weights, h)
-    read = read_lib.exact_read(feats.q, cache_k, cache_v, leaves, weights)
+    read = read_lib.exact_read(feats.q, cache_k, cache_v, leaves, weights, read_sink)
     aux = {"leaves": leaves, "weights": weights, "entropy": route.entropy,
            "start_level": route.start_level, "read_probs": read.probs,
            "read_active": read.active}
@@ -343,7 +346,7 @@ class FractalV2Model(nn.Module):
       node_keys, node_vals, _ = tree_lib.build_tree(leaf_key, leaf_val, n_full)
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
-          oracle_leaves, interventions)
+          oracle_leaves, interventions, layer.read_sink)
       if train and c.teacher_weight > 0 and c.use_exact_read:
         mass = routing.leaf_attention_mass(feats.q, feats.k, l, n)
         teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass))
@@ -400,7 +403,7 @@ class FractalV2Model(nn.Module):
           node_vals_BSHE=node_vals, cache_k_BNLHE=cache_k, cache_v_BNLHE=cache_v))
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, cache_k, cache_v, query_leaf, c.beam_width, None,
-          interventions)
+          interventions, layer.read_sink)
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_gates.append(gates)

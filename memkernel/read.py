@@ -8,12 +8,12 @@ is read. Shape key in `memkernel.state`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from memkernel.routing import NEG_INF, matvec, vecmat
+from memkernel.routing import NEG_INF, gather_leaves, matvec, vecmat
 
 
 class ReadResult(NamedTuple):
@@ -28,15 +28,9 @@ class ReadResult(NamedTuple):
   active: jax.Array
 
 
-def gather_leaves(cache_BNLHX: jax.Array, leaves_BTHK: jax.Array) -> jax.Array:
-  """cache[b, leaves[b, t, h, k], :, h] -> [B, T, H, K, L, X] (index -1 reads leaf 0, masked later)."""
-  heads = jnp.arange(cache_BNLHX.shape[3])[None, :, None]
-  safe = jnp.maximum(leaves_BTHK, 0)
-  return jax.vmap(lambda c, i: c[i, heads])(jnp.swapaxes(cache_BNLHX, 2, 3), safe)
-
-
 def exact_read(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array, cache_v_BNLHE: jax.Array,
-               leaves_BTHK: jax.Array, weights_BTHK: jax.Array) -> ReadResult:
+               leaves_BTHK: jax.Array, weights_BTHK: jax.Array,
+               sink_H: Optional[jax.Array] = None) -> ReadResult:
   """Attends over the tokens of the selected leaves.
 
   Args:
@@ -44,6 +38,8 @@ def exact_read(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array, cache_v_BNLHE: jax.A
     cache_k_BNLHE, cache_v_BNLHE: the exact token cache (only sealed leaves are ever selected).
     leaves_BTHK: selected leaves, -1 for none.
     weights_BTHK: routing weights of the selected leaves (their log is added to the logits).
+    sink_H: optional per-head logit of a "read nothing" slot with a zero value: a head whose
+      leaves hold no matching key can put its mass there instead of averaging unrelated tokens.
   Returns:
     A `ReadResult`.
   """
@@ -56,7 +52,13 @@ def exact_read(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array, cache_v_BNLHE: jax.A
   logits = logits + jnp.log(jnp.where(valid, weights_BTHK, 1.0))[..., None]
   logits = jnp.where(valid[..., None], logits, NEG_INF)
   shape = logits.shape
-  probs = jax.nn.softmax(logits.reshape(shape[:3] + (-1,)), axis=-1).reshape(shape)
+  flat = logits.reshape(shape[:3] + (-1,))
+  if sink_H is None:
+    probs = jax.nn.softmax(flat, axis=-1).reshape(shape)
+  else:
+    sink = jnp.broadcast_to(sink_H.astype(flat.dtype), shape[:3])[..., None]
+    norm = jax.nn.logsumexp(jnp.concatenate([flat, sink], axis=-1), axis=-1, keepdims=True)
+    probs = jnp.exp(flat - norm).reshape(shape)
   active = jnp.any(valid, axis=-1)
   probs = jnp.where(active[..., None, None] & valid[..., None], probs, 0.0)
   value = vecmat(probs.reshape(b, t, h, k * l), vals.reshape(b, t, h, k * l, e))

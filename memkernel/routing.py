@@ -16,7 +16,7 @@ Shape key in `memkernel.state`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +96,28 @@ def gather_nodes(store_BSHX: jax.Array, flat_BTHC: jax.Array) -> jax.Array:
   return jax.vmap(lambda s, i: s[i, heads])(store_BSHX, flat_BTHC)
 
 
+def gather_leaves(cache_BNLHX: jax.Array, leaves_BTHK: jax.Array) -> jax.Array:
+  """cache[b, leaves[b, t, h, k], :, h] -> [B, T, H, K, L, X] (index -1 reads leaf 0, masked later)."""
+  heads = jnp.arange(cache_BNLHX.shape[3])[None, :, None]
+  safe = jnp.maximum(leaves_BTHK, 0)
+  return jax.vmap(lambda c, i: c[i, heads])(jnp.swapaxes(cache_BNLHX, 2, 3), safe)
+
+
+def exact_leaf_scores(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array,
+                      leaves_BTHC: jax.Array) -> jax.Array:
+  """Scores leaves by their tokens: logsumexp over the leaf of the exact read's logits q . k.
+
+  This is the log of the (unnormalised) attention mass the exact read would give the leaf, so a
+  leaf holding one matching key outranks a leaf whose *summary* happens to lie closer to the
+  query. Returns float32 [B, T, H, C].
+  """
+  e = q_BTHE.shape[-1]
+  keys = gather_leaves(cache_k_BNLHE, leaves_BTHC)   # [B, T, H, C, L, E]
+  b, t, h, c, l, _ = keys.shape
+  logits = matvec(keys.reshape(b, t, h, c * l, e), q_BTHE).reshape(b, t, h, c, l) * e ** -0.5
+  return jax.nn.logsumexp(logits, axis=-1)
+
+
 def _masked_softmax(scores, valid):
   w = jax.nn.softmax(jnp.where(valid, scores, NEG_INF), axis=-1)
   return jnp.where(valid, w, 0.0)
@@ -108,7 +130,8 @@ def _entropy(scores, valid):
 
 
 def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array,
-               query_leaf_T: jax.Array, beam_width: int) -> RouteResult:
+               query_leaf_T: jax.Array, beam_width: int,
+               rerank: Optional[tuple[jax.Array, jax.Array]] = None) -> RouteResult:
   """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
 
   Args:
@@ -117,6 +140,10 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
       decomposition may hold anything: they are never candidates of that query).
     query_leaf_T: int32 [T], the leaf each query sits in (it sees leaves < that index).
     beam_width: K.
+    rerank: optional (q_BTHE, cache_k_BNLHE). The descent then ends one step earlier in effect:
+      the last step's 2K candidate leaves (the children of the K beam nodes) are re-scored by
+      `exact_leaf_scores` and the best K of them are selected, weighted by a softmax over those
+      exact scores. The summaries only have to bring the answer leaf into the last 2K.
   Returns:
     A `RouteResult`.
   """
@@ -169,7 +196,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   tree_value = weighted_value(w, flat)
 
   n_exp = num_expansions(num_leaves)
-  for _ in range(n_exp):
+  for step in range(n_exp):
     is_leaf = level == 0
     child_level = jnp.where(is_leaf, 0, level - 1)
     left = jnp.where(is_leaf, index, 2 * index)
@@ -181,6 +208,11 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     kw = top.shape[-1]
     c_scores = c_scores.at[..., :kw].set(jnp.where(is_leaf & kv, top, c_scores[..., :kw]))
     entropy = entropy + _entropy(c_scores, c_valid)
+    if rerank is not None and step == n_exp - 1:
+      # Every child is a leaf now: choose among them by their tokens, not their summaries.
+      c_scores = exact_leaf_scores(*rerank, jnp.where(c_valid, c_index, -1))
+      c_scores = jnp.where(c_valid, c_scores, NEG_INF)
+      pool = (jnp.full((b, t, h, 0), NEG_INF), jnp.full((b, t, h, 0), -1, jnp.int32))
     top, kv, level, index, flat = keep(c_scores, c_valid, c_level, c_index, c_flat, width=2 * k)
     pool = drop_to_pool(pool, top, kv, level, index)
     top, kv, level, index, flat = (x[..., :k] for x in (top, kv, level, index, flat))
