@@ -8,7 +8,7 @@ Layout of an experiment config (`memkernel.train.parse_config` validates it):
   task        `memkernel.data.TaskConfig` fields.
   train       seed, steps, batch_size, lr, schedule, warmup_steps, decay_steps, weight_decay,
               clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle.
-  eval        batches, batch_size, lengths, oracle.
+  eval        batches, batch_size, lengths, oracle, audit_batches.
 
 Sizes the kernel and its peers must share (vocab_size, d_model, num_layers, mlp_ratio) and sizes the
 task and the kernel must share (vocab_size, leaf_size) are one `FieldReference` each, so
@@ -130,6 +130,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       batch_size=8,
       lengths=(seq_len,),     # A tuple so `--config.eval.lengths='(512, 2048)'` works.
       oracle=False,
+      audit_batches=2,        # Batches the memory auditor runs on at the final eval; 0: off.
   ))
 
   for model_type in ("kernel", "dense", "sliding_window"):
@@ -156,5 +157,5 @@ def make_smoke(config: ml_collections.ConfigDict, *, d_model: ml_collections.Fie
   config.train.update(dict(steps=20, batch_size=4, warmup_steps=2, log_every=5, eval_every=0,
                            ckpt_every=10))
   # Two lengths, so the smoke run also exercises evaluation beyond the training length.
-  config.eval.update(dict(batches=1, batch_size=4,
+  config.eval.update(dict(batches=1, batch_size=4, audit_batches=0,
                           lengths=(config.task.seq_len, 2 * config.task.seq_len)))

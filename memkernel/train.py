@@ -22,7 +22,8 @@ The loop (after nanodo and big_vision):
 * Checkpoints (`memkernel.checkpoint`) every `ckpt_every` steps and at the end, with the full
   config and the data state; a workdir holding a checkpoint is resumed from its newest step.
 * At the end `evaluate` runs `eval.batches` fresh batches (a separate seed stream) at every
-  `eval.lengths` with the evaluation beam and no teacher, and writes `workdir/eval.json`.
+  `eval.lengths` with the evaluation beam and no teacher, and writes `workdir/eval.json`; with
+  `eval.audit_batches` the memory auditor's report goes there too (and to `workdir/audit.json`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from memkernel import audit as audit_lib
 from memkernel import checkpoint as checkpoint_lib
 from memkernel import data as data_lib
 from memkernel import peers as peers_lib
@@ -175,15 +177,19 @@ class EvalConfig:
     lengths: sequence lengths to evaluate at; the task is rebuilt with each, the model with a
       memory capacity of at least that length.
     oracle: feed the answer leaves to the exact read during evaluation.
+    audit_batches: fresh batches the causal memory auditor (`memkernel.audit`) runs on at the
+      final evaluation, at the training length (kernel only); 0 disables it.
   """
 
   batches: int = 8
   batch_size: int = 16
   lengths: tuple[int, ...] = ()
   oracle: bool = False
+  audit_batches: int = 0
 
   def __post_init__(self):
     _check_int("eval", "batches", self.batches, 1)
+    _check_int("eval", "audit_batches", self.audit_batches, 0)
     _check_int("eval", "batch_size", self.batch_size, 1)
     if isinstance(self.lengths, int) or not isinstance(self.lengths, (tuple, list)) or not (
         self.lengths):
@@ -691,6 +697,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                "num_params": num_params, "task": experiment.task.to_dict(),
                "seed": experiment.train.seed, "eval": dataclasses.asdict(experiment.eval),
                "lengths": results}
+    if experiment.eval.audit_batches and experiment.model_type == "kernel":
+      summary["audit"] = audit_lib.audit_experiment(experiment, state.params,
+                                                    num_batches=experiment.eval.audit_batches)
+      audit_lib.write_report(summary["audit"], os.path.join(workdir, audit_lib.AUDIT_FILE))
+      logging.info("Memory audit:\n%s", audit_lib.format_report(summary["audit"]))
     with open(os.path.join(workdir, EVAL_FILE), "w") as f:
       json.dump(summary, f, indent=2)
     logging.info("Evaluation:\n%s", format_summary(summary))
