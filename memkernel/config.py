@@ -15,6 +15,7 @@ import math
 from typing import Any, Mapping
 
 _SCAN_IMPLS = ("associative", "linear")
+_TREE_MERGES = ("pooled", "mean")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -45,6 +46,8 @@ class ModelConfig:
     scan_impl: 'associative' (lax.associative_scan) or 'linear' (lax.scan) for the trunk in the
       parallel form.
     teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
+    tree_merge: 'pooled' (a node's summary is the attention pooling of every token under it, so
+      salient leaves are not diluted as nodes grow) or 'mean' (the plain mean of the children).
     leaf_rerank: choose the final K leaves among the beam's 2K candidate leaves by their tokens
       (`routing.exact_leaf_scores`) instead of their summaries.
     read_sink: give every exact-read head a learned "read nothing" slot (zero value), so a head
@@ -71,6 +74,7 @@ class ModelConfig:
   mlp_ratio: int = 4
   scan_impl: str = "associative"
   teacher_weight: float = 1.0
+  tree_merge: str = "pooled"
   leaf_rerank: bool = False
   read_sink: bool = False
   shift_init: bool = True
@@ -107,6 +111,9 @@ class ModelConfig:
                        f"num_route_heads={self.num_route_heads} when head_dim is 0")
     if self.scan_impl not in _SCAN_IMPLS:
       raise ValueError(f"ModelConfig.scan_impl must be one of {_SCAN_IMPLS}, got {self.scan_impl!r}")
+    if self.tree_merge not in _TREE_MERGES:
+      raise ValueError(f"ModelConfig.tree_merge must be one of {_TREE_MERGES}, "
+                       f"got {self.tree_merge!r}")
     for name in ("use_tree_read", "use_exact_read", "shift_init", "leaf_rerank",
                  "read_sink"):
       if not isinstance(getattr(self, name), bool):

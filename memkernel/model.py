@@ -341,9 +341,10 @@ class FractalV2Model(nn.Module):
         y = y[:, :n_full * l].reshape((b, n_full, l) + y.shape[2:])
         return jnp.pad(y, [(0, 0), (0, n - n_full)] + [(0, 0)] * (y.ndim - 2))
 
-      leaf_key, leaf_val = tree_lib.summarize_leaf(leaf_major(feats.rk), leaf_major(feats.v),
-                                                   leaf_major(feats.pool))
-      node_keys, node_vals, _ = tree_lib.build_tree(leaf_key, leaf_val, n_full)
+      leaf_key, leaf_val, leaf_sal = tree_lib.summarize_leaf(
+          leaf_major(feats.rk), leaf_major(feats.v), leaf_major(feats.pool))
+      node_keys, node_vals, _, _ = tree_lib.build_tree(leaf_key, leaf_val, leaf_sal, n_full,
+                                                       pooled=c.tree_merge == "pooled")
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
           oracle_leaves, interventions, layer.read_sink)
@@ -390,9 +391,10 @@ class FractalV2Model(nn.Module):
       bufs = [buffer(mem.live_k_BLHE, feats.k), buffer(mem.live_v_BLHE, feats.v),
               buffer(mem.live_rk_BLHP, feats.rk), buffer(mem.live_pool_BLH, feats.pool)]
       leaf_k, leaf_v, leaf_rk, leaf_pool = (y[:, :l] for y in bufs)
-      key, val = tree_lib.summarize_leaf(leaf_rk, leaf_v, leaf_pool)
-      node_keys, node_vals, new_span = tree_lib.insert_leaf(
-          mem.node_keys_BSHP, mem.node_vals_BSHE, node_span, key, val, sealed_count, seals)
+      key, val, sal = tree_lib.summarize_leaf(leaf_rk, leaf_v, leaf_pool)
+      node_keys, node_vals, node_sal, new_span = tree_lib.insert_leaf(
+          mem.node_keys_BSHP, mem.node_vals_BSHE, mem.node_sal_BSH, node_span, key, val, sal,
+          sealed_count, seals, pooled=c.tree_merge == "pooled")
       cache_k = _write_leaf(mem.cache_k_BNLHE, leaf_k, sealed_count, seals)
       cache_v = _write_leaf(mem.cache_v_BNLHE, leaf_v, sealed_count, seals)
       live = [jax.lax.dynamic_slice_in_dim(y, seals.astype(jnp.int32) * l, l, axis=1)
@@ -400,7 +402,8 @@ class FractalV2Model(nn.Module):
       new_layers.append(LayerMemory(
           roots_BRD=roots, conv_BWD=conv, live_k_BLHE=live[0], live_v_BLHE=live[1],
           live_rk_BLHP=live[2], live_pool_BLH=live[3], node_keys_BSHP=node_keys,
-          node_vals_BSHE=node_vals, cache_k_BNLHE=cache_k, cache_v_BNLHE=cache_v))
+          node_vals_BSHE=node_vals, node_sal_BSH=node_sal, cache_k_BNLHE=cache_k,
+          cache_v_BNLHE=cache_v))
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, cache_k, cache_v, query_leaf, c.beam_width, None,
           interventions, layer.read_sink)

@@ -42,6 +42,7 @@ class LayerMemory:
     live_pool_BLH: summary pooling logits of the live leaf's tokens.
     node_keys_BSHP: routing key of every tree node (level-major).
     node_vals_BSHE: summary value of every tree node (level-major).
+    node_sal_BSH: salience of every tree node: log of the pooling mass of the tokens under it.
     cache_k_BNLHE, cache_v_BNLHE: the exact token cache of sealed leaves.
   """
 
@@ -53,6 +54,7 @@ class LayerMemory:
   live_pool_BLH: jax.Array
   node_keys_BSHP: jax.Array
   node_vals_BSHE: jax.Array
+  node_sal_BSH: jax.Array
   cache_k_BNLHE: jax.Array
   cache_v_BNLHE: jax.Array
 
@@ -98,6 +100,7 @@ def init_layer_memory(config: ModelConfig, batch_size: int) -> LayerMemory:
       live_pool_BLH=jnp.zeros((b, l, h), f32),
       node_keys_BSHP=jnp.zeros((b, c.num_nodes, h, p), f32),
       node_vals_BSHE=jnp.zeros((b, c.num_nodes, h, e), f32),
+      node_sal_BSH=jnp.zeros((b, c.num_nodes, h), f32),
       cache_k_BNLHE=jnp.zeros((b, c.num_leaves, l, h, e), f32),
       cache_v_BNLHE=jnp.zeros((b, c.num_leaves, l, h, e), f32),
   )

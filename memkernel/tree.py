@@ -2,7 +2,10 @@
 
 Pure functions over arrays (shape key in `memkernel.state`). The tree is regular: level 0 holds one
 summary per sealed leaf, node i of level l is `merge_nodes(node 2i, node 2i + 1)` of level l - 1, and a
-node exists only once all its leaves are sealed. Nothing here is learned except through its inputs, so
+node exists only once all its leaves are sealed. Every node carries a routing key, a value and a
+salience (the log of its total pooling mass). The batched build and the incremental insert apply
+the same merge to the same operands; with the mean merge they agree bitwise, with the pooled merge
+to float32 rounding (XLA may vectorise the sigmoid differently for the two shapes). Nothing here is learned except through its inputs, so
 the batched build of the parallel form and the incremental insert of the recurrent forms produce the
 same store (the same float operations on the same operands).
 """
@@ -21,21 +24,35 @@ def summarize_leaf(rk_LHP: jax.Array, v_LHE: jax.Array, pool_LH: jax.Array):
 
   Works on any leading batch axes: rk [..., L, H, P], v [..., L, H, E], pool [..., L, H].
   Returns:
-    key [..., H, P] and value [..., H, E].
+    key [..., H, P], value [..., H, E] and salience [..., H] (the logsumexp of the pooling
+    logits: the leaf's total pooling mass, which `merge_nodes` uses to weigh it against its
+    sibling).
   """
-  alpha = jax.nn.softmax(pool_LH.astype(jnp.float32), axis=-2)[..., None]
+  pool = pool_LH.astype(jnp.float32)
+  alpha = jax.nn.softmax(pool, axis=-2)[..., None]
   key = jnp.sum(alpha * rk_LHP, axis=-3)
   val = jnp.sum(alpha * v_LHE, axis=-3)
-  return key, val
+  return key, val, jax.nn.logsumexp(pool, axis=-2)
 
 
-def merge_nodes(left: jax.Array, right: jax.Array) -> jax.Array:
-  """TreeMergeCell: the parent of two complete siblings, their mean.
+def merge_nodes(left, right, pooled: bool):
+  """TreeMergeCell: the parent of two complete siblings. Fixed rule, nothing learned.
 
-  A mean keeps every level on one scale, so a parent's routing score q . key is the mean of its
-  children's scores: the beam compares nodes of different levels on equal terms.
+  Args:
+    left, right: (key [..., H, P], value [..., H, E], salience [..., H]) of the two children.
+    pooled: True: weigh each child by its pooling mass, w = sigmoid(s_left - s_right), so a node's
+      key and value are exactly the attention pooling of every token under it (with the tokens'
+      own pooling logits) and a salient leaf is not diluted by its filler neighbours as the node
+      grows. False: the plain mean (w = 1/2).
+  Returns:
+    (key, value, salience) of the parent; salience = logaddexp(s_left, s_right).
+  A parent's routing score q . key is the same convex combination of its children's scores, so
+  nodes of every level are compared on one scale.
   """
-  return 0.5 * (left + right)
+  (k_l, v_l, s_l), (k_r, v_r, s_r) = left, right
+  w = jax.nn.sigmoid(s_l - s_r) if pooled else jnp.full_like(s_l, 0.5)
+  w = w[..., None]
+  return w * k_l + (1 - w) * k_r, w * v_l + (1 - w) * v_r, jnp.logaddexp(s_l, s_r)
 
 
 def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
@@ -50,51 +67,58 @@ def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
   return np.asarray(spans, np.int32)
 
 
-def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, num_sealed: int):
+def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BNH: jax.Array,
+               num_sealed: int, pooled: bool = True):
   """Builds the whole level-major store in one batched pass (the parallel form).
 
   Args:
     leaf_keys_BNHP: leaf routing keys for all N leaf slots (slots >= num_sealed are ignored).
     leaf_vals_BNHE: leaf values for all N leaf slots.
+    leaf_sal_BNH: leaf saliences for all N leaf slots.
     num_sealed: static number of sealed leaves.
+    pooled: the merge rule (`merge_nodes`).
   Returns:
-    node_keys [B, S, H, P], node_vals [B, S, H, E], node_span [S, 2].
+    node_keys [B, S, H, P], node_vals [B, S, H, E], node_sal [B, S, H], node_span [S, 2].
   """
   num_leaves = leaf_keys_BNHP.shape[1]
-  keys, vals = [], []
-  level_k, level_v = leaf_keys_BNHP, leaf_vals_BNHE
+  stores = ([], [], [])
+  level_nodes = (leaf_keys_BNHP, leaf_vals_BNHE, leaf_sal_BNH)
   level = 0
   while True:
-    present = (np.arange(num_leaves >> level) < (num_sealed >> level))[None, :, None, None]
-    keys.append(jnp.where(present, level_k, 0.0))
-    vals.append(jnp.where(present, level_v, 0.0))
-    if level_k.shape[1] == 1:
+    present = np.arange(num_leaves >> level) < (num_sealed >> level)
+    for store, x in zip(stores, level_nodes):
+      store.append(jnp.where(present.reshape((1, -1) + (1,) * (x.ndim - 2)), x, 0.0))
+    if level_nodes[0].shape[1] == 1:
       break
-    level_k = merge_nodes(level_k[:, 0::2], level_k[:, 1::2])
-    level_v = merge_nodes(level_v[:, 0::2], level_v[:, 1::2])
+    level_nodes = merge_nodes(tuple(x[:, 0::2] for x in level_nodes),
+                              tuple(x[:, 1::2] for x in level_nodes), pooled)
     level += 1
   span = jnp.asarray(node_spans(num_leaves, num_sealed))
-  return jnp.concatenate(keys, axis=1), jnp.concatenate(vals, axis=1), span
+  return tuple(jnp.concatenate(store, axis=1) for store in stores) + (span,)
 
 
-def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_span_S2: jax.Array,
-                leaf_key_BHP: jax.Array, leaf_val_BHE: jax.Array, leaf_index: jax.Array,
-                do_insert: jax.Array):
+def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_sal_BSH: jax.Array,
+                node_span_S2: jax.Array, leaf_key_BHP: jax.Array, leaf_val_BHE: jax.Array,
+                leaf_sal_BH: jax.Array, leaf_index: jax.Array, do_insert: jax.Array,
+                pooled: bool = True):
   """Seals one leaf into the store: writes level 0 and every ancestor it completes (a carry chain).
 
   Touches O(log N) nodes. `leaf_index` and `do_insert` may be traced; when `do_insert` is False the
   store comes back unchanged.
 
   Returns:
-    node_keys, node_vals, node_span, updated.
+    node_keys, node_vals, node_sal, node_span.
   """
   num_nodes = node_keys_BSHP.shape[1]
   num_leaves = (num_nodes + 1) // 2
   leaf_index = jnp.asarray(leaf_index, jnp.int32)
+  stores = [node_keys_BSHP, node_vals_BSHE, node_sal_BSH]
+
+  def read(store, flat):
+    return jax.lax.dynamic_index_in_dim(store, flat, axis=1, keepdims=False)
 
   def write(store, flat, value, cond):
-    old = jax.lax.dynamic_index_in_dim(store, flat, axis=1, keepdims=False)
-    new = jnp.where(cond, value.astype(store.dtype), old)
+    new = jnp.where(cond, value.astype(store.dtype), read(store, flat))
     return jax.lax.dynamic_update_index_in_dim(store, new, flat, axis=1)
 
   def write_span(span, flat, level, index, cond):
@@ -104,8 +128,8 @@ def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_span_
 
   cond = do_insert & (leaf_index < num_leaves)
   safe_leaf = jnp.minimum(leaf_index, num_leaves - 1)
-  node_keys_BSHP = write(node_keys_BSHP, safe_leaf, leaf_key_BHP, cond)
-  node_vals_BSHE = write(node_vals_BSHE, safe_leaf, leaf_val_BHE, cond)
+  stores = [write(st, safe_leaf, x, cond)
+            for st, x in zip(stores, (leaf_key_BHP, leaf_val_BHE, leaf_sal_BH))]
   node_span_S2 = write_span(node_span_S2, safe_leaf, 0, safe_leaf, cond)
   level = 1
   while (1 << level) <= num_leaves:
@@ -113,18 +137,12 @@ def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_span_
     completes = cond & (((safe_leaf + 1) & ((1 << level) - 1)) == 0)
     child = level_offset(num_leaves, level - 1) + 2 * index
     parent = level_offset(num_leaves, level) + index
-    for store_name in ("k", "v"):
-      store = node_keys_BSHP if store_name == "k" else node_vals_BSHE
-      left = jax.lax.dynamic_index_in_dim(store, child, axis=1, keepdims=False)
-      right = jax.lax.dynamic_index_in_dim(store, child + 1, axis=1, keepdims=False)
-      store = write(store, parent, merge_nodes(left, right), completes)
-      if store_name == "k":
-        node_keys_BSHP = store
-      else:
-        node_vals_BSHE = store
+    merged = merge_nodes(tuple(read(st, child) for st in stores),
+                         tuple(read(st, child + 1) for st in stores), pooled)
+    stores = [write(st, parent, x, completes) for st, x in zip(stores, merged)]
     node_span_S2 = write_span(node_span_S2, parent, level, index, completes)
     level += 1
-  return node_keys_BSHP, node_vals_BSHE, node_span_S2
+  return (*stores, node_span_S2)
 
 
 def tree_diagnostics(node_keys_BSHP: jax.Array, node_span_S2: jax.Array, num_leaves: int,

@@ -18,7 +18,8 @@ def _tree(seed=0, n=N):
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   keys = jax.random.normal(k1, (B, N, H, P))
   vals = jax.random.normal(k2, (B, N, H, E))
-  return tree_lib.build_tree(keys, vals, n)
+  node_k, node_v, _, span = tree_lib.build_tree(keys, vals, jnp.zeros((B, N, H)), n)
+  return node_k, node_v, span
 
 
 def _reference_route(rq, node_keys, c, k):
