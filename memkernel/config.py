@@ -46,6 +46,9 @@ class ModelConfig:
     scan_impl: 'associative' (lax.associative_scan) or 'linear' (lax.scan) for the trunk in the
       parallel form.
     teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
+    route_descend: False reads summaries only (the checklist's "summaries only" ablation): the
+      tree value is a softmax over every Fenwick node the query sees, nothing is descended and
+      no leaf is selected, so it needs use_exact_read=False.
     tree_merge: 'pooled' (a node's summary is the attention pooling of every token under it, so
       salient leaves are not diluted as nodes grow) or 'mean' (the plain mean of the children).
     leaf_rerank: choose the final K leaves among the beam's 2K candidate leaves by their tokens
@@ -74,6 +77,7 @@ class ModelConfig:
   mlp_ratio: int = 4
   scan_impl: str = "associative"
   teacher_weight: float = 1.0
+  route_descend: bool = True
   tree_merge: str = "pooled"
   leaf_rerank: bool = False
   read_sink: bool = False
@@ -115,9 +119,12 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.tree_merge must be one of {_TREE_MERGES}, "
                        f"got {self.tree_merge!r}")
     for name in ("use_tree_read", "use_exact_read", "shift_init", "leaf_rerank",
-                 "read_sink"):
+                 "read_sink", "route_descend"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if not self.route_descend and self.use_exact_read:
+      raise ValueError("ModelConfig.route_descend=False selects no leaves, so it needs "
+                       "use_exact_read=False")
     if not self.teacher_weight >= 0:
       raise ValueError(f"ModelConfig.teacher_weight must be >= 0, got {self.teacher_weight!r}")
     if not 0 < self.min_timescale <= self.max_timescale:

@@ -277,7 +277,8 @@ class FractalV2Model(nn.Module):
       zeros = jnp.zeros((b, t, h, e), jnp.float32)
       return zeros, zeros, None
     rerank = (feats.q, cache_k) if c.leaf_rerank else None
-    route = routing.route_beam(feats.rq, node_keys, node_vals, query_leaf_T, beam, rerank)
+    route = routing.route_beam(feats.rq, node_keys, node_vals, query_leaf_T, beam, rerank,
+                               descend=c.route_descend)
     leaves, weights = route.leaves, route.weights
     if interventions.next_best_span:
       leaves = route.runner_up

@@ -131,7 +131,8 @@ def _entropy(scores, valid):
 
 def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array,
                query_leaf_T: jax.Array, beam_width: int,
-               rerank: Optional[tuple[jax.Array, jax.Array]] = None) -> RouteResult:
+               rerank: Optional[tuple[jax.Array, jax.Array]] = None,
+               descend: bool = True) -> RouteResult:
   """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
 
   Args:
@@ -140,10 +141,13 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
       decomposition may hold anything: they are never candidates of that query).
     query_leaf_T: int32 [T], the leaf each query sits in (it sees leaves < that index).
     beam_width: K.
-    rerank: optional (q_BTHE, cache_k_BNLHE). The descent then ends one step earlier in effect:
-      the last step's 2K candidate leaves (the children of the K beam nodes) are re-scored by
-      `exact_leaf_scores` and the best K of them are selected, weighted by a softmax over those
-      exact scores. The summaries only have to bring the answer leaf into the last 2K.
+    rerank: optional (q_BTHE, cache_k_BNLHE). The K leaves the beam ends with and the K best
+      leaves it pruned on the way (by summary score) are re-scored by `exact_leaf_scores`; the
+      best K are selected, weighted by a softmax over those exact scores, and the other K are
+      the runner-ups. The summaries only have to bring the answer leaf into these 2K.
+    descend: False reads summaries only: the tree value is a softmax over *all* the query's
+      Fenwick nodes (its whole visible past at the coarsest exact tiling), nothing is descended
+      and no leaf is selected (`leaves` is -1). The "summaries only" ablation.
   Returns:
     A `RouteResult`.
   """
@@ -187,6 +191,14 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
                          for x in (level, index, valid))
   scores, flat = score(level, index, valid)
   entropy = _entropy(scores, valid)
+  if not descend:
+    best = jnp.argmax(scores, axis=-1)[..., None]
+    none = jnp.full((b, t, h, k), -1, jnp.int32)
+    return RouteResult(
+        leaves=none, weights=jnp.zeros((b, t, h, k)), runner_up=none,
+        tree_value=weighted_value(_masked_softmax(scores, valid), flat), entropy=entropy,
+        start_level=jnp.where(jnp.any(valid, -1),
+                              jnp.take_along_axis(level, best, -1)[..., 0], -1).astype(jnp.int32))
   top, kv, level, index, flat = keep(scores, valid, level, index, flat, width=2 * k)
   start_level = jnp.where(kv[..., 0], level[..., 0], -1)
   pool = (jnp.full((b, t, h, 0), NEG_INF), jnp.full((b, t, h, 0), -1, jnp.int32))
@@ -196,7 +208,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   tree_value = weighted_value(w, flat)
 
   n_exp = num_expansions(num_leaves)
-  for step in range(n_exp):
+  for _ in range(n_exp):
     is_leaf = level == 0
     child_level = jnp.where(is_leaf, 0, level - 1)
     left = jnp.where(is_leaf, index, 2 * index)
@@ -208,11 +220,6 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     kw = top.shape[-1]
     c_scores = c_scores.at[..., :kw].set(jnp.where(is_leaf & kv, top, c_scores[..., :kw]))
     entropy = entropy + _entropy(c_scores, c_valid)
-    if rerank is not None and step == n_exp - 1:
-      # Every child is a leaf now: choose among them by their tokens, not their summaries.
-      c_scores = exact_leaf_scores(*rerank, jnp.where(c_valid, c_index, -1))
-      c_scores = jnp.where(c_valid, c_scores, NEG_INF)
-      pool = (jnp.full((b, t, h, 0), NEG_INF), jnp.full((b, t, h, 0), -1, jnp.int32))
     top, kv, level, index, flat = keep(c_scores, c_valid, c_level, c_index, c_flat, width=2 * k)
     pool = drop_to_pool(pool, top, kv, level, index)
     top, kv, level, index, flat = (x[..., :k] for x in (top, kv, level, index, flat))
@@ -221,10 +228,19 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
 
   tree_value = tree_value / (n_exp + 1)
   leaves = pad_to(jnp.where(kv, index, -1), k, -1)
+  weights = pad_to(w, k, 0.0)
   runner_up = pad_to(pool[1], k, -1)
+  if rerank is not None:
+    # The K leaves the beam ended with and the K best leaves it pruned, chosen by their tokens.
+    cand = jnp.concatenate([leaves, runner_up], axis=-1)
+    exact = jnp.where(cand >= 0, exact_leaf_scores(*rerank, cand), NEG_INF)
+    top, kept, cand = keep(exact, cand >= 0, cand, width=2 * k)
+    leaves = jnp.where(kept[..., :k], cand[..., :k], -1)
+    weights = _masked_softmax(top[..., :k], kept[..., :k])
+    runner_up = jnp.where(kept[..., k:], cand[..., k:], -1)
   return RouteResult(
       leaves=leaves.astype(jnp.int32),
-      weights=pad_to(w, k, 0.0),
+      weights=weights,
       runner_up=runner_up.astype(jnp.int32),
       tree_value=tree_value,
       entropy=entropy / (n_exp + 1),

@@ -22,21 +22,36 @@ def _tree(seed=0, n=N):
   return node_k, node_v, span
 
 
-def _reference_route(rq, node_keys, c, k):
-  """Numpy beam search for one (batch, query, head): returns (leaves, weights)."""
+def _reference_route(rq, node_keys, c, k, leaf_score=None):
+  """Numpy beam search for one (batch, query, head): returns (leaves, weights).
+
+  With `leaf_score` (leaf index -> exact score), the last candidates are re-ranked by it.
+  """
   scale = len(rq) ** -0.5
 
   def score(level, i):
     return float(node_keys[level_offset(N, level) + i] @ rq) * scale
 
-  cands = [(l, (c >> (l + 1)) << 1) for l in range(N.bit_length() - 1, -1, -1) if (c >> l) & 1]
-  beam = sorted(cands, key=lambda li: -score(*li))[:k]  # stable: earlier slot wins ties
+  pruned = []   # leaves ranked k..2k-1 at some step (the runner-up pool)
+
+  def prune(cands):
+    ranked = sorted(cands, key=lambda li: -score(*li))  # stable: earlier slot wins ties
+    pruned.extend(li for li in ranked[k:2 * k] if li[0] == 0)
+    return ranked[:k]
+
+  beam = prune([(l, (c >> (l + 1)) << 1) for l in range(N.bit_length() - 1, -1, -1)
+                if (c >> l) & 1])
   while any(l > 0 for l, _ in beam):
     lefts = [(l, i) if l == 0 else (l - 1, 2 * i) for l, i in beam]
     rights = [(l - 1, 2 * i + 1) for l, i in beam if l > 0]
-    beam = sorted(lefts + rights, key=lambda li: -score(*li))[:k]
+    beam = prune(lefts + rights)
+  final_score = lambda i: score(0, i)
+  if leaf_score is not None:
+    final_score = leaf_score
+    pool = sorted(set(pruned), key=lambda li: -score(*li))[:k]
+    beam = sorted(beam + pool, key=lambda li: -leaf_score(li[1]))[:k]
   leaves = [i for _, i in beam]
-  s = np.array([score(0, i) for i in leaves])
+  s = np.array([final_score(i) for i in leaves])
   w = np.exp(s - s.max()) / np.exp(s - s.max()).sum() if len(s) else s
   return leaves, w
 
@@ -97,6 +112,49 @@ class RouteTest(parameterized.TestCase):
     c = np.broadcast_to(np.asarray(qleaf)[None, :, None, None], alt.shape)
     assert np.all(alt[ok] < c[ok])
     assert not np.any((alt[..., :, None] == sel[..., None, :]) & ok[..., :, None])
+
+  def test_rerank_chooses_among_last_candidates_by_tokens(self):
+    """With a re-rank, the beam's final leaves and its best pruned ones are ordered by logsumexp of
+    their tokens' read logits (against a numpy beam search); never an unsealed leaf."""
+    node_k, node_v, _ = _tree(8)
+    t, k = N * L, 2
+    kq, kk, kr = jax.random.split(jax.random.PRNGKey(9), 3)
+    rq = jax.random.normal(kr, (B, t, H, P))
+    q = jax.random.normal(kq, (B, t, H, E))
+    cache_k = jax.random.normal(kk, (B, N, L, H, E))
+    qleaf = jnp.arange(t) // L
+    res = jax.jit(routing.route_beam, static_argnums=4)(rq, node_k, node_v, qleaf, k,
+                                                       (q, cache_k))
+    every_leaf = jnp.broadcast_to(jnp.arange(N), (B, t, H, N))
+    exact = np.asarray(routing.exact_leaf_scores(q, cache_k, every_leaf))
+    for b in range(B):
+      for tq in range(L, t, 5):
+        for h in range(H):
+          leaves, w = _reference_route(np.asarray(rq[b, tq, h]), np.asarray(node_k[b, :, h]),
+                                       tq // L, k, leaf_score=lambda i: exact[b, tq, h, i])
+          got = np.asarray(res.leaves[b, tq, h])
+          np.testing.assert_array_equal(got[:len(leaves)], leaves)
+          np.testing.assert_allclose(res.weights[b, tq, h, :len(leaves)], w, rtol=1e-5)
+          assert np.all(got < tq // L)
+
+  def test_summaries_only_reads_every_fenwick_node_and_no_leaf(self):
+    node_k, node_v, _ = _tree(10)
+    t = N * L
+    rq = jax.random.normal(jax.random.PRNGKey(11), (B, t, H, P))
+    qleaf = jnp.arange(t) // L
+    res = jax.jit(routing.route_beam, static_argnums=(4, 6))(rq, node_k, node_v, qleaf, 2, None,
+                                                            False)
+    assert np.all(np.asarray(res.leaves) == -1) and np.all(np.asarray(res.weights) == 0)
+    for tq in (L, 5 * L + 3, 11 * L, t - 1):
+      c = tq // L
+      nodes = [(lv, (c >> (lv + 1)) << 1) for lv in range(4, -1, -1) if (c >> lv) & 1]
+      flat = [level_offset(N, lv) + i for lv, i in nodes]
+      for b, h in ((0, 0), (1, H - 1)):
+        s = np.asarray(node_k[b, flat, h]) @ np.asarray(rq[b, tq, h]) / np.sqrt(P)
+        w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        np.testing.assert_allclose(res.tree_value[b, tq, h], w @ np.asarray(node_v[b, flat, h]),
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.tree_value[:, :L], 0.0)  # nothing visible in leaf 0
 
   def test_teacher_mass_and_loss(self):
     t = 4 * L
