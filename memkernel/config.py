@@ -43,6 +43,8 @@ class ModelConfig:
     route_dim: per-head width of routing keys (Dr); 0 means 2 * head_dim.
     conv_width: taps of the causal convolution in the trunk.
     mlp_ratio: hidden width of each MLP relative to d_model.
+    mlp_dim: hidden width of each MLP; 0 means mlp_ratio * d_model (the ablations use it to give
+      every configuration the same parameter budget).
     scan_impl: 'associative' (lax.associative_scan) or 'linear' (lax.scan) for the trunk in the
       parallel form.
     teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
@@ -75,6 +77,7 @@ class ModelConfig:
   route_dim: int = 0
   conv_width: int = 4
   mlp_ratio: int = 4
+  mlp_dim: int = 0
   scan_impl: str = "associative"
   teacher_weight: float = 1.0
   route_descend: bool = True
@@ -91,7 +94,7 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("head_dim", "route_dim", "train_beam_width"):
+    for name in ("head_dim", "route_dim", "train_beam_width", "mlp_dim"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
@@ -154,6 +157,10 @@ class ModelConfig:
   @property
   def key_dim(self) -> int:
     return self.route_dim or 2 * self.read_dim
+
+  @property
+  def mlp_hidden(self) -> int:
+    return self.mlp_dim or self.mlp_ratio * self.d_model
 
   @property
   def effective_train_beam(self) -> int:

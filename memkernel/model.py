@@ -147,13 +147,19 @@ class ReadFusion(nn.Module):
 
   @nn.compact
   def __call__(self, xn_BTD, trunk_BTD, tree_BTHE, exact_BTHE, keep: tuple[bool, bool, bool]):
-    d = self.config.d_model
+    c = self.config
     gates = jax.nn.sigmoid(nn.Dense(3, name="gates")(xn_BTD))
-    tree = nn.Dense(d, use_bias=False, name="tree_proj")(tree_BTHE.reshape(tree_BTHE.shape[:2] + (-1,)))
-    exact = nn.Dense(d, use_bias=False, name="exact_proj")(
-        exact_BTHE.reshape(exact_BTHE.shape[:2] + (-1,)))
+    flat = lambda y: y.reshape(y.shape[:2] + (-1,))
+    # A source the config switches off has no projection; one an intervention switches off keeps
+    # its parameters and adds exactly zero.
+    sources = (
+        trunk_BTD,
+        nn.Dense(c.d_model, use_bias=False, name="tree_proj")(flat(tree_BTHE))
+        if c.use_tree_read else None,
+        nn.Dense(c.d_model, use_bias=False, name="exact_proj")(flat(exact_BTHE))
+        if c.use_exact_read else None)
     out = jnp.zeros_like(trunk_BTD)
-    for i, (source, on) in enumerate(zip((trunk_BTD, tree, exact), keep)):
+    for i, (source, on) in enumerate(zip(sources, keep)):
       if on:
         out = out + gates[..., i:i + 1] * source
     return out, gates
@@ -210,7 +216,7 @@ class KernelLayer(nn.Module):
     self.read_sink = (self.param("read_sink", nn.initializers.zeros, (h,)) if c.read_sink
                       else None)
     self.mlp_norm = nn.RMSNorm(name="mlp_norm")
-    self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")
+    self.mlp_in = nn.Dense(c.mlp_hidden, name="mlp_in")
     self.mlp_out = nn.Dense(c.d_model, name="mlp_out")
 
   def features(self, x_BTD, conv_BWD, roots_BRD, keep_R, impl):
@@ -220,10 +226,13 @@ class KernelLayer(nn.Module):
     u, lags, conv = self.trunk.conv(xn, conv_BWD)
     roots, root_state = self.trunk.recur(u, roots_BRD, impl)
     trunk = self.trunk.project(roots, keep_R)
-    # Memory projections see the last W tokens separately (a full causal conv), so a key can be
-    # "the previous token" without untangling the depthwise conv's mixed lags, plus the trunk.
-    z = self.proj(jnp.concatenate([lags, trunk], axis=-1))
-    b, t = z.shape[:2]
+    b, t = xn.shape[:2]
+    if c.use_tree_read or c.use_exact_read:
+      # Memory projections see the last W tokens separately (a full causal conv), so a key can
+      # be "the previous token" without untangling the depthwise conv's mixed lags, plus the trunk.
+      z = self.proj(jnp.concatenate([lags, trunk], axis=-1))
+    else:  # No memory: no projection parameters either (ablations compare equal budgets).
+      z = jnp.zeros((b, t, h * (3 * e + 2 * p + 1)), xn.dtype)
     sizes = np.cumsum([h * e, h * e, h * e, h * p, h * p])
     q, k, v, rq, rk, pool = jnp.split(z, sizes, axis=-1)
     q, k, v = (y.reshape(b, t, h, e) for y in (q, k, v))

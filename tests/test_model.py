@@ -78,6 +78,13 @@ class FormsTest(parameterized.TestCase):
     assert int(mem.num_tokens) == length
     assert int(mem.num_sealed) == length // 16 and int(mem.fill) == length % 16
 
+  @parameterized.named_parameters(
+      ("rerank_and_sink", dict(leaf_rerank=True, read_sink=True, tree_merge="mean")),
+      ("summaries_only", dict(route_descend=False, use_exact_read=False)))
+  def test_routing_modes_agree(self, overrides):
+    config = dataclasses.replace(BASE, num_layers=1, **overrides)
+    _assert_forms_agree(config, _tokens(3, 2, 53))
+
   def test_associative_trunk_agrees_with_scan_forms(self):
     config = dataclasses.replace(BASE, scan_impl="associative", num_layers=1)
     _assert_forms_agree(config, _tokens(5, 2, 40), check_step=False)
