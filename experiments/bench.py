@@ -1,0 +1,53 @@
+r"""Scaling benchmark of the kernel and its peers; everything it does is `memkernel.bench.run`.
+
+  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
+      python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
+  python -m experiments.bench --config=configs/bench.py:smoke --out=/tmp/bench_smoke
+  python -m experiments.bench --config=configs/bench.py --out=/tmp/bench_fwd \
+      --config.models=kernel,dense --config.lengths=8192,32768 --config.modes=forward
+
+Writes OUT/bench.json (one row per model x length x mode, plus the kernel's components),
+OUT/bench_meta.json, OUT/bench.md and the PNG plots. Fields and variants: configs/bench.py.
+"""
+
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from memkernel import bench as bench_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
+                                          lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "bench.json, bench.md and the plots go here.")
+flags.mark_flags_as_required(["config", "out"])
+
+
+def _parse_flags(argv):
+  """absl flag parsing; a bad `--config` or override exits with one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # config_flags: an override names no config field.
+    while isinstance(e, BaseException) and e.args:
+      e = e.args[0]
+    sys.exit(f"FATAL Flags parsing error: the config has no field {str(e).splitlines()[0]} "
+             "(fields: configs/bench.py)")
+  except (flags.Error, ValueError) as e:
+    sys.exit(f"FATAL Flags parsing error: {e}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    bench_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
+  except ValueError as e:
+    raise app.UsageError(f"invalid config: {e}") from e
+  command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  bench_lib.run(_CONFIG.value, _OUT.value, command=command)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)
