@@ -274,11 +274,12 @@ def kernel_flops_by_part(config: ModelConfig, num_tokens: int, *, form: str = "p
 
   Counted as the model computes them: trunk (R roots' gate, input and output projections), the
   memory projections, leaf summaries (attention pooling), routing scores of every candidate the
-  beam scores (log2(N) + 1 Fenwick nodes, then 2K children per expansion, N = capacity in leaves)
-  with the routed tree value, the exact read (logits and values over K * L tokens), the fusion
-  projections, the MLP and the LM head. Element-wise work (norms, gates, tree merges, the
-  recurrence) is left out, as `peers.peer_flops` leaves it out. Per token this is
-  a + b * log2(N): O(T log T) for a sequence, O(log n) per decoded token.
+  beam scores (log2(N) + 1 Fenwick nodes, then 2K children per expansion, N = capacity in leaves;
+  with `route_descend=False` the Fenwick nodes only) with the routed tree value, the exact read
+  (logits and values over K * L tokens), the fusion projections, the MLP and the LM head.
+  Element-wise work (norms, gates, tree merges, the recurrence) is left out, as
+  `peers.peer_flops` leaves it out. Per token this is a + b * log2(N): O(T log T) for a sequence,
+  O(log n) per decoded token.
 
   Args:
     config: the model config (its `max_seq_len` sets the tree the router descends).
@@ -300,19 +301,23 @@ def kernel_flops_by_part(config: ModelConfig, num_tokens: int, *, form: str = "p
   h, e, p, l, n = c.num_route_heads, c.read_dim, c.key_dim, c.leaf_size, c.num_leaves
   k = c.effective_train_beam if train else c.beam_width
   routed = c.use_tree_read or c.use_exact_read
-  parts = {"trunk": 3 * 2 * t * r * d * d, "mlp": 2 * 2 * t * d * c.mlp_ratio * d,
+  parts = {"trunk": 3 * 2 * t * r * d * d, "mlp": 2 * 2 * t * d * c.mlp_hidden,
            "fusion": 2 * t * d * 3 + 2 * t * h * e * d * (c.use_tree_read + c.use_exact_read)}
   if routed:
     parts["memory_proj"] = 2 * t * (w + 1) * d * h * (3 * e + 2 * p + 1)
     summaries = n if form == "parallel" else -(-t // l)
     parts["summarize"] = 2 * summaries * l * h * (p + e)
     candidates = n.bit_length()
-    steps = routing.num_expansions(n)
-    route = 2 * h * p * (candidates + steps * 2 * k) + (steps + 1) * 2 * h * k * e
-    if c.leaf_rerank:
-      route += 2 * h * 2 * k * l * e
+    if c.route_descend:
+      steps = routing.num_expansions(n)
+      route = 2 * h * p * (candidates + steps * 2 * k) + (steps + 1) * 2 * h * k * e
+      if c.leaf_rerank:
+        route += 2 * h * 2 * k * l * e
+    else:  # Summaries only: one softmax-weighted read of every Fenwick node.
+      route = 2 * h * candidates * (p + e)
     parts["route"] = t * route
-    parts["exact_read"] = t * 2 * 2 * h * k * l * e
+    if c.use_exact_read:
+      parts["exact_read"] = t * 2 * 2 * h * k * l * e
   parts = {name: c.num_layers * f for name, f in parts.items()}
   parts["head"] = 2 * t * d * v
   if train:
@@ -346,12 +351,12 @@ def component_flops(config: ModelConfig, name: str, length: int, batch_size: int
   """Analytic FLOPs of one call of a kernel component (one layer)."""
   one_layer = dataclasses.replace(config, num_layers=1)
   if name in ("route", "exact_read", "summarize"):
-    return batch_size * kernel_flops_by_part(one_layer, length)[name]
+    return batch_size * kernel_flops_by_part(one_layer, length).get(name, 0)
   if name in ("route_token", "read_token"):
     part = {"route_token": "route", "read_token": "exact_read"}[name]
-    return batch_size * kernel_flops_by_part(one_layer, 1)[part]
+    return batch_size * kernel_flops_by_part(one_layer, 1).get(part, 0)
   if name == "seal":
-    return batch_size * kernel_flops_by_part(one_layer, 1, form="recurrent")["summarize"]
+    return batch_size * kernel_flops_by_part(one_layer, 1, form="recurrent").get("summarize", 0)
   return 0
 
 
@@ -656,7 +661,8 @@ def _prepare_component(bench: BenchConfig, name: str, length: int) -> _Prepared:
 
   def route(rq, node_keys, node_vals, query_leaf, q, cache_k):
     rerank = (q, cache_k) if config.leaf_rerank else None
-    return routing.route_beam(rq, node_keys, node_vals, query_leaf, k, rerank)
+    return routing.route_beam(rq, node_keys, node_vals, query_leaf, k, rerank,
+                              descend=config.route_descend)
 
   route_args = (rq, node_keys, node_vals, query_leaf, q, cache_k)
   if name in ("route", "route_token"):

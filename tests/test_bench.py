@@ -188,6 +188,10 @@ class FlopsTest(absltest.TestCase):
     trunk_only = bench.kernel_flops_by_part(
         dataclasses.replace(config, use_tree_read=False, use_exact_read=False), 1024)
     self.assertNotIn("route", trunk_only)
+    summaries_only = bench.kernel_flops_by_part(
+        dataclasses.replace(config, use_exact_read=False, route_descend=False), 1024)
+    self.assertNotIn("exact_read", summaries_only)
+    self.assertLess(summaries_only["route"], parts["route"])
     self.assertEqual(bench.kernel_flops(config, 1024, train=True),
                      3 * bench.kernel_flops(config, 1024))
     # Per token, the kernel at 8k costs less than dense attention of the same size.
