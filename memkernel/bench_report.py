@@ -313,7 +313,7 @@ def _stacked(ax, breakdowns, title):
   ax.set_xlabel("T")
   ax.set_ylabel("% of the measured time")
   ax.set_title(title)
-  ax.legend(fontsize="x-small", loc="lower left")
+  ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)
 
 
 def plots(rows: Sequence[dict], out_dir: str, *, num_layers: int) -> list[str]:
@@ -322,7 +322,7 @@ def plots(rows: Sequence[dict], out_dir: str, *, num_layers: int) -> list[str]:
   _log_log_panels(rows, "tokens_per_s", 1.0, "tokens/s", paths[0])
   _log_log_panels(rows, "peak_mem_bytes", _MIB, "peak memory, MiB", paths[1])
   lengths = sorted(set(r["length"] for r in rows))
-  fig = Figure(figsize=(11, 4.2), layout="constrained")
+  fig = Figure(figsize=(11, 5.0), layout="constrained")
   ax_fwd, ax_dec = fig.subplots(1, 2)
   _stacked(ax_fwd, [(t, p) for t in lengths if (p := forward_breakdown(rows, t, num_layers))],
            "kernel forward: time by component")
