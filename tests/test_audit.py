@@ -155,8 +155,8 @@ class InterventionTest(parameterized.TestCase):
     calls = []
     original = routing.route_beam
 
-    def spy(rq, node_keys, node_vals, query_leaf, beam_width, rerank=None):
-      result = original(rq, node_keys, node_vals, query_leaf, beam_width, rerank)
+    def spy(rq, node_keys, node_vals, query_leaf, beam_width, *args, **kwargs):
+      result = original(rq, node_keys, node_vals, query_leaf, beam_width, *args, **kwargs)
       calls.append((rq, node_keys, query_leaf, result.leaves))
       return result
 
