@@ -4,7 +4,7 @@ For a query in leaf c the visible memory is the Fenwick decomposition of c: the 
 nodes that tile leaves [0, c), one per set bit of c. The router scores them, keeps the best K, replaces
 each kept node by its two children (a leaf stays itself), and repeats until only leaves remain.
 Weights are a softmax over the K survivors only. Ties break towards the lower candidate slot
-(`lax.top_k`), and candidates are laid out in the same order in every execution form.
+(as `lax.top_k` does), and candidates are laid out in the same order in every execution form.
 
 Finding the right leaf is the hard part of this model (reading works once the leaf is found), so two
 training signals reach the router: the selected leaves' weights enter the exact-read logits (as
@@ -118,6 +118,22 @@ def exact_leaf_scores(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array,
   return jax.nn.logsumexp(logits, axis=-1)
 
 
+def top_k(scores: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis as `width` rounds of argmax: same values, slots and tie rule
+  (the lower slot first). Routing keeps at most 2K of a handful of candidates, and XLA:CPU lowers
+  `lax.top_k` to a full sort, which measured at half of all routing time."""
+  if width == 0:
+    return scores[..., :0], jnp.zeros(scores.shape[:-1] + (0,), jnp.int32)
+  iota = jnp.arange(scores.shape[-1])
+  values, slots = [], []
+  for _ in range(width):
+    slot = jnp.argmax(scores, axis=-1)
+    values.append(jnp.take_along_axis(scores, slot[..., None], axis=-1)[..., 0])
+    slots.append(slot)
+    scores = jnp.where(iota == slot[..., None], -jnp.inf, scores)
+  return jnp.stack(values, axis=-1), jnp.stack(slots, axis=-1).astype(jnp.int32)
+
+
 def _masked_softmax(scores, valid):
   w = jax.nn.softmax(jnp.where(valid, scores, NEG_INF), axis=-1)
   return jnp.where(valid, w, 0.0)
@@ -164,7 +180,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
 
   def keep(scores, valid, *fields, width):
     width = min(width, scores.shape[-1])
-    top, slot = jax.lax.top_k(scores, width)
+    top, slot = top_k(scores, width)
     kept_valid = jnp.take_along_axis(valid, slot, axis=-1) & (top > NEG_INF / 2)
     return (top, kept_valid) + tuple(jnp.take_along_axis(f, slot, axis=-1) for f in fields)
 
@@ -183,7 +199,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     scores = jnp.concatenate([pool[0], dropped], axis=-1)
     leaves = jnp.concatenate([pool[1], index[..., k:]], axis=-1)
     width = min(k, scores.shape[-1])
-    best, slot = jax.lax.top_k(scores, width)
+    best, slot = top_k(scores, width)
     return best, jnp.where(best > NEG_INF / 2, jnp.take_along_axis(leaves, slot, axis=-1), -1)
 
   level, index, valid = fenwick_candidates(query_leaf_T, num_leaves)
