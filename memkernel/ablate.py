@@ -527,8 +527,7 @@ def evaluate(experiment: train_lib.Experiment, params, lengths: Sequence[int], *
   mesh = mesh or train_lib.make_mesh()
   ev = experiment.eval
   # The harness's evaluation stream, so these are the batches `train.evaluate` draws.
-  eval_key = train_lib._root_key(  # pylint: disable=protected-access
-      experiment.train.seed, train_lib._EVAL_STREAM)  # pylint: disable=protected-access
+  eval_key = train_lib.eval_key(experiment.train.seed)
   results = {}
   for length in lengths:
     step = _metrics_fn(experiment.model_for_length(length), ev.oracle, interventions, mesh)

@@ -7,9 +7,11 @@ is everything `experiments/train.py` does, callable from a Colab. The config lay
 
 The loop (after nanodo and big_vision):
 
-* One pure, jitted `train_step(state) -> (state, metrics)`. The batch is generated *inside* it from
-  `fold_in(data_key, state.step)`, so the data-iterator state is just (seed, step) and a resumed
-  run sees exactly the batches an uninterrupted one would.
+* One pure, jitted `train_step(state, data_key) -> (state, metrics)`. The batch is generated
+  *inside* it from `fold_in(data_key, state.step)`, so the data-iterator state is just (seed, step)
+  and a resumed run sees exactly the batches an uninterrupted one would. Seeds are arguments of the
+  compiled steps (init, train, eval), never constants in them, so runs that differ only in their
+  seed share every compilation (the ablation sweep's seeds).
 * Data parallel over every local device: a 1-D mesh with axis 'data'; the batch is sharded along
   its first dimension, parameters and optimiser state are replicated.
 * Non-finite updates are skipped (`optax.apply_if_finite`); every non-finite loss is counted, and
@@ -341,12 +343,25 @@ def _root_key(seed: int, stream: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), stream)
 
 
-def init_state(experiment: Experiment) -> TrainState:
-  """A fresh train state (call under `jax.jit`; un-jitted init is slow)."""
+def data_key(seed: int) -> jax.Array:
+  """The key the training batches of `seed` derive from (step s: `fold_in(key, s)`)."""
+  return _root_key(seed, _DATA_STREAM)
+
+
+def eval_key(seed: int) -> jax.Array:
+  """The key the evaluation batches of `seed` derive from (batch i: `fold_in(key, i)`)."""
+  return _root_key(seed, _EVAL_STREAM)
+
+
+def init_state(experiment: Experiment, key: Optional[jax.Array] = None) -> TrainState:
+  """A fresh train state (call under `jax.jit`; un-jitted init is slow). `key` defaults to the
+  init stream of `experiment.train.seed`."""
   model = build_model(experiment.model)
   leaf = getattr(experiment.model, "leaf_size", 16)
   tokens = jnp.zeros((1, min(leaf, experiment.model.max_seq_len)), jnp.int32)
-  params = model.init(_root_key(experiment.train.seed, _INIT_STREAM), tokens)["params"]
+  if key is None:
+    key = _root_key(experiment.train.seed, _INIT_STREAM)
+  params = model.init(key, tokens)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=make_optimizer(experiment.train).init(params))
 
@@ -421,17 +436,18 @@ def _schedule_count(opt_state) -> jax.Array:
 
 def _step_settings(train: TrainConfig) -> TrainConfig:
   """`train` with only the fields a compiled step depends on (a cache key: resuming with more
-  steps, or logging differently, reuses the compiled step)."""
-  return dataclasses.replace(train, steps=0, decay_steps=train.decay_steps or train.steps,
+  steps, logging differently or another seed reuses the compiled step)."""
+  return dataclasses.replace(train, seed=0, steps=0, decay_steps=train.decay_steps or train.steps,
                              log_every=1, eval_every=0, ckpt_every=1, keep_checkpoints=1,
                              narrow_beam_at=0)
 
 
 def make_train_step(experiment: Experiment, mesh: Mesh):
-  """The jitted `train_step(state) -> (state, metrics)`; the state is donated.
+  """The jitted `train_step(state, data_key) -> (state, metrics)`; the state is donated.
 
-  Compiled steps are cached per (model, task, step settings, mesh), so calling
-  `train_and_evaluate` again in one process (a Colab, a resumed run) does not recompile.
+  `data_key` is `data_key(train.seed)`. Compiled steps are cached per (model, task, step settings
+  but the seed, mesh), so calling `train_and_evaluate` again in one process (a Colab, a resumed
+  run, another seed) does not recompile.
   """
   return _train_step_fn(experiment.model, experiment.task, _step_settings(experiment.train), mesh)
 
@@ -442,11 +458,10 @@ def _train_step_fn(model_config: AnyModelConfig, task: data_lib.TaskConfig, trai
   model = build_model(model_config)
   tx = make_optimizer(train)
   schedule = make_schedule(train)
-  data_key = _root_key(train.seed, _DATA_STREAM)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  def train_step(state: TrainState):
+  def train_step(state: TrainState, data_key: jax.Array):
     batch = data_lib.generate(task, jax.random.fold_in(data_key, state.step), train.batch_size)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     grad_fn = jax.value_and_grad(
@@ -463,26 +478,28 @@ def _train_step_fn(model_config: AnyModelConfig, task: data_lib.TaskConfig, trai
         nonfinite_total=opt_state.total_notfinite)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(train_step, in_shardings=(replicated,), out_shardings=(replicated, replicated),
-                 donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(replicated, replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=8)
 def _init_fn(experiment: Experiment, mesh: Mesh):
+  """The jitted `init(key) -> TrainState` (cached without the seed: pass `experiment` through
+  `_step_settings`)."""
   return jax.jit(functools.partial(init_state, experiment),
                  out_shardings=NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=16)
 def _eval_fn(model_config: AnyModelConfig, task: data_lib.TaskConfig, batch_size: int,
-             oracle: bool, seed: int, mesh: Mesh):
+             oracle: bool, mesh: Mesh):
+  """The jitted `eval_batch(params, key) -> metrics`; the batch is generated from `key`."""
   model = build_model(model_config)
-  eval_key = _root_key(seed, _EVAL_STREAM)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  def eval_batch(params, index):
-    batch = data_lib.generate(task, jax.random.fold_in(eval_key, index), batch_size)
+  def eval_batch(params, key):
+    batch = data_lib.generate(task, key, batch_size)
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return forward_metrics(model, params, batch, train=False, oracle=oracle)[1]
 
@@ -504,8 +521,10 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[tuple[int, ...
   results = {}
   for length in lengths or ev.lengths:
     step = _eval_fn(experiment.model_for_length(length), experiment.task_for_length(length),
-                    ev.batch_size, ev.oracle, experiment.train.seed, mesh)
-    per_batch = jax.device_get([step(params, jnp.int32(i)) for i in range(ev.batches)])
+                    ev.batch_size, ev.oracle, mesh)
+    key = eval_key(experiment.train.seed)
+    per_batch = jax.device_get([step(params, jax.random.fold_in(key, i))
+                                for i in range(ev.batches)])
     results[str(length)] = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
   return results
 
@@ -658,7 +677,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if latest is None:
       init_experiment = dataclasses.replace(experiment, train=_step_settings(train),
                                             eval=EvalConfig(lengths=(1,)))
-      state = _init_fn(init_experiment, mesh)()
+      state = _init_fn(init_experiment, mesh)(_root_key(train.seed, _INIT_STREAM))
       logging.info("Initialised %s: %s parameters, on %d device(s).", experiment.model_type,
                    f"{num_params:,}", mesh.size)
     else:
@@ -721,8 +740,10 @@ def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
   if train.narrow_beam_at and experiment.model_type == "kernel":
     narrow = dataclasses.replace(experiment.model, train_beam_width=0)
     narrow_step = make_train_step(dataclasses.replace(experiment, model=narrow), mesh)
+  key = data_key(train.seed)
   train_step = lambda state, step: (
-      narrow_step if train.narrow_beam_at and step >= train.narrow_beam_at else wide_step)(state)
+      narrow_step if train.narrow_beam_at and step >= train.narrow_beam_at else wide_step
+  )(state, key)
   tokens_per_step = train.batch_size * experiment.task.seq_len
   data_state = lambda step: {"step": step, "seed": train.seed}
   clock = {"t": time.time(), "step": start, "t0": time.time(), "consecutive": 0}
