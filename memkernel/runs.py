@@ -9,8 +9,9 @@ Needs no flags and no config file: the run's full config is stored in every chec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import ml_collections
@@ -59,3 +60,55 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[train_lib.AnyMod
   finally:
     checkpointer.close()
   return experiment.model, state.params
+
+
+def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
+                 task: Optional[Mapping[str, Any]] = None, batches: Optional[int] = None,
+                 step: Optional[int] = None) -> dict[str, Any]:
+  """Evaluates a trained run again, at other lengths or on another setting of its task.
+
+  The run's own evaluation (`train.evaluate`: its eval seed stream, batch size and beam) with
+  these changes; everything is validated before anything compiles.
+
+  Args:
+    workdir: the run's `--workdir`.
+    lengths: sequence lengths (default: the run's `eval.lengths`).
+    task: `TaskConfig` fields to change, e.g. {"distance": "uniform"} for MQAR (not name,
+      vocab_size, leaf_size or seq_len: the model fixes the first three, `lengths` the last).
+    batches: evaluation batches per length (default: the run's `eval.batches`).
+    step: the checkpoint step (default: the newest).
+
+  Returns:
+    {"step", "task", "lengths": {str(length): {metric: mean over batches}}}.
+
+  Raises:
+    ValueError: an unknown or fixed task field, or an invalid value (named).
+  """
+  task = dict(task or {})
+  fixed = sorted(set(task) & {"name", "vocab_size", "leaf_size", "seq_len"})
+  if fixed:
+    raise ValueError(f"task fields {fixed} cannot change for a trained run (seq_len: use lengths)")
+  experiment = load_experiment(workdir, step)
+  known = {f.name for f in dataclasses.fields(experiment.task)}
+  unknown = sorted(set(task) - known)
+  if unknown:
+    raise ValueError(f"unknown task field(s) {unknown}; known: {sorted(known)}")
+  experiment = dataclasses.replace(experiment, task=dataclasses.replace(experiment.task, **task))
+  ev = experiment.eval
+  if batches is not None:
+    if not isinstance(batches, int) or batches <= 0:
+      raise ValueError(f"batches must be a positive integer, got {batches!r}")
+    ev = dataclasses.replace(ev, batches=batches)
+  lengths = tuple(lengths or ev.lengths)
+  for length in lengths:
+    experiment.task_for_length(length)  # Validates the task at every length before compiling.
+  experiment = dataclasses.replace(experiment, eval=ev)
+  if step is None:
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+    try:
+      step = checkpointer.latest_step()
+    finally:
+      checkpointer.close()
+  _, params = load_run(workdir, step)
+  return {"step": step, "task": dataclasses.asdict(experiment.task),
+          "lengths": train_lib.evaluate(experiment, params, lengths=lengths)}

@@ -1,0 +1,87 @@
+r"""Evaluates a trained run again: other lengths, another setting of its task; `memkernel.runs`.
+
+  python -m experiments.evaluate --workdir=runs/mqar --lengths=512,8192 --task=distance=uniform
+  python -m experiments.evaluate --workdir=runs/mqar --lengths=32768 --batches=2
+
+Uses the run's own evaluation (eval seed stream, batch size, evaluation beam). Prints one line per
+length and writes the result, with the command, to --out (default WORKDIR/eval_<tag>.json, where
+the tag names the task changes; an existing file is never overwritten).
+"""
+
+import ast
+import json
+import logging as std_logging
+import os
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from memkernel import runs
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
+_LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: the run's "
+                             "eval.lengths).")
+_TASK = flags.DEFINE_multi_string("task", [], "A task field to change, FIELD=VALUE (repeatable), "
+                                  "e.g. distance=uniform.")
+_BATCHES = flags.DEFINE_integer("batches", None, "Batches per length (default: the run's).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def _parse_task(items):
+  task = {}
+  for item in items:
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+      raise app.UsageError(f"--task must be FIELD=VALUE, got {item!r}")
+    try:
+      task[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      task[field] = value
+  return task
+
+
+def _parse_lengths(values):
+  try:
+    lengths = [int(v) for v in values or ()]
+  except ValueError as e:
+    raise app.UsageError(f"--lengths must be comma-separated integers, got {values}") from e
+  if any(n <= 0 for n in lengths):
+    raise app.UsageError(f"--lengths must be positive, got {lengths}")
+  return lengths or None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  task, lengths = _parse_task(_TASK.value), _parse_lengths(_LENGTHS.value)
+  tag = "_".join(f"{k}-{v}" for k, v in sorted(task.items())) or "default"
+  out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
+  if os.path.exists(out):
+    raise app.UsageError(f"{out} exists; pass another --out")
+  logging.get_absl_logger().addFilter(  # orbax reports every restore at INFO.
+      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+  try:
+    result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task,
+                               batches=_BATCHES.value, step=_STEP.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from e
+  for length, metrics in result["lengths"].items():
+    print(f"length {length}: " + ", ".join(
+        f"{k} {v:.4f}" for k, v in sorted(metrics.items())
+        if k in ("accuracy", "loss") or k.endswith("routing_recall")))
+  result["command"] = "python -m experiments.evaluate " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  tmp = out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, out)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  app.run(main)
