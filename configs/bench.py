@@ -101,6 +101,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       beam_width=2,
       train_beam_width=0,
       teacher_weight=0.0,
+      leaf_rerank=True,       # As the probe configs train it.
       # lax.scan: as fast as associative_scan at d 256, batch 1, and ~4x faster to compile.
       scan_impl="linear",
   ))

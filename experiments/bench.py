@@ -5,11 +5,17 @@ r"""Scaling benchmark of the kernel and its peers; everything it does is `memker
   python -m experiments.bench --config=configs/bench.py:smoke --out=/tmp/bench_smoke
   python -m experiments.bench --config=configs/bench.py --out=/tmp/bench_fwd \
       --config.models=kernel,dense --config.lengths=8192,32768 --config.modes=forward
+  python -m experiments.bench --config=configs/bench.py --out=/tmp/costs --costs \
+      --config.lengths=1024,4096,16384,65536,262144,1048576
 
 Writes OUT/bench.json (one row per model x length x mode, plus the kernel's components),
 OUT/bench_meta.json, OUT/bench.md and the PNG plots. Fields and variants: configs/bench.py.
+With --costs nothing is timed: the analytic FLOPs and state bytes of one decoded token at each
+context length (kernel vs dense attention) go to OUT/costs.json and OUT/costs.md, and are printed.
 """
 
+import json
+import os
 import shlex
 import sys
 
@@ -22,6 +28,8 @@ from memkernel import bench as bench_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
                                           lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "bench.json, bench.md and the plots go here.")
+_COSTS = flags.DEFINE_bool("costs", False, "Only write the analytic per-token cost table "
+                           "(FLOPs and state bytes per decoded token vs context length).")
 flags.mark_flags_as_required(["config", "out"])
 
 
@@ -46,6 +54,17 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"invalid config: {e}") from e
   command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  if _COSTS.value:
+    bench = bench_lib.parse_config(_CONFIG.value)
+    rows = bench_lib.per_token_costs(bench, bench.lengths)
+    table = bench_lib.per_token_costs_markdown(rows)
+    os.makedirs(_OUT.value, exist_ok=True)
+    with open(os.path.join(_OUT.value, "costs.json"), "w") as f:
+      json.dump({"command": command, "rows": rows}, f, indent=1)
+    with open(os.path.join(_OUT.value, "costs.md"), "w") as f:
+      f.write(f"```bash\n{command}\n```\n\n{table}")
+    print(table)
+    return
   bench_lib.run(_CONFIG.value, _OUT.value, command=command)
 
 

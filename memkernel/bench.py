@@ -335,6 +335,50 @@ def kernel_flops(config: ModelConfig, num_tokens: int, *, form: str = "parallel"
   return sum(kernel_flops_by_part(config, num_tokens, form=form, train=train).values())
 
 
+def per_token_costs(bench: BenchConfig, lengths: Sequence[int]) -> list[dict]:
+  """Analytic cost of one decoded token at each context length n: kernel vs dense attention.
+
+  Kernel: `kernel_flops` of a one-token `step` (recurrent form) at capacity n, its routing part
+  (O(log n): log2(N) + 1 Fenwick nodes, then 2K children per level) and everything else
+  (O(1)); memory = the `init_memory` pytree at capacity n (shapes only), per token of context.
+  Dense attention: a one-token decode over an n-token KV cache (projections, MLP, head, and QK/PV
+  against n keys per layer) and its KV cache per token. One sequence; float32.
+  """
+  rows = []
+  for n in lengths:
+    config = bench.model_config("kernel", n)
+    parts = kernel_flops_by_part(config, 1, form="recurrent")
+    memory = jax.eval_shape(lambda c=config: init_memory(c, 1))
+    state = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(memory))
+    peer = bench.model_config("dense", n)
+    d = peer.d_model
+    dense = peers_lib.peer_flops(peer, 1) - peer.num_layers * 2 * 2 * d + \
+        peer.num_layers * 2 * 2 * n * d
+    rows.append({
+        "length": n, "tree_levels": config.num_leaves.bit_length(),
+        "kernel_flops_per_token": sum(parts.values()),
+        "kernel_route_flops_per_token": parts.get("route", 0),
+        "kernel_state_bytes_per_token": state / n,
+        "dense_flops_per_token": dense,
+        "dense_kv_bytes_per_token": 2 * peer.num_layers * d * 4,
+    })
+  return rows
+
+
+def per_token_costs_markdown(rows: Sequence[dict]) -> str:
+  """`per_token_costs` as a markdown table."""
+  lines = ["| context n | tree levels | kernel FLOPs/token | of which routing | dense FLOPs/token "
+           "| dense / kernel | kernel state B/token | dense KV B/token |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in rows:
+    lines.append(
+        f"| {r['length']:,} | {r['tree_levels']} | {r['kernel_flops_per_token'] / 1e6:.2f} M "
+        f"| {r['kernel_route_flops_per_token'] / 1e3:.1f} k | {r['dense_flops_per_token'] / 1e6:.2f} M "
+        f"| {r['dense_flops_per_token'] / r['kernel_flops_per_token']:.2f} "
+        f"| {r['kernel_state_bytes_per_token']:,.0f} | {r['dense_kv_bytes_per_token']:,} |")
+  return "\n".join(lines) + "\n"
+
+
 def point_flops(bench: BenchConfig, model: str, mode: str, length: int) -> int:
   """Analytic FLOPs of one call of a point (batch included)."""
   config = bench.model_config(model, length)

@@ -174,6 +174,23 @@ class FlopsTest(absltest.TestCase):
     self.assertLess(per_token[1] / per_token[0], 1.5)
     self.assertGreater(per_token[1], per_token[0])
 
+  def test_per_token_cost_table(self):
+    """Routing grows by a constant per doubling of n; dense attention per token grows like n."""
+    config = bench_config.get_config()
+    config.lengths = "1024,4096,16384,65536"
+    rows = bench.per_token_costs(bench.parse_config(config), (1024, 4096, 16384, 65536))
+    route = [r["kernel_route_flops_per_token"] for r in rows]
+    self.assertGreater(route[1] - route[0], 0)
+    self.assertEqual(route[3] - route[2], route[1] - route[0])
+    kernel = [r["kernel_flops_per_token"] for r in rows]
+    self.assertLess(kernel[-1] / kernel[0], 1.1)
+    dense = [r["dense_flops_per_token"] for r in rows]
+    self.assertGreater((dense[-1] - dense[-2]) / (dense[1] - dense[0]), 15)  # linear in n: 16.
+    state = [r["kernel_state_bytes_per_token"] for r in rows]
+    self.assertLess(max(state) / min(state), 1.1)  # O(n) memory: constant per token.
+    table = bench.per_token_costs_markdown(rows)
+    self.assertIn("| 65,536 | 13 |", table)
+
   def test_teacher_is_quadratic_and_counted(self):
     config = lambda t: self._config(t, teacher_weight=1.0)
     ratio = (bench.kernel_flops(config(65536), 65536, train=True)
