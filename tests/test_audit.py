@@ -136,7 +136,8 @@ class InterventionTest(parameterized.TestCase):
     np.testing.assert_allclose(out, zeroed, atol=1e-5, rtol=0)
     self.assertGreater(_max_diff(out, ref), 1e-3)  # the source did contribute
     if not iv.root_drop:  # Memory is empty in the first leaf: nothing to remove there.
-      np.testing.assert_allclose(out[:, :L], ref[:, :L], atol=1e-6, rtol=0)
+      np.testing.assert_allclose(out[:, :L], ref[:, :L], atol=1e-5, rtol=0)  # Float32 noise:
+      # two compiled programs; the memory's contribution elsewhere is > 1e-3 (above).
 
   def test_root_drop_names_one_root(self):
     a, b = _logits(Interventions(root_drop=(0,))), _logits(Interventions(root_drop=(1,)))
@@ -145,10 +146,14 @@ class InterventionTest(parameterized.TestCase):
       _logits(Interventions(root_drop=(2,)))
 
   def test_next_best_span_reads_best_pruned_leaves_at_leaf_depth(self):
-    """Against a numpy beam search, at 4x the training length (16 leaves, 5 Fenwick levels)."""
+    """Against a numpy beam search, at 4x the training length (16 leaves, 5 Fenwick levels).
+
+    Without the exact re-rank (no parameters of its own), so the runner-ups are the beam's: with
+    it they are the candidates the re-rank did not choose (`test_routing`'s re-rank test).
+    """
     run = _trained()
     length = 4 * run["experiment"].task.seq_len
-    config = run["experiment"].model_for_length(length)
+    config = dataclasses.replace(run["experiment"].model_for_length(length), leaf_rerank=False)
     model = FractalV2Model(config)
     vocab, beam = config.vocab_size, config.beam_width
     tokens = jax.random.randint(jax.random.PRNGKey(4), (2, length), 0, vocab)

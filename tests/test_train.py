@@ -30,6 +30,7 @@ from memkernel import checkpoint as checkpoint_lib
 from memkernel import train as train_lib
 from memkernel.config import ModelConfig
 from memkernel.peers import PeerConfig
+from memkernel import runs
 from memkernel.runs import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,9 +177,30 @@ class TrainTest(parameterized.TestCase):
     assert_bitwise_equal(self, load_run(workdir)[1], load_run(self.ref_dir)[1])
     self.assertEqual(strip_times(read_rows(workdir)), strip_times(read_rows(self.ref_dir)))
     self.assertEqual(final["lengths"]["64"], self.ref_summary["lengths"]["64"])
-    # One compiled step served the reference run, both halves and the resume.
+    # Another seed trains other parameters on other batches...
+    seed1 = self.workdir("seed1")
+    train_lib.train_and_evaluate(
+        smoke_config(overrides={**REFERENCE, "train.steps": 1, "train.seed": 1}), seed1)
+    first_loss = lambda workdir: read_rows(workdir)[0]["loss"]
+    self.assertNotEqual(first_loss(seed1), first_loss(self.ref_dir))
+    # ...but one compiled step served the reference run, both halves, the resume and the seed.
     experiment = train_lib.parse_config(smoke_config(overrides=REFERENCE))
     self.assertEqual(train_lib.make_train_step(experiment, train_lib.make_mesh())._cache_size(), 1)
+
+  def test_evaluate_run_again(self):
+    """Re-evaluation reproduces the run's own eval, and another task setting changes it."""
+    again = runs.evaluate_run(self.ref_dir, lengths=(64,))
+    self.assertEqual(again["lengths"]["64"], self.ref_summary["lengths"]["64"])
+    uniform = runs.evaluate_run(self.ref_dir, lengths=(64,), task={"distance": "uniform"},
+                                batches=1)
+    self.assertEqual(uniform["task"]["distance"], "uniform")
+    self.assertNotEqual(uniform["lengths"]["64"], again["lengths"]["64"])
+    with self.assertRaisesRegex(ValueError, "unknown task field.*distanse"):
+      runs.evaluate_run(self.ref_dir, task={"distanse": "uniform"})
+    with self.assertRaisesRegex(ValueError, "distance must be one of"):
+      runs.evaluate_run(self.ref_dir, task={"distance": "far"})
+    with self.assertRaisesRegex(ValueError, "seq_len"):
+      runs.evaluate_run(self.ref_dir, task={"seq_len": 128})
 
   @parameterized.parameters(("model.d_model", 32, "model.d_model"),
                             ("model.leaf_size", 8, "model.leaf_size"),
@@ -291,6 +313,29 @@ class TrainTest(parameterized.TestCase):
       self.assertNotIn("Traceback", result.stdout)
       self.assertFalse(os.path.exists(workdir))
       self.assertLess(time.time() - start, 60)
+
+  def test_evaluate_binary(self):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    evaluate = lambda *flags: subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"--workdir={self.ref_dir}", *flags],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        timeout=300)
+    for flags, message in ((["--task=distanse=uniform"], "unknown task field(s) ['distanse']"),
+                           (["--task=uniform"], "--task must be FIELD=VALUE"),
+                           (["--lengths=64,x"], "--lengths must be comma-separated integers")):
+      result = evaluate(*flags)
+      self.assertNotEqual(result.returncode, 0)
+      self.assertIn(message, result.stdout)
+      self.assertNotIn("Traceback", result.stdout)
+    out = os.path.join(self.tmp, "eval_uniform.json")
+    result = evaluate("--lengths=64", "--task=distance=uniform", "--batches=1", f"--out={out}")
+    self.assertEqual(result.returncode, 0, result.stdout)
+    self.assertIn("length 64: accuracy", result.stdout)
+    with open(out) as f:
+      written = json.load(f)
+    self.assertEqual(written["task"]["distance"], "uniform")
+    self.assertIn("--task=distance=uniform", written["command"])
+    self.assertNotEqual(evaluate("--lengths=64", f"--out={out}").returncode, 0)  # No overwrite.
 
   def test_sigkill_mid_run_then_load_and_resume(self):
     workdir = self.workdir("killed")
