@@ -158,7 +158,8 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1 or None, got {keep!r}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps!r}")
-    self.directory = os.path.join(os.fspath(directory), "checkpoints")
+    # orbax needs absolute paths; the README runs `--workdir=runs/mqar`.
+    self.directory = os.path.join(os.path.abspath(os.fspath(directory)), "checkpoints")
     self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=0 if read_only else save_interval_steps,

@@ -97,6 +97,20 @@ class RoundTripTest(parameterized.TestCase):
       restored, _ = ckpt.restore(1, abstract_state=jax.tree.map(jnp.zeros_like, state))
     _assert_bit_exact(self, restored, state)
 
+  def test_relative_directory(self):
+    """`--workdir=runs/mqar` (relative, as in the README) saves and restores."""
+    root = _tempdir(self)
+    cwd = os.getcwd()
+    os.chdir(root)
+    self.addCleanup(os.chdir, cwd)
+    state = _state(seed=2)
+    with Checkpointer(os.path.join("runs", "rel")) as ckpt:
+      self.assertTrue(_save(ckpt, 3, state))
+    os.chdir(cwd)  # The absolute path was fixed at construction; a later chdir cannot move it.
+    reader = Checkpointer(os.path.join(root, "runs", "rel"), read_only=True)
+    restored, _ = reader.restore(abstract_state=jax.eval_shape(lambda: state))
+    _assert_bit_exact(self, restored, state)
+
   def test_async_save_then_wait_is_restorable(self):
     workdir = _tempdir(self)
     state = _state(seed=2)
