@@ -70,10 +70,11 @@ def _assert_forms_agree(config, tokens, check_step=True):
 class FormsTest(parameterized.TestCase):
 
   @parameterized.parameters(
-      dict(num_roots=1, length=37), dict(num_roots=2, length=64), dict(num_roots=3, length=50),
-      dict(num_roots=4, length=23))
+      dict(num_roots=1, length=37), dict(num_roots=2, length=64), dict(num_roots=4, length=23))
   def test_parallel_scan_step_agree(self, num_roots, length):
-    config = dataclasses.replace(BASE, num_roots=num_roots)
+    # Two layers in the base config (stacking); one for the other root counts (compile time).
+    config = dataclasses.replace(BASE, num_roots=num_roots,
+                                 num_layers=BASE.num_layers if num_roots == 2 else 1)
     mem = _assert_forms_agree(config, _tokens(num_roots, 2, length))
     assert int(mem.num_tokens) == length
     assert int(mem.num_sealed) == length // 16 and int(mem.fill) == length % 16
@@ -92,12 +93,12 @@ class FormsTest(parameterized.TestCase):
   @settings(max_examples=4, deadline=None)
   @given(seed=st.integers(0, 10_000))
   def test_forms_agree_on_random_inputs(self, seed):
-    _assert_forms_agree(BASE, _tokens(seed, 2, 80), check_step=False)
+    _assert_forms_agree(BASE, _tokens(seed, 2, 64), check_step=False)  # Compiled once (T 64).
 
   def test_prefill_then_step_then_scan_from_mid_leaf(self):
     """Scan continues from any live-leaf fill, and step continues from a scan."""
     model, params, parallel, scan, step = _compiled(BASE)
-    tokens = _tokens(7, 2, 70)
+    tokens = _tokens(7, 2, 64)
     logits_p, _ = parallel(params, tokens)
     memory = init_memory(BASE, 2)
     a, memory, _ = scan(params, tokens[:, :21], memory)          # ends mid-leaf (fill 5)
@@ -129,9 +130,9 @@ class CausalityTest(parameterized.TestCase):
 
   def test_memory_reads_only_sealed_leaves(self):
     _, params, parallel, _, _ = _compiled(BASE)
-    _, aux = parallel(params, _tokens(12, 2, 100))
+    _, aux = parallel(params, _tokens(12, 2, 64))
     leaves = np.asarray(_leaves_of(aux))  # [layers, B, T, H, K]
-    qleaf = (np.arange(100) // 16)[None, None, :, None, None]
+    qleaf = (np.arange(64) // 16)[None, None, :, None, None]
     valid = leaves >= 0
     assert np.all(np.broadcast_to(qleaf, leaves.shape)[valid] > leaves[valid])
     assert not np.any(valid[:, :, :16])  # nothing is sealed while the first leaf fills
@@ -139,12 +140,13 @@ class CausalityTest(parameterized.TestCase):
 
 class SealingTest(parameterized.TestCase):
 
-  @parameterized.parameters(15, 16, 17, 33)
+  @parameterized.parameters(16, 17, 33)
   def test_leaf_boundaries_and_token_cache(self, n):
+    """After n tokens (a scan over n - 1, then one step) against the memory before the step."""
     _, params, _, scan, step = _compiled(BASE)
     tokens = _tokens(13, 2, n)
-    _, memory, _ = scan(params, tokens, init_memory(BASE, 2))
     _, before, _ = scan(params, tokens[:, :n - 1], init_memory(BASE, 2))
+    _, memory, _ = step(params, tokens[:, n - 1], before)
     sealed = n // 16
     assert int(memory.num_sealed) == sealed and int(memory.fill) == n % 16
     for layer, prev in zip(memory.layers, before.layers):
@@ -206,7 +208,7 @@ class SourcesTest(parameterized.TestCase):
     config = dataclasses.replace(BASE, use_exact_read=False)
     _, params, parallel, _, _ = _compiled(BASE)
     _, _, parallel_off, _, _ = _compiled(config)
-    tokens = _tokens(22, 2, 48)
+    tokens = _tokens(22, 2, 64)
     a, _ = parallel(params, tokens, interventions=Interventions(no_exact_read=True))
     b, _ = parallel_off(params, tokens)
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -219,7 +221,7 @@ class SourcesTest(parameterized.TestCase):
 
   def test_heads_differ_at_init(self):
     _, params, parallel, _, _ = _compiled(BASE)
-    _, aux = parallel(params, _tokens(23, 2, 128))
+    _, aux = parallel(params, _tokens(23, 2, 64))
     assert float(aux["metrics"]["layer_0/head_disagreement"]) > 0.1
     assert float(aux["metrics"]["layer_0/root_similarity"]) < 0.9
 
@@ -235,7 +237,7 @@ class TrainingSignalTest(parameterized.TestCase):
       logits, _ = model.apply(p, tokens)
       return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    grads = jax.grad(loss)(params)["params"]["layer_0"]["memory_proj"]["kernel"]
+    grads = jax.jit(jax.grad(loss))(params)["params"]["layer_0"]["memory_proj"]["kernel"]
     h, e, p = config.num_route_heads, config.read_dim, config.key_dim
     rq, rk = grads[:, 3 * h * e:3 * h * e + h * p], grads[:, 3 * h * e + h * p:3 * h * e + 2 * h * p]
     assert float(jnp.abs(rq).sum()) > 0, "no gradient reaches the routing queries"
@@ -244,7 +246,7 @@ class TrainingSignalTest(parameterized.TestCase):
   def test_training_mode_adds_teacher_and_wide_beam(self):
     config = dataclasses.replace(BASE, train_beam_width=4)
     _, params, parallel, _, _ = _compiled(config)
-    tokens = _tokens(32, 2, 128)
+    tokens = _tokens(32, 2, 64)
     _, aux_eval = parallel(params, tokens)
     _, aux_train = parallel(params, tokens, train=True)
     assert aux_eval["routing"][0]["leaves"].shape[-1] == 2
