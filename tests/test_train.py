@@ -380,7 +380,8 @@ class TrainTest(parameterized.TestCase):
     workdir = self.workdir("four_devices")
     overrides = {**REFERENCE, "train.steps": 3, "eval.lengths": "(64,)"}
     cmd, kwargs = run_binary(workdir, "mqar.py:smoke", overrides,
-                             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                             env={"XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+                                  + " --xla_force_host_platform_device_count=4"})
     result = subprocess.run(cmd, timeout=170, **kwargs)
     self.assertEqual(result.returncode, 0, result.stdout[-3000:])
     self.assertIn("on 4 device(s)", result.stdout)
