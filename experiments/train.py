@@ -54,8 +54,7 @@ def main(argv):
   logging.get_absl_logger().addFilter(
       lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
   logging.info("Config:\n%s", _CONFIG.value)
-  summary = train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  print(train_lib.format_summary(summary))
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)  # Logs its evaluation summary.
 
 
 if __name__ == "__main__":
