@@ -31,7 +31,8 @@ Fields:
   observability kernel routing / tree / root diagnostics with each kernel forward point.
   batch_size, warmup, repeats, decode_steps, seed.
   max_point_s   time budget of one point, seconds (compile + warm-up + timed calls).
-  max_memory_gb memory budget of one point; 0 = 80% of the device's memory.
+  max_memory_gb memory budget of one point; 0 = 80% of the accelerator's memory, or on the CPU
+                of the memory available when the run starts.
   quadratic_max_length  longest length dense attention runs at; 0 = no limit but the budget.
   ceiling_size  size of the square matmul that measures the machine's GFLOP/s.
   model         every `memkernel.ModelConfig` field except max_seq_len (set from each length);

@@ -159,8 +159,8 @@ class BenchConfig:
       max).
     decode_steps: timed `model.step` calls per decode point.
     max_point_s: time budget of one point (compile + warm-up + timed calls), seconds.
-    max_memory_bytes: memory budget of one point; 0 means 80% of the device's memory (resolved
-      by `run`).
+    max_memory_bytes: memory budget of one point; 0 means 80% of the accelerator's memory, or on
+      the CPU of the memory available at the start (resolved by `run`).
     quadratic_max_length: longest length for dense attention (longer points are skipped); 0 = none.
     ceiling_size: square f32 matmul size for the machine's GFLOP/s ceiling.
     seed: parameters and random tokens.
@@ -258,10 +258,19 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Bench
 
 
 def _auto_memory_budget() -> int:
+  """80% of the accelerator's memory; on the CPU, 80% of the memory available when the run starts.
+
+  Available, not physical: other processes' memory is not ours to budget, and a point that
+  outgrows what is left is killed by the kernel's OOM killer, which takes the run with it.
+  """
   stats = _device_memory_stats()
   if stats and stats.get("bytes_limit"):
     return int(_AUTO_MEMORY_FRACTION * stats["bytes_limit"])
+  available_kb = _proc_kb("/proc/meminfo", "MemAvailable")
+  if available_kb is not None:
+    return int(_AUTO_MEMORY_FRACTION * available_kb * 1024)
   return int(_AUTO_MEMORY_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,9 +437,10 @@ def _device_memory_stats() -> Optional[dict]:
     return None
 
 
-def _proc_status_kb(field: str) -> Optional[int]:
+def _proc_kb(path: str, field: str) -> Optional[int]:
+  """A kB field of a Linux /proc file (/proc/self/status, /proc/meminfo), or None."""
   try:
-    with open("/proc/self/status") as f:
+    with open(path) as f:
       for line in f:
         if line.startswith(field + ":"):
           return int(line.split()[1])
@@ -447,7 +457,7 @@ class _MemoryProbe:
     self.stats = _device_memory_stats()
     if self.stats and "peak_bytes_in_use" in self.stats:
       self.source = "device_memory_stats"
-    elif _proc_status_kb("VmHWM") is not None:
+    elif _proc_kb("/proc/self/status", "VmHWM") is not None:
       self.source = "rss_hwm_delta"
 
   def start(self) -> None:
@@ -458,7 +468,7 @@ class _MemoryProbe:
       try:
         with open("/proc/self/clear_refs", "w") as f:
           f.write("5")  # Resets VmHWM to the current resident size.
-        self._before = _proc_status_kb("VmRSS") * 1024
+        self._before = _proc_kb("/proc/self/status", "VmRSS") * 1024
       except OSError:
         self.source = None
 
@@ -469,7 +479,7 @@ class _MemoryProbe:
         return None  # This point did not raise the process-wide peak: unknown.
       return stats["peak_bytes_in_use"] - self._before
     if self.source == "rss_hwm_delta":
-      return max(_proc_status_kb("VmHWM") * 1024 - self._before, 0)
+      return max(_proc_kb("/proc/self/status", "VmHWM") * 1024 - self._before, 0)
     return None
 
 

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -89,6 +90,17 @@ class BudgetTest(absltest.TestCase):
     self.assertEqual([r["status"] for r in rows], ["skipped", "skipped"])
     self.assertIn("found over the time budget", rows[0]["reason"])
     self.assertIn("shorter length", rows[1]["reason"])
+
+  def test_default_memory_budget_is_what_is_available_on_the_cpu(self):
+    # 80% of MemAvailable, not of physical memory: other processes' memory is not the run's.
+    meminfo = {"/proc/meminfo": {"MemAvailable": 10 * 2**20}}  # kB: 10 GiB available.
+    with mock.patch.object(bench, "_device_memory_stats", return_value=None), \
+         mock.patch.object(bench, "_proc_kb", lambda path, field: meminfo[path][field]):
+      self.assertEqual(bench._auto_memory_budget(), int(0.8 * 10 * 2**30))
+    available = bench._proc_kb("/proc/meminfo", "MemAvailable")
+    if available is not None:  # Linux: the real file parses, and is below physical memory.
+      self.assertBetween(available * 1024, 1,
+                         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
   def test_quadratic_limit(self):
     rows = bench.run(_smoke(models="dense", lengths="128", modes="forward",
