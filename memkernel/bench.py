@@ -261,7 +261,11 @@ def _auto_memory_budget() -> int:
   """80% of the accelerator's memory; on the CPU, 80% of the memory available when the run starts.
 
   Available, not physical: other processes' memory is not ours to budget, and a point that
-  outgrows what is left is killed by the kernel's OOM killer, which takes the run with it.
+  outgrows what is left is killed by the kernel's OOM killer, which takes the run with it. The
+  estimates the budget is checked against (XLA's buffer assignment, dense attention's scores)
+  undercount a CPU point's resident peak beside what the process already holds: on 24 GiB,
+  dense attention's 8k train step (~17 GiB of scores) was killed, so set `max_memory_gb` with a
+  margin on a small machine.
   """
   stats = _device_memory_stats()
   if stats and stats.get("bytes_limit"):
@@ -270,7 +274,6 @@ def _auto_memory_budget() -> int:
   if available_kb is not None:
     return int(_AUTO_MEMORY_FRACTION * available_kb * 1024)
   return int(_AUTO_MEMORY_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
 
 
 # ------------------------------------------------------------------------------------------------
