@@ -1,11 +1,10 @@
 """Tests for the ablation sweep (`memkernel.ablate`, `experiments/ablate.py`, `configs/ablate.py`).
 
-* The smoke variant end to end through the binary, into a temp dir, in a subprocess with XLA's CPU
-  backend optimisation off (the smoke cells are almost all compilation, which that makes ~2.5x
-  faster; only a fresh process can take the setting). It starts when the module is set up, so the
-  config tests run on the second core meanwhile. The tests read what it wrote, rerun the sweep in
-  process (every cell is finished, so nothing is compiled) and check that nothing was trained or
-  written again.
+* The smoke variant end to end through the binary, into a temp dir, in a subprocess that inherits
+  the suite's quick-compile XLA flags and compile cache (`conftest.py`). It starts when the module
+  is set up, so the config tests run on the second core meanwhile. The tests read what it wrote,
+  rerun the sweep in process (every cell is finished, so nothing is compiled) and check that
+  nothing was trained or written again.
 * The nine configurations' definitions and equal parameter budgets on the default config, the
   state per token, skipped peer lengths and config validation: shapes only, nothing compiled.
 """
@@ -30,7 +29,6 @@ from memkernel.model import Interventions
 from memkernel.peers import PeerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 SMOKE_TASKS = ("mqar", "copy")
 SMOKE_MODELS = (ablate.FULL_KERNEL, ablate.WITHOUT_EXACT_READ, "dense")
 ROW_KEYS = ("task", "model", "seed", "length", "length_factor", "train_length", "status",
@@ -41,8 +39,7 @@ ROW_KEYS = ("task", "model", "seed", "length", "length_factor", "train_length", 
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
+  return dict(os.environ, JAX_PLATFORMS="cpu")  # With conftest's XLA flags and compile cache.
 
 
 def binary(out, *flags):

@@ -4,9 +4,9 @@ Benchmark numbers are never asserted: the tests check that a run covers every po
 it could not run instead of crashing, and writes its JSON, tables and plots; and that the kernel's
 analytic FLOP count is O(T log T).
 
-* The smoke variant end to end through the binary, in a subprocess that compiles with XLA's
-  cheapest settings (only a fresh process can take them; the numbers are not looked at). It starts
-  when the module is set up, so the other tests run on the second core meanwhile.
+* The smoke variant end to end through the binary, in a subprocess that inherits the suite's
+  quick-compile XLA flags and compile cache (`conftest.py`; the numbers are not looked at). It
+  starts when the module is set up, so the other tests run on the second core meanwhile.
 * Over-budget points (memory before and after compiling, time after the first call) are skipped.
 * Config validation names the field; the FLOP model's growth.
 """
@@ -32,7 +32,6 @@ SMOKE_LENGTHS = (64, 128)
 REQUIRED = ("model", "length", "mode", "status", "reason", "tokens_per_s", "median_s", "min_s",
             "max_s", "peak_mem_bytes", "compile_s", "flops", "gflops_per_s",
             "ceiling_gflops_per_s")
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 _SMOKE = {}
@@ -40,7 +39,7 @@ _SMOKE = {}
 
 def setUpModule():
   out = tempfile.mkdtemp()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # With conftest's XLA flags and compile cache.
   log = open(os.path.join(out, "stderr.txt"), "w")  # A file: a pipe nobody reads would fill up.
   _SMOKE.update(out=out, log=log, proc=subprocess.Popen(
       [sys.executable, "-m", "experiments.bench", "--config=configs/bench.py:smoke",
