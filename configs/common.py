@@ -78,6 +78,9 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       # works once shift_init breaks the find/read deadlock, and beats a wide training beam.
       train_beam_width=0,
       teacher_weight=1.0,
+      # The teacher trains the router at the positions the task loss scores (learning log:
+      # at every position, the unscored ones' arbitrary attention drowned the probes' queries).
+      teacher_positions="scored",
       tree_merge="pooled",
       leaf_rerank=True,
       read_sink=False,

@@ -15,6 +15,7 @@ import math
 from typing import Any, Mapping
 
 _SCAN_IMPLS = ("associative", "linear")
+_TEACHER_POSITIONS = ("scored", "all")
 _TREE_MERGES = ("pooled", "mean")
 
 
@@ -48,6 +49,9 @@ class ModelConfig:
     scan_impl: 'associative' (lax.associative_scan) or 'linear' (lax.scan) for the trunk in the
       parallel form.
     teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
+    teacher_positions: which query positions the teacher trains the router at: 'scored' (the
+      positions the task loss scores, the `loss_mask` the training step passes; every position
+      when none is given) or 'all' (every position, whatever its read attends to).
     route_descend: False reads summaries only (the checklist's "summaries only" ablation): the
       tree value is a softmax over every Fenwick node the query sees, nothing is descended and
       no leaf is selected, so it needs use_exact_read=False.
@@ -80,6 +84,7 @@ class ModelConfig:
   mlp_dim: int = 0
   scan_impl: str = "associative"
   teacher_weight: float = 1.0
+  teacher_positions: str = "scored"
   route_descend: bool = True
   tree_merge: str = "pooled"
   leaf_rerank: bool = False
@@ -128,6 +133,9 @@ class ModelConfig:
     if not self.route_descend and self.use_exact_read:
       raise ValueError("ModelConfig.route_descend=False selects no leaves, so it needs "
                        "use_exact_read=False")
+    if self.teacher_positions not in _TEACHER_POSITIONS:
+      raise ValueError(f"ModelConfig.teacher_positions must be one of {_TEACHER_POSITIONS}, "
+                       f"got {self.teacher_positions!r}")
     if not self.teacher_weight >= 0:
       raise ValueError(f"ModelConfig.teacher_weight must be >= 0, got {self.teacher_weight!r}")
     if not 0 < self.min_timescale <= self.max_timescale:

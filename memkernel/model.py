@@ -314,7 +314,7 @@ class FractalV2Model(nn.Module):
   # Parallel form.
 
   def __call__(self, tokens, oracle_leaves=None, train: bool = False,
-               interventions: Interventions = NONE):
+               interventions: Interventions = NONE, loss_mask=None):
     """Parallel form.
 
     Args:
@@ -323,6 +323,9 @@ class FractalV2Model(nn.Module):
         those leaves (the answer leaves of a probe) instead of its routed ones.
       train: use the training beam width and add the routing teacher loss.
       interventions: run-time ablations.
+      loss_mask: optional [B, T] weights of the positions the task loss scores; with
+        `teacher_positions='scored'` the routing teacher trains the router at those positions
+        only (training only; None: every position).
     Returns:
       (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
       weights [B, T, H, K], entropy, start_level, read_probs, read_active), aux["roots"] the per-layer
@@ -360,7 +363,8 @@ class FractalV2Model(nn.Module):
           oracle_leaves, interventions, layer.read_sink)
       if train and c.teacher_weight > 0 and c.use_exact_read:
         mass = routing.leaf_attention_mass(feats.q, feats.k, l, n)
-        teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass))
+        weight = loss_mask if c.teacher_positions == "scored" else None
+        teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass, weight))
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_roots.append(feats.roots)

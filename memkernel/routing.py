@@ -288,15 +288,19 @@ def leaf_attention_mass(q_BTHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
 
 
 def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: jax.Array,
-                 leaf_mass_BTHN: jax.Array) -> jax.Array:
+                 leaf_mass_BTHN: jax.Array, weight_BT: Optional[jax.Array] = None) -> jax.Array:
   """Cross-entropy from each level's node-score softmax to the teacher's mass on those nodes.
 
   At every level the candidates are all complete nodes inside the query's visible prefix, so the
   signal reaches nodes the beam did not pick (an in-beam loss only confirms what was picked).
   Levels where a query sees fewer than two nodes contribute nothing.
 
+  Args:
+    weight_BT: optional weight of each query position (e.g. the task's loss mask, so the router
+      learns where the loss needs it rather than wherever unscored positions happen to attend);
+      None weighs every position 1.
   Returns:
-    scalar mean cross-entropy over (query, head, level) terms that have >= 2 candidates.
+    scalar weighted mean cross-entropy over (query, head, level) terms that have >= 2 candidates.
   """
   b, t, h, p = rq_BTHP.shape
   num_leaves = leaf_mass_BTHN.shape[-1]
@@ -314,8 +318,10 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: ja
     target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-9)
     logp = jax.nn.log_softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
     ce = -jnp.sum(jnp.where(visible, target * logp, 0.0), axis=-1)  # [B, T, H]
-    active = jnp.broadcast_to(((c >> level) >= 2)[None, :, None], ce.shape)
-    total = total + jnp.sum(jnp.where(active, ce, 0.0))
+    active = jnp.broadcast_to(((c >> level) >= 2)[None, :, None], ce.shape).astype(jnp.float32)
+    if weight_BT is not None:
+      active = active * weight_BT.astype(jnp.float32)[:, :, None]
+    total = total + jnp.sum(active * ce)
     count = count + jnp.sum(active)
     level += 1
   return total / jnp.maximum(count, 1.0)

@@ -403,8 +403,10 @@ def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *,
       `loss/<name>`, the model's diagnostics and `routing_metrics` (of the leaves actually read:
       with `oracle` those are the answer leaves wherever they are visible).
   """
+  kwargs = {"loss_mask": batch["mask"]} if train and isinstance(model, FractalV2Model) else {}
   logits, aux = model.apply({"params": params}, batch["tokens"],
-                            oracle_leaves=batch["answer_leaves"] if oracle else None, train=train)
+                            oracle_leaves=batch["answer_leaves"] if oracle else None, train=train,
+                            **kwargs)
   mask = batch["mask"]
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -618,8 +620,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # Settings that may change when a run resumes (curricula, capacity, implementation); every other
 # model field defines the architecture the checkpoint was trained as.
-_RESUMABLE_MODEL_FIELDS = ("beam_width", "train_beam_width", "teacher_weight", "max_seq_len",
-                           "scan_impl", "min_timescale", "max_timescale")
+_RESUMABLE_MODEL_FIELDS = ("beam_width", "train_beam_width", "teacher_weight", "teacher_positions",
+                           "max_seq_len", "scan_impl", "min_timescale", "max_timescale")
 
 
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ class ConfigTest(parameterized.TestCase):
       ("scan_impl", "fft", "scan_impl"),
       ("use_tree_read", "yes", "use_tree_read"),
       ("teacher_weight", -1.0, "teacher_weight"),
+      ("teacher_positions", "queries", "teacher_positions"),
   )
   def test_invalid_value_names_field(self, field, value, message):
     with pytest.raises(ValueError, match=message) as err:

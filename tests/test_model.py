@@ -254,6 +254,25 @@ class TrainingSignalTest(parameterized.TestCase):
     assert "teacher" in aux_train["losses"] and float(aux_train["losses"]["teacher"]) > 0
     assert not aux_eval["losses"]
 
+  def test_teacher_trains_at_the_scored_positions(self):
+    config = dataclasses.replace(BASE, train_beam_width=4)
+    model = FractalV2Model(config)
+    tokens = _tokens(34, 2, 64)
+    params = model.init(jax.random.PRNGKey(0), tokens)
+    mask = jnp.zeros((2, 64)).at[:, 50].set(1.0)
+
+    def teacher(params, loss_mask, model=model):
+      _, aux = model.apply(params, tokens, train=True, loss_mask=loss_mask)
+      return aux["losses"]["teacher"]
+
+    every = teacher(params, None)
+    np.testing.assert_allclose(teacher(params, jnp.ones((2, 64))), every, rtol=1e-6)
+    scored = teacher(params, mask)
+    assert abs(float(scored) - float(every)) > 1e-4
+    # 'all' ignores the mask.
+    model_all = FractalV2Model(dataclasses.replace(config, teacher_positions="all"))
+    np.testing.assert_allclose(teacher(params, mask, model_all), every, rtol=1e-6)
+
   def test_oracle_routes_are_read(self):
     _, params, parallel, _, _ = _compiled(BASE)
     tokens = _tokens(33, 2, 64)

@@ -174,6 +174,27 @@ class RouteTest(parameterized.TestCase):
     assert np.isfinite(loss) and loss > 0
     assert float(jnp.abs(grads[0]).sum()) > 0 and float(jnp.abs(grads[1]).sum()) > 0
 
+    # Position weights: all ones is the unweighted loss; a 0/1 mask is the loss of the kept
+    # positions alone (their terms averaged), and masked positions get no gradient.
+    ones = jnp.ones((B, t))
+    np.testing.assert_allclose(routing.teacher_loss(rq, node_k, jnp.arange(t) // L, mass, ones),
+                               loss, rtol=1e-6)
+    keep = np.zeros((B, t), np.float32)
+    keep[:, 2 * L + 3] = 1.0
+    keep[1, 3 * L + 1] = 1.0
+    masked_fn = lambda rq: routing.teacher_loss(rq, node_k, jnp.arange(t) // L, mass,
+                                                jnp.asarray(keep))
+    masked, grad_rq = jax.value_and_grad(masked_fn)(rq)
+    terms = []
+    for b, i in zip(*np.nonzero(keep)):
+      sub = lambda x: x[b:b + 1, i:i + 1]
+      terms.append(routing.teacher_loss(sub(rq), node_k[b:b + 1], jnp.asarray([i // L]),
+                                        sub(mass)))
+    # Every kept position sees leaves 0..c-1 with c >= 2, i.e. the same number of levels (2).
+    np.testing.assert_allclose(masked, np.mean(terms), rtol=1e-5)
+    assert float(jnp.abs(grad_rq * (1 - keep)[:, :, None, None]).sum()) == 0
+    assert float(jnp.abs(grad_rq).sum()) > 0
+
   def test_routing_recall(self):
     leaves = jnp.array([[[[0, 1], [2, -1]], [[3, 4], [5, 6]]]])  # [1, 2, 2, 2]
     answers = jnp.array([[[2, -1], [7, 3]]])
