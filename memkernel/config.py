@@ -61,6 +61,9 @@ class ModelConfig:
       (`routing.exact_leaf_scores`) instead of their summaries.
     read_sink: give every exact-read head a learned "read nothing" slot (zero value), so a head
       whose routed leaves hold no match need not average unrelated tokens into the stream.
+    remat: recompute the routing and the exact read in the backward pass (`jax.checkpoint`)
+      instead of keeping their per-token gathers: less training memory at long lengths for
+      about one more forward of those two parts. Changes no value.
     shift_init: start the memory projections as an associative-recall prior (keys = previous
       token, queries = current token; see `model.memory_proj_init`); False = all random.
     min_timescale, max_timescale: range of the roots' initial decay timescales (tokens).
@@ -90,6 +93,7 @@ class ModelConfig:
   leaf_rerank: bool = False
   read_sink: bool = False
   shift_init: bool = True
+  remat: bool = False
   min_timescale: float = 1.0
   max_timescale: float = 256.0
 
@@ -127,7 +131,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.tree_merge must be one of {_TREE_MERGES}, "
                        f"got {self.tree_merge!r}")
     for name in ("use_tree_read", "use_exact_read", "shift_init", "leaf_rerank",
-                 "read_sink", "route_descend"):
+                 "read_sink", "route_descend", "remat"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if not self.route_descend and self.use_exact_read:

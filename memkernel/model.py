@@ -23,6 +23,7 @@ Shape key in `memkernel.state`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -286,15 +287,18 @@ class FractalV2Model(nn.Module):
       zeros = jnp.zeros((b, t, h, e), jnp.float32)
       return zeros, zeros, None
     rerank = (feats.q, cache_k) if c.leaf_rerank else None
-    route = routing.route_beam(feats.rq, node_keys, node_vals, query_leaf_T, beam, rerank,
-                               descend=c.route_descend)
+    route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend)
+    read_fn = read_lib.exact_read
+    if c.remat:
+      route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)
+    route = route_fn(feats.rq, node_keys, node_vals, query_leaf_T, rerank=rerank)
     leaves, weights = route.leaves, route.weights
     if interventions.next_best_span:
       leaves = route.runner_up
       weights = jnp.where(leaves >= 0, weights, 0.0)
     if oracle_leaves is not None:
       leaves, weights = _oracle_selection(oracle_leaves, query_leaf_T, leaves, weights, h)
-    read = read_lib.exact_read(feats.q, cache_k, cache_v, leaves, weights, read_sink)
+    read = read_fn(feats.q, cache_k, cache_v, leaves, weights, read_sink)
     aux = {"leaves": leaves, "weights": weights, "entropy": route.entropy,
            "start_level": route.start_level, "read_probs": read.probs,
            "read_active": read.active}

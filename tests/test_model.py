@@ -243,6 +243,24 @@ class TrainingSignalTest(parameterized.TestCase):
     assert float(jnp.abs(rq).sum()) > 0, "no gradient reaches the routing queries"
     assert float(jnp.abs(rk).sum()) > 0, "no gradient reaches the routing keys"
 
+  def test_remat_changes_no_value_or_gradient(self):
+    config = dataclasses.replace(BASE, train_beam_width=4, leaf_rerank=True)
+    tokens = _tokens(35, 2, 64)
+    mask = jnp.zeros((2, 64)).at[:, 40:].set(1.0)
+    params = FractalV2Model(config).init(jax.random.PRNGKey(0), tokens)
+
+    def objective(p, model):
+      logits, aux = model.apply(p, tokens, train=True, loss_mask=mask)
+      return -jnp.mean(jax.nn.log_softmax(logits)[..., 1]) + aux["losses"]["teacher"]
+
+    results = [jax.jit(jax.value_and_grad(functools.partial(objective, model=FractalV2Model(
+        dataclasses.replace(config, remat=remat)))))(params) for remat in (False, True)]
+    (v0, g0), (v1, g1) = results
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-6)
+    proj = g1["params"]["layer_0"]["memory_proj"]["kernel"]
+    assert float(jnp.abs(proj).sum()) > 0
+
   def test_training_mode_adds_teacher_and_wide_beam(self):
     config = dataclasses.replace(BASE, train_beam_width=4)
     _, params, parallel, _, _ = _compiled(config)
