@@ -190,7 +190,8 @@ class RouteTest(parameterized.TestCase):
       sub = lambda x: x[b:b + 1, i:i + 1]
       terms.append(routing.teacher_loss(sub(rq), node_k[b:b + 1], jnp.asarray([i // L]),
                                         sub(mass)))
-    # Every kept position sees leaves 0..c-1 with c >= 2, i.e. the same number of levels (2).
+    # Both kept positions (leaf 2 and leaf 3) have terms at level 0 only (level 1 needs 4 visible
+    # leaves), so the weighted mean is the plain mean of their two losses.
     np.testing.assert_allclose(masked, np.mean(terms), rtol=1e-5)
     assert float(jnp.abs(grad_rq * (1 - keep)[:, :, None, None]).sum()) == 0
     assert float(jnp.abs(grad_rq).sum()) > 0
