@@ -81,6 +81,9 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       # The teacher trains the router at the positions the task loss scores (learning log:
       # at every position, the unscored ones' arbitrary attention drowned the probes' queries).
       teacher_positions="scored",
+      # Each level's teacher softmax also holds the query's smaller Fenwick nodes, so the router
+      # learns the mixed-size comparisons its beam makes (learning log: noisy retrieval 88 -> 99.6%).
+      teacher_cross_level=True,
       tree_merge="pooled",
       leaf_rerank=True,
       read_sink=False,

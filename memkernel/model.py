@@ -299,8 +299,8 @@ class FractalV2Model(nn.Module):
     if oracle_leaves is not None:
       leaves, weights = _oracle_selection(oracle_leaves, query_leaf_T, leaves, weights, h)
     read = read_fn(feats.q, cache_k, cache_v, leaves, weights, read_sink)
-    aux = {"leaves": leaves, "weights": weights, "entropy": route.entropy,
-           "start_level": route.start_level, "read_probs": read.probs,
+    aux = {"leaves": leaves, "weights": weights, "runner_up": route.runner_up,
+           "entropy": route.entropy, "start_level": route.start_level, "read_probs": read.probs,
            "read_active": read.active}
     return route.tree_value, read.value, aux
 
@@ -332,9 +332,10 @@ class FractalV2Model(nn.Module):
         only (training only; None: every position).
     Returns:
       (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
-      weights [B, T, H, K], entropy, start_level, read_probs, read_active), aux["roots"] the per-layer
-      root outputs [B, T, R, D], aux["gates"] the per-layer fusion gates [B, T, 3], aux["losses"]
-      extra weighted losses for training and aux["metrics"] scalar diagnostics.
+      weights, runner_up [B, T, H, K], entropy, start_level, read_probs, read_active),
+      aux["roots"] the per-layer root outputs [B, T, R, D], aux["gates"] the per-layer fusion
+      gates [B, T, 3], aux["losses"] extra weighted losses for training and aux["metrics"]
+      scalar diagnostics.
     """
     c = self.config
     self._check_tokens(tokens, 2, "tokens")
@@ -365,10 +366,15 @@ class FractalV2Model(nn.Module):
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
           oracle_leaves, interventions, layer.read_sink)
+      if self._uses_routing():
+        # For `memkernel.diagnose` (apply with mutable=["intermediates"]); a no-op otherwise.
+        self.sow("intermediates", "route_inputs",
+                 {"rq": feats.rq, "q": feats.q, "k": feats.k, "node_keys": node_keys})
       if train and c.teacher_weight > 0 and c.use_exact_read:
         mass = routing.leaf_attention_mass(feats.q, feats.k, l, n)
         weight = loss_mask if c.teacher_positions == "scored" else None
-        teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass, weight))
+        teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass, weight,
+                                            cross_level=c.teacher_cross_level))
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_roots.append(feats.roots)

@@ -288,37 +288,66 @@ def leaf_attention_mass(q_BTHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
 
 
 def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: jax.Array,
-                 leaf_mass_BTHN: jax.Array, weight_BT: Optional[jax.Array] = None) -> jax.Array:
+                 leaf_mass_BTHN: jax.Array, weight_BT: Optional[jax.Array] = None,
+                 cross_level: bool = False) -> jax.Array:
   """Cross-entropy from each level's node-score softmax to the teacher's mass on those nodes.
 
   At every level the candidates are all complete nodes inside the query's visible prefix, so the
   signal reaches nodes the beam did not pick (an in-beam loss only confirms what was picked).
-  Levels where a query sees fewer than two nodes contribute nothing.
+
+  With `cross_level`, level l's candidates also include the query's Fenwick nodes of lower levels
+  (the tail [(c >> l) << l, c) that no complete level-l node covers), so each level's softmax is
+  over a partition of the whole visible prefix that mixes levels, as the beam's comparisons do:
+  the first routing step compares the Fenwick nodes (every level at once), and a descent compares
+  a large node's children with the smaller nodes kept beside it. Without it the router is only
+  trained to rank nodes of one size against each other. Level l contributes when the query sees
+  at least one complete level-l node and two candidates in all.
+
+  Without `cross_level`, levels where a query sees fewer than two level-l nodes contribute nothing.
 
   Args:
     weight_BT: optional weight of each query position (e.g. the task's loss mask, so the router
       learns where the loss needs it rather than wherever unscored positions happen to attend);
       None weighs every position 1.
+    cross_level: add the lower-level Fenwick tail to every level's candidates (see above).
   Returns:
     scalar weighted mean cross-entropy over (query, head, level) terms that have >= 2 candidates.
   """
   b, t, h, p = rq_BTHP.shape
   num_leaves = leaf_mass_BTHN.shape[-1]
+  scale = p ** -0.5
   c = jnp.asarray(query_leaf_T, jnp.int32)
+  if cross_level:
+    f_level, f_index, f_valid = fenwick_candidates(c, num_leaves)             # [T, F]
+    flat = jnp.where(f_valid, flat_index(f_level, f_index, num_leaves), 0)
+    f_keys = node_keys_BSHP[:, flat]                                          # [B, T, F, H, P]
+    f_scores = jnp.einsum("btfhp,bthp->bthf", f_keys, rq_BTHP) * scale
+    cum = jnp.pad(jnp.cumsum(leaf_mass_BTHN, axis=-1), ((0, 0),) * 3 + ((1, 0),))
+    span = lambda x: jnp.broadcast_to(x[None, :, None, :], (b, t, h, x.shape[-1]))
+    f_mass = (jnp.take_along_axis(cum, span((f_index + 1) << f_level), axis=-1)
+              - jnp.take_along_axis(cum, span(f_index << f_level), axis=-1))
   total, count = 0.0, 0.0
   level = 0
   while (num_leaves >> level) >= 2:
     n_l = num_leaves >> level
     off = level_offset(num_leaves, level)
     keys = node_keys_BSHP[:, off:off + n_l]
-    scores = jnp.einsum("bnhp,bthp->bthn", keys, rq_BTHP) * p ** -0.5
-    visible = (jnp.arange(n_l)[None, :] < (c[:, None] >> level))[None, :, None, :]
+    scores = jnp.einsum("bnhp,bthp->bthn", keys, rq_BTHP) * scale
+    visible = jnp.broadcast_to((jnp.arange(n_l)[None, :] < (c[:, None] >> level))[None, :, None, :],
+                               scores.shape)
     target = leaf_mass_BTHN.reshape(b, t, h, n_l, 1 << level).sum(-1)
+    active = (c >> level) >= 2
+    if cross_level:
+      tail = jnp.broadcast_to((f_valid & (f_level < level))[None, :, None, :], f_scores.shape)
+      scores = jnp.concatenate([scores, f_scores], axis=-1)
+      visible = jnp.concatenate([visible, tail], axis=-1)
+      target = jnp.concatenate([target, f_mass], axis=-1)
+      active = ((c >> level) >= 1) & ((c >> level) + jnp.sum(tail[0, :, 0], axis=-1) >= 2)
     target = jnp.where(visible, target, 0.0)
     target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-9)
     logp = jax.nn.log_softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
     ce = -jnp.sum(jnp.where(visible, target * logp, 0.0), axis=-1)  # [B, T, H]
-    active = jnp.broadcast_to(((c >> level) >= 2)[None, :, None], ce.shape).astype(jnp.float32)
+    active = jnp.broadcast_to(active[None, :, None], ce.shape).astype(jnp.float32)
     if weight_BT is not None:
       active = active * weight_BT.astype(jnp.float32)[:, :, None]
     total = total + jnp.sum(active * ce)

@@ -25,6 +25,7 @@ class ConfigTest(parameterized.TestCase):
       ("use_tree_read", "yes", "use_tree_read"),
       ("teacher_weight", -1.0, "teacher_weight"),
       ("teacher_positions", "queries", "teacher_positions"),
+      ("teacher_cross_level", 1, "teacher_cross_level"),
   )
   def test_invalid_value_names_field(self, field, value, message):
     with pytest.raises(ValueError, match=message) as err:

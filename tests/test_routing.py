@@ -196,6 +196,50 @@ class RouteTest(parameterized.TestCase):
     assert float(jnp.abs(grad_rq * (1 - keep)[:, :, None, None]).sum()) == 0
     assert float(jnp.abs(grad_rq).sum()) > 0
 
+  def test_cross_level_teacher_matches_reference(self):
+    # Level l's candidates: the complete level-l nodes before the query's leaf c, plus the
+    # query's Fenwick nodes of lower levels covering the rest of [0, c): a partition of the
+    # visible prefix, so the teacher's masses over it sum to one without renormalising.
+    t = N * L
+    kq, kk, kr = jax.random.split(jax.random.PRNGKey(8), 3)
+    mass = routing.leaf_attention_mass(jax.random.normal(kq, (1, t, H, E)),
+                                       jax.random.normal(kk, (1, t, H, E)), L, N)
+    node_k = np.asarray(_tree(9)[0][:1])
+    rq = jax.random.normal(kr, (1, t, H, P))
+    scale = P ** -0.5
+    for c in (1, 2, 3, 5, 7, 11, 13, 15):
+      i = c * L + 4
+      m = np.asarray(mass)[0, i]                                   # [H, N]
+      terms = []
+      for level in range(N.bit_length() - 1):
+        whole = c >> level
+        if whole < 1:
+          continue
+        cands = [(level, j) for j in range(whole)]
+        start = whole << level
+        for lv in range(level - 1, -1, -1):                         # the Fenwick tail
+          if start + (1 << lv) <= c:
+            cands.append((lv, start >> lv))
+            start += 1 << lv
+        assert start == c
+        if len(cands) < 2:
+          continue
+        for h in range(H):
+          target = np.array([m[h, j << lv:(j + 1) << lv].sum() for lv, j in cands])
+          np.testing.assert_allclose(target.sum(), 1.0, rtol=1e-5)
+          scores = np.array([node_k[0, level_offset(N, lv) + j, h] @ np.asarray(rq)[0, i, h]
+                             for lv, j in cands]) * scale
+          logp = scores - np.log(np.sum(np.exp(scores - scores.max()))) - scores.max()
+          terms.append(-(target * logp).sum())
+      got = routing.teacher_loss(rq[:, i:i + 1], jnp.asarray(node_k), jnp.asarray([c]),
+                                 mass[:, i:i + 1], cross_level=True)
+      want = np.mean(terms) if terms else 0.0   # leaf 1 sees one leaf: nothing to rank
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=f"leaf {c}")
+      plain = routing.teacher_loss(rq[:, i:i + 1], jnp.asarray(node_k), jnp.asarray([c]),
+                                   mass[:, i:i + 1])
+      if c in (3, 5, 7, 11, 13):  # a Fenwick tail exists below some level: the losses differ
+        assert abs(float(got) - float(plain)) > 1e-4, c
+
   def test_routing_recall(self):
     leaves = jnp.array([[[[0, 1], [2, -1]], [[3, 4], [5, 6]]]])  # [1, 2, 2, 2]
     answers = jnp.array([[[2, -1], [7, 3]]])
