@@ -50,8 +50,13 @@ class ModelConfig:
       parallel form.
     teacher_weight: weight of the dense-teacher routing loss (training only; 0 disables it).
     teacher_positions: which query positions the teacher trains the router at: 'scored' (the
-      positions the task loss scores, the `loss_mask` the training step passes; every position
-      when none is given) or 'all' (every position, whatever its read attends to).
+      positions the task loss scores, the `loss_mask` the training step passes; without one, as
+      'all') or 'all' (positions spread over the sequence, whatever its read attends to; every
+      position when the sequence is at most `teacher_queries` long).
+    teacher_queries: query positions per sequence the teacher trains at (S): the scored ones when
+      the training step passes a loss mask (a probe scores at most a few hundred), else S spread
+      over the sequence. Its dense attention then costs O(S T) per layer instead of O(T^2), so
+      a long training sequence has no quadratic part (BUILD_NOTES, issue 7).
     teacher_cross_level: each level's teacher softmax also holds the query's lower-level Fenwick
       nodes, so the router learns the mixed-level comparisons its beam makes
       (`routing.teacher_loss`); False trains same-size comparisons only (measured in
@@ -94,6 +99,7 @@ class ModelConfig:
   scan_impl: str = "associative"
   teacher_weight: float = 1.0
   teacher_positions: str = "scored"
+  teacher_queries: int = 256
   teacher_cross_level: bool = True
   route_descend: bool = True
   tree_merge: str = "pooled"
@@ -106,7 +112,7 @@ class ModelConfig:
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "leaf_size", "num_route_heads",
-                 "beam_width", "max_seq_len", "conv_width", "mlp_ratio"):
+                 "beam_width", "max_seq_len", "conv_width", "mlp_ratio", "teacher_queries"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")

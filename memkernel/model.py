@@ -329,7 +329,7 @@ class FractalV2Model(nn.Module):
       interventions: run-time ablations.
       loss_mask: optional [B, T] weights of the positions the task loss scores; with
         `teacher_positions='scored'` the routing teacher trains the router at those positions
-        only (training only; None: every position).
+        only (training only; None: `teacher_queries` positions spread over the sequence).
     Returns:
       (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
       weights, runner_up [B, T, H, K], entropy, start_level, read_probs, read_active),
@@ -352,6 +352,10 @@ class FractalV2Model(nn.Module):
     conv0 = jnp.zeros((b, c.conv_width - 1, c.d_model), jnp.float32)
     roots0 = jnp.zeros((b, c.num_roots, c.d_model), jnp.float32)
     aux_route, aux_roots, aux_gates, teacher = [], [], [], []
+    if train:
+      # The teacher's query positions (all layers): the scored ones, or spread over the sequence.
+      mask = loss_mask if c.teacher_positions == "scored" else None
+      teacher_pos = routing.teacher_positions(c.teacher_queries, t, b, mask)
     for layer in self.layers:
       feats, _, _ = layer.features(x, conv0, roots0, keep_r, c.scan_impl)
 
@@ -371,9 +375,11 @@ class FractalV2Model(nn.Module):
         self.sow("intermediates", "route_inputs",
                  {"rq": feats.rq, "q": feats.q, "k": feats.k, "node_keys": node_keys})
       if train and c.teacher_weight > 0 and c.use_exact_read:
-        mass = routing.leaf_attention_mass(feats.q, feats.k, l, n)
-        weight = loss_mask if c.teacher_positions == "scored" else None
-        teacher.append(routing.teacher_loss(feats.rq, node_keys, query_leaf, mass, weight,
+        pos, weight = teacher_pos
+        take = lambda y: jnp.take_along_axis(y, pos.reshape(pos.shape + (1,) * (y.ndim - 2)),
+                                             axis=1)
+        mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos)
+        teacher.append(routing.teacher_loss(take(feats.rq), node_keys, pos // l, mass, weight,
                                             cross_level=c.teacher_cross_level))
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)

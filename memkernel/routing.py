@@ -264,30 +264,63 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   )
 
 
-def leaf_attention_mass(q_BTHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
-                        num_leaves: int) -> jax.Array:
+def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
+                        num_leaves: int, query_pos_BS: Optional[jax.Array] = None) -> jax.Array:
   """Dense causal teacher: the attention mass each visible sealed leaf gets, per query and head.
 
   A query in leaf c attends over every token of leaves < c. The result is stop-gradient.
 
+  Args:
+    q_BSHE: the queries: every position of the sequence (S = T), or those at `query_pos_BS`.
+    k_BTHE: the keys of every position.
+    query_pos_BS: int32 [B, S] positions of the queries; None means 0..T-1. With S fixed the cost
+      is O(S T) rather than O(T^2).
   Returns:
-    float32 [B, T, H, N] (zeros for leaves a query cannot see; rows of leaf-0 queries are zero).
+    float32 [B, S, H, N] (zeros for leaves a query cannot see; rows of leaf-0 queries are zero).
   """
-  b, t, h, e = q_BTHE.shape
+  b, s, h, e = q_BSHE.shape
+  t = k_BTHE.shape[1]
+  if query_pos_BS is None:
+    query_pos_BS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   n_full = t // leaf_size
   keys = k_BTHE[:, :n_full * leaf_size]
-  logits = jnp.einsum("bthe,bshe->bths", q_BTHE, keys) * e ** -0.5
-  q_leaf = jnp.arange(t) // leaf_size
+  logits = jnp.einsum("bshe,bthe->bsht", q_BSHE, keys) * e ** -0.5
+  q_leaf = query_pos_BS // leaf_size
   k_leaf = jnp.arange(n_full * leaf_size) // leaf_size
-  visible = (k_leaf[None, :] < q_leaf[:, None])[None, :, None, :]
+  visible = (k_leaf[None, None, :] < q_leaf[:, :, None])[:, :, None, :]
   probs = jax.nn.softmax(jnp.where(visible, logits, NEG_INF), axis=-1)
   probs = jnp.where(visible, probs, 0.0)
-  mass = probs.reshape(b, t, h, n_full, leaf_size).sum(-1)
+  mass = probs.reshape(b, s, h, n_full, leaf_size).sum(-1)
   mass = jnp.pad(mass, ((0, 0), (0, 0), (0, 0), (0, num_leaves - n_full)))
   return jax.lax.stop_gradient(mass)
 
 
-def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: jax.Array,
+def teacher_positions(num_queries: int, seq_len: int, batch_size: int,
+                      mask_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """The query positions the teacher trains at, and their weights, so its cost is O(S T).
+
+  With a mask (the task's scored positions), each row's S = min(num_queries, T) positions of
+  largest mask weight, earliest first among equals (all of a probe's scored positions when it
+  has at most S), weighted by the mask. Without, S positions spread over the sequence (one per
+  stride, at an offset that cycles through the stride, so they do not all sit at one offset in
+  their leaf), weight 1; S >= T gives every position.
+
+  Returns:
+    (positions int32 [B, S], weights float32 [B, S]).
+  """
+  s = min(num_queries, seq_len)
+  if mask_BT is not None:
+    pos = jnp.argsort(-mask_BT.astype(jnp.float32), axis=-1, stable=True)[:, :s]
+    pos = jnp.sort(pos, axis=-1).astype(jnp.int32)
+    return pos, jnp.take_along_axis(mask_BT.astype(jnp.float32), pos, axis=-1)
+  stride = seq_len // s
+  i = jnp.arange(s, dtype=jnp.int32)
+  pos = i * stride + (i * 5) % stride
+  return (jnp.broadcast_to(pos, (batch_size, s)),
+          jnp.ones((batch_size, s), jnp.float32))
+
+
+def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf: jax.Array,
                  leaf_mass_BTHN: jax.Array, weight_BT: Optional[jax.Array] = None,
                  cross_level: bool = False) -> jax.Array:
   """Cross-entropy from each level's node-score softmax to the teacher's mass on those nodes.
@@ -306,6 +339,9 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: ja
   Without `cross_level`, levels where a query sees fewer than two level-l nodes contribute nothing.
 
   Args:
+    rq_BTHP: routing queries (every position, or those `teacher_positions` picked).
+    query_leaf: int32 [T] or [B, T], the leaf each query sits in.
+    leaf_mass_BTHN: `leaf_attention_mass` of the same queries.
     weight_BT: optional weight of each query position (e.g. the task's loss mask, so the router
       learns where the loss needs it rather than wherever unscored positions happen to attend);
       None weighs every position 1.
@@ -316,14 +352,14 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: ja
   b, t, h, p = rq_BTHP.shape
   num_leaves = leaf_mass_BTHN.shape[-1]
   scale = p ** -0.5
-  c = jnp.asarray(query_leaf_T, jnp.int32)
+  c = jnp.broadcast_to(jnp.asarray(query_leaf, jnp.int32), (b, t))
   if cross_level:
-    f_level, f_index, f_valid = fenwick_candidates(c, num_leaves)             # [T, F]
+    f_level, f_index, f_valid = fenwick_candidates(c, num_leaves)             # [B, T, F]
     flat = jnp.where(f_valid, flat_index(f_level, f_index, num_leaves), 0)
-    f_keys = node_keys_BSHP[:, flat]                                          # [B, T, F, H, P]
+    f_keys = jax.vmap(lambda nk, i: nk[i])(node_keys_BSHP, flat)              # [B, T, F, H, P]
     f_scores = jnp.einsum("btfhp,bthp->bthf", f_keys, rq_BTHP) * scale
     cum = jnp.pad(jnp.cumsum(leaf_mass_BTHN, axis=-1), ((0, 0),) * 3 + ((1, 0),))
-    span = lambda x: jnp.broadcast_to(x[None, :, None, :], (b, t, h, x.shape[-1]))
+    span = lambda x: jnp.broadcast_to(x[:, :, None, :], (b, t, h, x.shape[-1]))
     f_mass = (jnp.take_along_axis(cum, span((f_index + 1) << f_level), axis=-1)
               - jnp.take_along_axis(cum, span(f_index << f_level), axis=-1))
   total, count = 0.0, 0.0
@@ -333,21 +369,21 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf_T: ja
     off = level_offset(num_leaves, level)
     keys = node_keys_BSHP[:, off:off + n_l]
     scores = jnp.einsum("bnhp,bthp->bthn", keys, rq_BTHP) * scale
-    visible = jnp.broadcast_to((jnp.arange(n_l)[None, :] < (c[:, None] >> level))[None, :, None, :],
-                               scores.shape)
+    visible = jnp.broadcast_to(
+        (jnp.arange(n_l)[None, None, :] < (c[..., None] >> level))[:, :, None, :], scores.shape)
     target = leaf_mass_BTHN.reshape(b, t, h, n_l, 1 << level).sum(-1)
-    active = (c >> level) >= 2
+    active = (c >> level) >= 2                                                # [B, T]
     if cross_level:
-      tail = jnp.broadcast_to((f_valid & (f_level < level))[None, :, None, :], f_scores.shape)
+      tail = jnp.broadcast_to((f_valid & (f_level < level))[:, :, None, :], f_scores.shape)
       scores = jnp.concatenate([scores, f_scores], axis=-1)
       visible = jnp.concatenate([visible, tail], axis=-1)
       target = jnp.concatenate([target, f_mass], axis=-1)
-      active = ((c >> level) >= 1) & ((c >> level) + jnp.sum(tail[0, :, 0], axis=-1) >= 2)
+      active = ((c >> level) >= 1) & ((c >> level) + jnp.sum(tail[:, :, 0], axis=-1) >= 2)
     target = jnp.where(visible, target, 0.0)
     target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-9)
     logp = jax.nn.log_softmax(jnp.where(visible, scores, NEG_INF), axis=-1)
     ce = -jnp.sum(jnp.where(visible, target * logp, 0.0), axis=-1)  # [B, T, H]
-    active = jnp.broadcast_to(active[None, :, None], ce.shape).astype(jnp.float32)
+    active = jnp.broadcast_to(active[:, :, None], ce.shape).astype(jnp.float32)
     if weight_BT is not None:
       active = active * weight_BT.astype(jnp.float32)[:, :, None]
     total = total + jnp.sum(active * ce)

@@ -290,6 +290,12 @@ class TrainingSignalTest(parameterized.TestCase):
     # 'all' ignores the mask.
     model_all = FractalV2Model(dataclasses.replace(config, teacher_positions="all"))
     np.testing.assert_allclose(teacher(params, mask, model_all), every, rtol=1e-6)
+    # A teacher at S < T positions: with a mask it still holds every scored position (same
+    # loss); without one it trains at S spread positions (another loss, same scale).
+    few = FractalV2Model(dataclasses.replace(config, teacher_queries=8))
+    np.testing.assert_allclose(teacher(params, mask, few), scored, rtol=1e-6)
+    spread = teacher(params, None, few)
+    assert abs(float(spread) - float(every)) > 1e-4 and 0.2 < float(spread / every) < 5
 
   def test_oracle_routes_are_read(self):
     _, params, parallel, _, _ = _compiled(BASE)

@@ -196,6 +196,41 @@ class RouteTest(parameterized.TestCase):
     assert float(jnp.abs(grad_rq * (1 - keep)[:, :, None, None]).sum()) == 0
     assert float(jnp.abs(grad_rq).sum()) > 0
 
+  def test_teacher_positions(self):
+    mask = np.zeros((2, 64), np.float32)
+    mask[0, [40, 7, 50]] = 1.0
+    mask[1, [63, 20]] = 0.5
+    pos, w = routing.teacher_positions(4, 64, 2, jnp.asarray(mask))
+    np.testing.assert_array_equal(pos, [[0, 7, 40, 50], [0, 1, 20, 63]])  # scored, then weight 0
+    np.testing.assert_array_equal(w, [[0, 1, 1, 1], [0, 0, 0.5, 0.5]])
+    pos, w = routing.teacher_positions(8, 256, 3)
+    pos = np.asarray(pos)
+    assert pos.shape == (3, 8) and np.all(w == 1) and np.all(pos[0] == pos[2])
+    assert len(set(pos[0])) == 8 and pos.min() >= 0 and pos.max() < 256
+    assert len(set(pos[0] % L)) > 4                 # not all at one offset in their leaf
+    np.testing.assert_array_equal(routing.teacher_positions(300, 64, 1)[0], [np.arange(64)])
+
+  def test_teacher_at_chosen_positions_is_the_full_teacher_there(self):
+    t = 8 * L
+    kq, kk, kr = jax.random.split(jax.random.PRNGKey(10), 3)
+    q = jax.random.normal(kq, (B, t, H, E))
+    k = jax.random.normal(kk, (B, t, H, E))
+    rq = jax.random.normal(kr, (B, t, H, P))
+    node_k = _tree(11, n=8)[0]
+    mass = routing.leaf_attention_mass(q, k, L, N)
+    keep = np.zeros((B, t), np.float32)
+    keep[0, [20, 70, 127]] = 1.0
+    keep[1, [33, 100]] = 1.0
+    pos, w = routing.teacher_positions(5, t, B, jnp.asarray(keep))
+    take = lambda y: jnp.take_along_axis(y, pos[:, :, None, None], axis=1)
+    mass_at = routing.leaf_attention_mass(take(q), k, L, N, pos)
+    np.testing.assert_allclose(mass_at, take(mass), rtol=1e-5, atol=1e-7)
+    for cross in (False, True):
+      full = routing.teacher_loss(rq, node_k, jnp.arange(t) // L, mass, jnp.asarray(keep),
+                                  cross_level=cross)
+      at = routing.teacher_loss(take(rq), node_k, pos // L, mass_at, w, cross_level=cross)
+      np.testing.assert_allclose(at, full, rtol=1e-5)
+
   def test_cross_level_teacher_matches_reference(self):
     # Level l's candidates: the complete level-l nodes before the query's leaf c, plus the
     # query's Fenwick nodes of lower levels covering the rest of [0, c): a partition of the
