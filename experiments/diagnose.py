@@ -11,8 +11,6 @@ and writes it with the command to --out (default WORKDIR/diagnose.json; never ov
 beside a live training run (only committed checkpoints are read).
 """
 
-import ast
-import json
 import logging as std_logging
 import os
 import shlex
@@ -23,6 +21,7 @@ from absl import flags
 from absl import logging
 
 from memkernel import diagnose as diagnose_lib
+from memkernel import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A kernel training run's --workdir.")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: the training length).")
@@ -44,15 +43,10 @@ def _fail(message):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
-  task = {}
-  for item in _TASK.value:
-    field, sep, value = item.partition("=")
-    if not sep or not field:
-      _fail(f"--task must be FIELD=VALUE, got {item!r}")
-    try:
-      task[field] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      task[field] = value
+  try:
+    task = runs.parse_task_overrides(_TASK.value)
+  except ValueError as e:
+    _fail(e)
   try:
     lengths = [int(v) for v in _LENGTHS.value or ()]
   except ValueError:
@@ -72,10 +66,7 @@ def main(argv):
   print(diagnose_lib.format_report(report))
   report["command"] = "python -m experiments.diagnose " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(tmp, out)
+  runs.write_json(out, report)
   print(f"wrote {out}")
 
 

@@ -8,8 +8,6 @@ length and writes the result, with the command, to --out (default WORKDIR/eval_<
 the tag names the task changes; an existing file is never overwritten).
 """
 
-import ast
-import json
 import logging as std_logging
 import os
 import shlex
@@ -32,19 +30,6 @@ _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag
 flags.mark_flags_as_required(["workdir"])
 
 
-def _parse_task(items):
-  task = {}
-  for item in items:
-    field, sep, value = item.partition("=")
-    if not sep or not field:
-      raise app.UsageError(f"--task must be FIELD=VALUE, got {item!r}")
-    try:
-      task[field] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      task[field] = value
-  return task
-
-
 def _parse_lengths(values):
   try:
     lengths = [int(v) for v in values or ()]
@@ -58,7 +43,11 @@ def _parse_lengths(values):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  task, lengths = _parse_task(_TASK.value), _parse_lengths(_LENGTHS.value)
+  try:
+    task = runs.parse_task_overrides(_TASK.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  lengths = _parse_lengths(_LENGTHS.value)
   tag = "_".join(f"{k}-{v}" for k, v in sorted(task.items())) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
@@ -76,10 +65,7 @@ def main(argv):
         if k in ("accuracy", "loss") or k.endswith("routing_recall")))
   result["command"] = "python -m experiments.evaluate " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
-  tmp = out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1)
-  os.replace(tmp, out)
+  runs.write_json(out, result)
   print(f"wrote {out}")
 
 

@@ -80,7 +80,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memkernel import checkpoint as checkpoint_lib
 from memkernel import data as data_lib
 from memkernel.config import ModelConfig
 from memkernel.model import NONE, SOURCES, FractalV2Model, Interventions
@@ -532,14 +531,8 @@ def audit_run(workdir: str, *, step: Optional[int] = None, num_batches: int = 8,
 
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"{workdir} is not a directory (expected a training run's --workdir)")
-  if step is None:  # Resolved once: a live run may commit a newer step meanwhile.
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-      step = checkpointer.latest_step()
-    finally:
-      checkpointer.close()
-    if step is None:
-      raise FileNotFoundError(f"no committed checkpoint in {workdir}")
+  if step is None:
+    step = runs.latest_step(workdir)
   experiment = runs.load_experiment(workdir, step)
   if experiment.model_type != "kernel":  # Before any array is read.
     raise ValueError(f"{workdir} holds a {experiment.model_type!r} peer run: the attention peers "

@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from memkernel import audit as audit_lib
-from memkernel import checkpoint as checkpoint_lib
 from memkernel import routing
 from memkernel import runs
 from memkernel.model import FractalV2Model
@@ -215,21 +214,15 @@ def diagnose_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   Raises:
     ValueError: a peer run, or a bad setting (named).
   """
-  task = dict(task or {})
-  fixed = sorted(set(task) & {"name", "vocab_size", "leaf_size", "seq_len"})
-  if fixed:
-    raise ValueError(f"task fields {fixed} cannot change for a trained run (seq_len: use lengths)")
   if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
     raise ValueError(f"batches must be a positive integer, got {batches!r}")
+  if step is None:
+    step = runs.latest_step(workdir)
   experiment = runs.load_experiment(workdir, step)
   if experiment.model_type != "kernel":
     raise ValueError(f"the routing diagnostic needs a memory-kernel run; this run trains the "
                      f"{experiment.model_type!r} peer, which does not route")
-  known = {f.name for f in dataclasses.fields(experiment.task)}
-  unknown = sorted(set(task) - known)
-  if unknown:
-    raise ValueError(f"unknown task field(s) {unknown}; known: {sorted(known)}")
-  experiment = dataclasses.replace(experiment, task=dataclasses.replace(experiment.task, **task))
+  experiment = runs.with_task(experiment, task)
   lengths = tuple(lengths or (experiment.task.seq_len,))
   for length in lengths:
     if not isinstance(length, int) or length <= 0:
@@ -237,12 +230,6 @@ def diagnose_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     experiment.task_for_length(length)          # validates the task at this length
   batch_size = batch_size or experiment.eval.batch_size
   seed = experiment.train.seed if seed is None else seed
-  if step is None:  # Resolved once: a live run may commit a newer step meanwhile.
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-      step = checkpointer.latest_step()
-    finally:
-      checkpointer.close()
   _, params = runs.load_run(workdir, step)
   out = {"step": step, "task": dataclasses.asdict(experiment.task),
          "beam_width": experiment.model.beam_width, "lengths": {}}

@@ -9,8 +9,11 @@ Needs no flags and no config file: the run's full config is stored in every chec
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import json
+import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -18,6 +21,60 @@ import ml_collections
 
 from memkernel import checkpoint as checkpoint_lib
 from memkernel import train as train_lib
+
+
+FIXED_TASK_FIELDS = ("name", "vocab_size", "leaf_size", "seq_len")
+
+
+def latest_step(workdir: str) -> int:
+  """The newest committed checkpoint step of a run, resolved once (a live run may commit a newer
+  one meanwhile). Raises FileNotFoundError when there is none."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise FileNotFoundError(f"no committed checkpoint in {workdir}")
+  return step
+
+
+def parse_task_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """FIELD=VALUE strings (a command's repeated --task flag) as a dict; values are Python
+  literals where they parse as one (`num_pairs=8`), else strings (`distance=uniform`)."""
+  task = {}
+  for item in items:
+    field, sep, value = item.partition("=")
+    if not sep or not field:
+      raise ValueError(f"--task must be FIELD=VALUE, got {item!r}")
+    try:
+      task[field] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      task[field] = value
+  return task
+
+
+def with_task(experiment: train_lib.Experiment,
+              task: Optional[Mapping[str, Any]]) -> train_lib.Experiment:
+  """The experiment with `TaskConfig` fields changed for a trained run; rejects unknown fields
+  and those the model fixes (name, vocab_size, leaf_size) or lengths set (seq_len)."""
+  task = dict(task or {})
+  fixed = sorted(set(task) & set(FIXED_TASK_FIELDS))
+  if fixed:
+    raise ValueError(f"task fields {fixed} cannot change for a trained run (seq_len: use lengths)")
+  known = {f.name for f in dataclasses.fields(experiment.task)}
+  unknown = sorted(set(task) - known)
+  if unknown:
+    raise ValueError(f"unknown task field(s) {unknown}; known: {sorted(known)}")
+  return dataclasses.replace(experiment, task=dataclasses.replace(experiment.task, **task))
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON through a temporary file, so a crash leaves no half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
 
 
 def load_experiment(workdir: str, step: Optional[int] = None) -> train_lib.Experiment:
@@ -84,16 +141,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   Raises:
     ValueError: an unknown or fixed task field, or an invalid value (named).
   """
-  task = dict(task or {})
-  fixed = sorted(set(task) & {"name", "vocab_size", "leaf_size", "seq_len"})
-  if fixed:
-    raise ValueError(f"task fields {fixed} cannot change for a trained run (seq_len: use lengths)")
-  experiment = load_experiment(workdir, step)
-  known = {f.name for f in dataclasses.fields(experiment.task)}
-  unknown = sorted(set(task) - known)
-  if unknown:
-    raise ValueError(f"unknown task field(s) {unknown}; known: {sorted(known)}")
-  experiment = dataclasses.replace(experiment, task=dataclasses.replace(experiment.task, **task))
+  experiment = with_task(load_experiment(workdir, step), task)
   ev = experiment.eval
   if batches is not None:
     if not isinstance(batches, int) or batches <= 0:
@@ -104,11 +152,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     experiment.task_for_length(length)  # Validates the task at every length before compiling.
   experiment = dataclasses.replace(experiment, eval=ev)
   if step is None:
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-      step = checkpointer.latest_step()
-    finally:
-      checkpointer.close()
+    step = latest_step(workdir)
   _, params = load_run(workdir, step)
   return {"step": step, "task": dataclasses.asdict(experiment.task),
           "lengths": train_lib.evaluate(experiment, params, lengths=lengths)}
