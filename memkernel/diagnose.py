@@ -13,6 +13,10 @@ scored (query, answer leaf) pair whose answer leaf is sealed before the query's 
                           complete level-l nodes the query sees (the teacher's per-level view; pairs
                           whose query sees fewer than two level-l nodes, or whose ancestor is not yet
                           complete, are left out of level l).
+  answer_share/l          not a hit rate: the mean, over pairs whose level-l ancestor is complete, of
+                          the answer leaf's share of that ancestor's pooling mass (best head),
+                          exp(salience(leaf) - salience(ancestor)): how much of the ancestor's key
+                          is the answer leaf's (the pooled merge, `tree.merge_nodes`).
   fenwick_first           the query's first routing step: the Fenwick candidate holding the answer
                           scores best among the query's Fenwick candidates;
   fenwick_in_beam         ... ranks within the beam width K (it survives the first step).
@@ -68,16 +72,17 @@ def layer_trace(inputs: Mapping[str, jax.Array], leaves_BTHK: jax.Array,
 
   Args:
     inputs: the layer's sown route inputs: rq [B, T, H, P], q and k [B, T, H, E], node_keys
-      [B, S, H, P].
+      [B, S, H, P], node_sal [B, S, H].
     leaves_BTHK, runner_up_BTHK: the routing aux's selected and runner-up leaves.
     pos_BQ: scored query positions.
     answers_BQA: answer leaves of those queries (-1: none).
     leaf_size, beam_width: L and K.
   Returns:
-    {name: float32 hits} and {name + "/n": float32 pairs counted}, for the names of FUNNEL and
-    level_first/l for every level.
+    {name: float32 hits} and {name + "/n": float32 pairs counted}, for the names of FUNNEL,
+    level_first/l and answer_share/l (a sum of shares) for every level.
   """
   rq, q, k, node_keys = inputs["rq"], inputs["q"], inputs["k"], inputs["node_keys"]
+  node_sal = inputs["node_sal"]
   b, t, h, e = q.shape
   num_leaves = (node_keys.shape[1] + 1) // 2
   c_BQ = pos_BQ // leaf_size
@@ -119,6 +124,11 @@ def layer_trace(inputs: Mapping[str, jax.Array], leaves_BTHK: jax.Array,
     anc = a >> level
     add(f"level_first/{level}", jnp.any(best[..., None, :] == anc[..., None], axis=-1),
         (anc < seen[..., None]) & (seen[..., None] >= 2))
+    complete = (anc < seen[..., None]) & pair
+    sal = lambda idx: jax.vmap(lambda s_, i: s_[i])(node_sal, jnp.maximum(idx, 0))  # [B, Q, A, H]
+    share = jnp.max(jnp.exp(sal(a) - sal(off + anc)), axis=-1)
+    out[f"answer_share/{level}"] = jnp.sum(jnp.where(complete, share, 0.0))
+    out[f"answer_share/{level}/n"] = jnp.sum(complete).astype(jnp.float32)
     level += 1
 
   # The first routing step: the query's Fenwick candidates.
@@ -187,6 +197,7 @@ def diagnose(model: FractalV2Model, params, batches: Sequence[Mapping[str, jax.A
     levels = sorted(int(name.split("/")[1]) for name in frac if name.startswith("level_first/"))
     layer = {name: frac[name] for name in FUNNEL}
     layer["level_first"] = [frac[f"level_first/{lv}"] for lv in levels]
+    layer["answer_share"] = [frac[f"answer_share/{lv}"] for lv in levels]
     layer["level_pairs"] = [int(total[f"level_first/{lv}/n"]) for lv in levels]
     layer["pairs"] = int(total["recall/n"])
     report.append(layer)
@@ -250,14 +261,17 @@ def format_report(report: Mapping[str, Any]) -> str:
   lines = []
   for length, layers in report["lengths"].items():
     depth = max(len(layer["level_first"]) for layer in layers)
-    head = ["layer", "pairs", *FUNNEL, *(f"level {lv} first" for lv in range(depth))]
+    head = ["layer", "pairs", *FUNNEL, *(f"level {lv} first" for lv in range(depth)),
+            *(f"level {lv} share" for lv in range(depth))]
     lines += [f"length {length} (percent of scored query/answer pairs, any head; beam "
               f"{report['beam_width']})", "", "| " + " | ".join(head) + " |",
               "|" + "---|" * len(head)]
     for i, layer in enumerate(layers):
       row = [str(i), str(layer["pairs"]), *(_pct(layer[name]) for name in FUNNEL),
              *(_pct(x) for x in layer["level_first"]),
-             *("—" for _ in range(depth - len(layer["level_first"])))]
+             *("—" for _ in range(depth - len(layer["level_first"]))),
+             *(_pct(x) for x in layer["answer_share"]),
+             *("—" for _ in range(depth - len(layer["answer_share"])))]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
   return "\n".join(lines)

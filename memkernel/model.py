@@ -365,7 +365,7 @@ class FractalV2Model(nn.Module):
 
       leaf_key, leaf_val, leaf_sal = tree_lib.summarize_leaf(
           leaf_major(feats.rk), leaf_major(feats.v), leaf_major(feats.pool))
-      node_keys, node_vals, _, _ = tree_lib.build_tree(leaf_key, leaf_val, leaf_sal, n_full,
+      node_keys, node_vals, node_sal, _ = tree_lib.build_tree(leaf_key, leaf_val, leaf_sal, n_full,
                                                        pooled=c.tree_merge == "pooled")
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
@@ -373,7 +373,8 @@ class FractalV2Model(nn.Module):
       if self._uses_routing():
         # For `memkernel.diagnose` (apply with mutable=["intermediates"]); a no-op otherwise.
         self.sow("intermediates", "route_inputs",
-                 {"rq": feats.rq, "q": feats.q, "k": feats.k, "node_keys": node_keys})
+                 {"rq": feats.rq, "q": feats.q, "k": feats.k, "node_keys": node_keys,
+                  "node_sal": node_sal})
       if train and c.teacher_weight > 0 and c.use_exact_read:
         pos, weight = teacher_pos
         take = lambda y: jnp.take_along_axis(y, pos.reshape(pos.shape + (1,) * (y.ndim - 2)),

@@ -23,7 +23,8 @@ B, N, L, H, P, E, K = 2, 8, 16, 2, 4, 4, 2
 
 def _reference(inputs, leaves, runner_up, pos, answers):
   """The funnel's hits and counts by loops over (row, query, answer, head)."""
-  rq, q, k, node_keys = (np.asarray(inputs[n]) for n in ("rq", "q", "k", "node_keys"))
+  rq, q, k, node_keys, node_sal = (np.asarray(inputs[n])
+                                   for n in ("rq", "q", "k", "node_keys", "node_sal"))
   hits, counts = {}, {}
 
   def add(name, hit):
@@ -58,6 +59,12 @@ def _reference(inputs, leaves, runner_up, pos, answers):
           got["fenwick_first"], got["fenwick_in_beam"] = rank == 0, rank < K
           for name, hit in got.items():
             any_head[name] = any_head.get(name, False) or hit
+        for level in range(N.bit_length() - 1):    # the answer leaf's share of its ancestor
+          if (a >> level) < (c >> level):
+            share = max(np.exp(node_sal[b, a, h] - node_sal[b, level_offset(N, level) + (a >> level), h])
+                        for h in range(H))
+            hits[f"answer_share/{level}"] = hits.get(f"answer_share/{level}", 0) + share
+            counts[f"answer_share/{level}"] = counts.get(f"answer_share/{level}", 0) + 1
         any_head["recall"] = a in leaves[b, t]
         any_head["candidate_recall"] = a in leaves[b, t] or a in runner_up[b, t]
         for name, hit in any_head.items():
@@ -73,10 +80,10 @@ class LayerTraceTest(absltest.TestCase):
     rq = jax.random.normal(keys[0], (B, t, H, P))
     q = jax.random.normal(keys[1], (B, t, H, E))
     k = jax.random.normal(keys[2], (B, t, H, E))
-    node_keys, _, _, _ = tree_lib.build_tree(jax.random.normal(keys[3], (B, N, H, P)),
-                                            jnp.zeros((B, N, H, E)),
-                                            jax.random.normal(keys[4], (B, N, H)), N)
-    inputs = {"rq": rq, "q": q, "k": k, "node_keys": node_keys}
+    node_keys, _, node_sal, _ = tree_lib.build_tree(jax.random.normal(keys[3], (B, N, H, P)),
+                                                   jnp.zeros((B, N, H, E)),
+                                                   jax.random.normal(keys[4], (B, N, H)), N)
+    inputs = {"rq": rq, "q": q, "k": k, "node_keys": node_keys, "node_sal": node_sal}
     leaves = jax.random.randint(keys[5], (B, t, H, K), -1, N)
     runner_up = jax.random.randint(keys[6], (B, t, H, K), -1, N)
     pos = jnp.asarray([[20, 70, 100, 127, 5], [40, 90, 111, 64, 33]], jnp.int32)
@@ -90,8 +97,10 @@ class LayerTraceTest(absltest.TestCase):
     names = {n for n in got if not n.endswith("/n")}
     self.assertEqual(set(hits), names - {"level_first/2"})  # no query sees two level-2 nodes
     for name in names:
-      self.assertEqual((float(got[name]), float(got[name + "/n"])),
-                       (hits.get(name, 0), counts.get(name, 0)), name)
+      self.assertEqual(float(got[name + "/n"]), counts.get(name, 0), name)
+      self.assertAlmostEqual(float(got[name]), hits.get(name, 0), places=4, msg=name)
+    self.assertAlmostEqual(float(got["answer_share/0"]), counts["answer_share/0"], places=4)
+    self.assertLess(float(got["answer_share/2"]), counts["answer_share/2"])  # diluted above
     self.assertEqual(counts["recall"], 12)  # every visible pair; the funnel's events vary
     self.assertTrue(0 < hits["read_argmax_in_answer"] < 12)
 
