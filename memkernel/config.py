@@ -57,6 +57,10 @@ class ModelConfig:
       the training step passes a loss mask (a probe scores at most a few hundred), else S spread
       over the sequence. Its dense attention then costs O(S T) per layer instead of O(T^2), so
       a long training sequence has no quadratic part (BUILD_NOTES, issue 7).
+    salience_weight: weight of the salience loss (training only, with the teacher; 0 disables
+      it): the pooling logits' softmax over a sequence's sealed tokens is trained towards the
+      teacher's attention on them (`routing.salience_loss`), so a node's pooled key is the key of
+      what queries look for in it, however large the node.
     teacher_cross_level: each level's teacher softmax also holds the query's lower-level Fenwick
       nodes, so the router learns the mixed-level comparisons its beam makes
       (`routing.teacher_loss`); False trains same-size comparisons only (measured in
@@ -101,6 +105,7 @@ class ModelConfig:
   teacher_positions: str = "scored"
   teacher_queries: int = 256
   teacher_cross_level: bool = True
+  salience_weight: float = 0.0
   route_descend: bool = True
   tree_merge: str = "pooled"
   leaf_rerank: bool = False
@@ -153,6 +158,8 @@ class ModelConfig:
     if self.teacher_positions not in _TEACHER_POSITIONS:
       raise ValueError(f"ModelConfig.teacher_positions must be one of {_TEACHER_POSITIONS}, "
                        f"got {self.teacher_positions!r}")
+    if not (isinstance(self.salience_weight, (int, float)) and self.salience_weight >= 0):
+      raise ValueError(f"ModelConfig.salience_weight must be >= 0, got {self.salience_weight!r}")
     if not self.teacher_weight >= 0:
       raise ValueError(f"ModelConfig.teacher_weight must be >= 0, got {self.teacher_weight!r}")
     if not 0 < self.min_timescale <= self.max_timescale:

@@ -351,7 +351,7 @@ class FractalV2Model(nn.Module):
     x = self.embed(tokens)
     conv0 = jnp.zeros((b, c.conv_width - 1, c.d_model), jnp.float32)
     roots0 = jnp.zeros((b, c.num_roots, c.d_model), jnp.float32)
-    aux_route, aux_roots, aux_gates, teacher = [], [], [], []
+    aux_route, aux_roots, aux_gates, teacher, salience = [], [], [], [], []
     if train:
       # The teacher's query positions (all layers): the scored ones, or spread over the sequence.
       mask = loss_mask if c.teacher_positions == "scored" else None
@@ -379,9 +379,12 @@ class FractalV2Model(nn.Module):
         pos, weight = teacher_pos
         take = lambda y: jnp.take_along_axis(y, pos.reshape(pos.shape + (1,) * (y.ndim - 2)),
                                              axis=1)
-        mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos)
+        mass, token_mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos,
+                                                       return_token_mass=True)
         teacher.append(routing.teacher_loss(take(feats.rq), node_keys, pos // l, mass, weight,
                                             cross_level=c.teacher_cross_level))
+        if c.salience_weight > 0:
+          salience.append(routing.salience_loss(feats.pool, token_mass, weight))
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_roots.append(feats.roots)
@@ -390,6 +393,8 @@ class FractalV2Model(nn.Module):
     losses = {}
     if teacher:
       losses["teacher"] = c.teacher_weight * sum(teacher) / len(teacher)
+    if salience:
+      losses["salience"] = c.salience_weight * sum(salience) / len(salience)
     aux = {"routing": tuple(aux_route), "roots": tuple(aux_roots), "gates": tuple(aux_gates),
            "losses": losses,
            "metrics": diagnostics(tuple(aux_route), tuple(aux_roots), tuple(aux_gates))}

@@ -265,7 +265,8 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
 
 
 def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
-                        num_leaves: int, query_pos_BS: Optional[jax.Array] = None) -> jax.Array:
+                        num_leaves: int, query_pos_BS: Optional[jax.Array] = None,
+                        return_token_mass: bool = False):
   """Dense causal teacher: the attention mass each visible sealed leaf gets, per query and head.
 
   A query in leaf c attends over every token of leaves < c. The result is stop-gradient.
@@ -275,8 +276,10 @@ def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
     k_BTHE: the keys of every position.
     query_pos_BS: int32 [B, S] positions of the queries; None means 0..T-1. With S fixed the cost
       is O(S T) rather than O(T^2).
+    return_token_mass: also return the per-token attention [B, S, H, T'] (T' = [T / L] L).
   Returns:
-    float32 [B, S, H, N] (zeros for leaves a query cannot see; rows of leaf-0 queries are zero).
+    float32 [B, S, H, N] (zeros for leaves a query cannot see; rows of leaf-0 queries are zero),
+    and with `return_token_mass` the per-token attention as well.
   """
   b, s, h, e = q_BSHE.shape
   t = k_BTHE.shape[1]
@@ -292,7 +295,36 @@ def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
   probs = jnp.where(visible, probs, 0.0)
   mass = probs.reshape(b, s, h, n_full, leaf_size).sum(-1)
   mass = jnp.pad(mass, ((0, 0), (0, 0), (0, 0), (0, num_leaves - n_full)))
+  if return_token_mass:
+    return jax.lax.stop_gradient(mass), jax.lax.stop_gradient(probs)
   return jax.lax.stop_gradient(mass)
+
+
+def salience_loss(pool_BTH: jax.Array, token_mass_BSHT: jax.Array,
+                  weight_BS: Optional[jax.Array] = None) -> jax.Array:
+  """Cross-entropy from the pooling logits' softmax over the sealed tokens to the teacher's mass.
+
+  The pooled merge weighs every token of a node by exp(pooling logit), so a node's routing key is
+  its answer's key only if the tokens queries attend to carry most of the pooling mass. Target,
+  per sequence and head: the teacher's attention over the tokens (`leaf_attention_mass(...,
+  return_token_mass=True)`), summed over its query positions (weighted) and normalised.
+
+  Args:
+    pool_BTH: pooling logits of every position.
+    token_mass_BSHT: per query, the teacher's attention over the first T' = [T / L] L positions.
+    weight_BS: optional query weights.
+  Returns:
+    scalar mean cross-entropy over (sequence, head) pairs whose queries attend anywhere.
+  """
+  t_full = token_mass_BSHT.shape[-1]
+  w = 1.0 if weight_BS is None else weight_BS.astype(jnp.float32)[:, :, None, None]
+  target = jnp.sum(w * token_mass_BSHT, axis=1)                               # [B, H, T']
+  total = target.sum(-1, keepdims=True)
+  target = target / jnp.maximum(total, 1e-9)
+  logp = jax.nn.log_softmax(jnp.swapaxes(pool_BTH[:, :t_full].astype(jnp.float32), 1, 2), -1)
+  ce = -jnp.sum(target * logp, axis=-1)                                       # [B, H]
+  active = (total[..., 0] > 0).astype(jnp.float32)
+  return jnp.sum(active * ce) / jnp.maximum(jnp.sum(active), 1.0)
 
 
 def teacher_positions(num_queries: int, seq_len: int, batch_size: int,

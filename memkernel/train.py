@@ -621,8 +621,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # Settings that may change when a run resumes (curricula, capacity, implementation); every other
 # model field defines the architecture the checkpoint was trained as.
 _RESUMABLE_MODEL_FIELDS = ("beam_width", "train_beam_width", "teacher_weight", "teacher_positions",
-                           "teacher_cross_level", "teacher_queries", "max_seq_len", "scan_impl",
-                           "remat", "min_timescale", "max_timescale")
+                           "teacher_cross_level", "teacher_queries", "salience_weight",
+                           "max_seq_len", "scan_impl", "remat", "min_timescale", "max_timescale")
 
 
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:

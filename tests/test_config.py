@@ -27,6 +27,7 @@ class ConfigTest(parameterized.TestCase):
       ("teacher_positions", "queries", "teacher_positions"),
       ("teacher_cross_level", 1, "teacher_cross_level"),
       ("teacher_queries", 0, "teacher_queries"),
+      ("salience_weight", -1.0, "salience_weight"),
   )
   def test_invalid_value_names_field(self, field, value, message):
     with pytest.raises(ValueError, match=message) as err:

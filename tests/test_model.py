@@ -296,6 +296,12 @@ class TrainingSignalTest(parameterized.TestCase):
     np.testing.assert_allclose(teacher(params, mask, few), scored, rtol=1e-6)
     spread = teacher(params, None, few)
     assert abs(float(spread) - float(every)) > 1e-4 and 0.2 < float(spread / every) < 5
+    # The salience loss rides on the same teacher positions, and only when weighted.
+    sal = FractalV2Model(dataclasses.replace(config, salience_weight=0.5))
+    _, aux = sal.apply(params, tokens, train=True, loss_mask=mask)
+    assert set(aux["losses"]) == {"teacher", "salience"} and float(aux["losses"]["salience"]) > 0
+    _, aux = model.apply(params, tokens, train=True, loss_mask=mask)
+    assert set(aux["losses"]) == {"teacher"}
 
   def test_oracle_routes_are_read(self):
     _, params, parallel, _, _ = _compiled(BASE)

@@ -231,6 +231,27 @@ class RouteTest(parameterized.TestCase):
       at = routing.teacher_loss(take(rq), node_k, pos // L, mass_at, w, cross_level=cross)
       np.testing.assert_allclose(at, full, rtol=1e-5)
 
+  def test_salience_loss_is_cross_entropy_to_the_teachers_token_mass(self):
+    t = 4 * L
+    kq, kk, kp = jax.random.split(jax.random.PRNGKey(12), 3)
+    q = jax.random.normal(kq, (B, t, H, E))
+    k = jax.random.normal(kk, (B, t, H, E))
+    pos, w = routing.teacher_positions(8, t, B)
+    take = lambda y: jnp.take_along_axis(y, pos[:, :, None, None], axis=1)
+    mass, token_mass = routing.leaf_attention_mass(take(q), k, L, N, pos, return_token_mass=True)
+    np.testing.assert_allclose(token_mass.reshape(B, 8, H, -1, L).sum(-1), mass[..., :t // L],
+                               rtol=1e-5, atol=1e-7)
+    target = np.asarray(token_mass).sum(1)
+    target = target / target.sum(-1, keepdims=True)                         # [B, H, T]
+    entropy = -np.sum(target * np.log(np.maximum(target, 1e-30)), -1).mean()
+    best = jnp.asarray(np.swapaxes(np.log(np.maximum(target, 1e-30)), 1, 2))  # pool = log target
+    loss, grad = jax.value_and_grad(routing.salience_loss)(best, token_mass, w)
+    np.testing.assert_allclose(loss, entropy, rtol=1e-4)
+    assert float(jnp.abs(grad).max()) < 1e-5
+    other = routing.salience_loss(jax.random.normal(kp, (B, t, H)), token_mass, w)
+    assert float(other) > entropy + 0.1
+    assert float(routing.salience_loss(best, token_mass, jnp.zeros_like(w))) == 0.0
+
   def test_cross_level_teacher_matches_reference(self):
     # Level l's candidates: the complete level-l nodes before the query's leaf c, plus the
     # query's Fenwick nodes of lower levels covering the rest of [0, c): a partition of the
