@@ -84,7 +84,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       # Each level's teacher softmax also holds the query's smaller Fenwick nodes, so the router
       # learns the mixed-size comparisons its beam makes (learning log: noisy retrieval 88 -> 99.6%).
       teacher_cross_level=True,
-      salience_weight=0.0,    # Off: being measured (BUILD_NOTES, learning log).
+      salience_weight=0.0,    # Off: it hurt routing beyond the training length (learning log).
       teacher_queries=256,    # Every scored position of every probe (copy at 512 scores 255).
       tree_merge="pooled",
       leaf_rerank=True,

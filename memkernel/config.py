@@ -60,7 +60,8 @@ class ModelConfig:
     salience_weight: weight of the salience loss (training only, with the teacher; 0 disables
       it): the pooling logits' softmax over a sequence's sealed tokens is trained towards the
       teacher's attention on them (`routing.salience_loss`), so a node's pooled key is the key of
-      what queries look for in it, however large the node.
+      what queries look for in it, however large the node. Measured on induction (BUILD_NOTES):
+      it collapses routing beyond the training length, so it is off.
     teacher_cross_level: each level's teacher softmax also holds the query's lower-level Fenwick
       nodes, so the router learns the mixed-level comparisons its beam makes
       (`routing.teacher_loss`); False trains same-size comparisons only (measured in
