@@ -80,6 +80,10 @@ class ModelConfig:
       instead of keeping their per-token gathers. Changes no value. Measured on XLA:CPU (d 256,
       4 layers, BUILD_NOTES): it does not lower the train step's buffer assignment at 8k or 32k,
       so it is off by default.
+    query_block: route and read the parallel form's queries in blocks of this many positions,
+      each recomputed in the backward pass, so the per-query gathered tokens of routing, the
+      re-rank and the read exist for one block at a time (0: all positions at once). Changes no
+      value; it bounds the train step's memory (BUILD_NOTES, issue 7).
     shift_init: start the memory projections as an associative-recall prior (keys = previous
       token, queries = current token; see `model.memory_proj_init`); False = all random.
     min_timescale, max_timescale: range of the roots' initial decay timescales (tokens).
@@ -113,6 +117,7 @@ class ModelConfig:
   read_sink: bool = False
   shift_init: bool = True
   remat: bool = False
+  query_block: int = 0
   min_timescale: float = 1.0
   max_timescale: float = 256.0
 
@@ -122,7 +127,7 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("head_dim", "route_dim", "train_beam_width", "mlp_dim"):
+    for name in ("head_dim", "route_dim", "train_beam_width", "mlp_dim", "query_block"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")

@@ -286,23 +286,44 @@ class FractalV2Model(nn.Module):
     if not self._uses_routing():
       zeros = jnp.zeros((b, t, h, e), jnp.float32)
       return zeros, zeros, None
-    rerank = (feats.q, cache_k) if c.leaf_rerank else None
-    route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend)
-    read_fn = read_lib.exact_read
-    if c.remat:
-      route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)
-    route = route_fn(feats.rq, node_keys, node_vals, query_leaf_T, rerank=rerank)
-    leaves, weights = route.leaves, route.weights
-    if interventions.next_best_span:
-      leaves = route.runner_up
-      weights = jnp.where(leaves >= 0, weights, 0.0)
-    if oracle_leaves is not None:
-      leaves, weights = _oracle_selection(oracle_leaves, query_leaf_T, leaves, weights, h)
-    read = read_fn(feats.q, cache_k, cache_v, leaves, weights, read_sink)
-    aux = {"leaves": leaves, "weights": weights, "runner_up": route.runner_up,
-           "entropy": route.entropy, "start_level": route.start_level, "read_probs": read.probs,
-           "read_active": read.active}
-    return route.tree_value, read.value, aux
+    def route_and_read(rq, q, query_leaf, oracle, remat):
+      rerank = (q, cache_k) if c.leaf_rerank else None
+      route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend)
+      read_fn = read_lib.exact_read
+      if remat:
+        route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)
+      route = route_fn(rq, node_keys, node_vals, query_leaf, rerank=rerank)
+      leaves, weights = route.leaves, route.weights
+      if interventions.next_best_span:
+        leaves = route.runner_up
+        weights = jnp.where(leaves >= 0, weights, 0.0)
+      if oracle is not None:
+        leaves, weights = _oracle_selection(oracle, query_leaf, leaves, weights, h)
+      read = read_fn(q, cache_k, cache_v, leaves, weights, read_sink)
+      aux = {"leaves": leaves, "weights": weights, "runner_up": route.runner_up,
+             "entropy": route.entropy, "start_level": route.start_level,
+             "read_probs": read.probs, "read_active": read.active}
+      return route.tree_value, read.value, aux
+
+    block = c.query_block
+    if not block or t <= block:
+      return route_and_read(feats.rq, feats.q, query_leaf_T, oracle_leaves, c.remat)
+    # Blocks of queries, each recomputed in the backward pass: the per-query gathered tokens of
+    # routing, the re-rank and the read exist for one block at a time (BUILD_NOTES, issue 7).
+    nb = -(-t // block)
+    pad = nb * block - t
+
+    def split(y):
+      y = jnp.pad(y, [(0, 0), (0, pad)] + [(0, 0)] * (y.ndim - 2))
+      return jnp.moveaxis(y.reshape((b, nb, block) + y.shape[2:]), 1, 0)
+
+    # Padded queries sit in leaf 0: they see nothing and are cut off below.
+    leaf_blocks = jnp.pad(query_leaf_T, (0, pad)).reshape(nb, block)
+    oracle = None if oracle_leaves is None else split(oracle_leaves)
+    out = jax.lax.map(jax.checkpoint(lambda xs: route_and_read(*xs, remat=False)),
+                      (split(feats.rq), split(feats.q), leaf_blocks, oracle))
+    merge = lambda y: jnp.moveaxis(y, 0, 1).reshape((b, nb * block) + y.shape[3:])[:, :t]
+    return jax.tree.map(merge, out)
 
   def _logits(self, x_BTD):
     return self.head(self.final_norm(x_BTD)).astype(jnp.float32)

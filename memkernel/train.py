@@ -622,7 +622,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # model field defines the architecture the checkpoint was trained as.
 _RESUMABLE_MODEL_FIELDS = ("beam_width", "train_beam_width", "teacher_weight", "teacher_positions",
                            "teacher_cross_level", "teacher_queries", "salience_weight",
-                           "max_seq_len", "scan_impl", "remat", "min_timescale", "max_timescale")
+                           "max_seq_len", "scan_impl", "remat", "query_block", "min_timescale",
+                           "max_timescale")
 
 
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:

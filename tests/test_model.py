@@ -243,7 +243,7 @@ class TrainingSignalTest(parameterized.TestCase):
     assert float(jnp.abs(rq).sum()) > 0, "no gradient reaches the routing queries"
     assert float(jnp.abs(rk).sum()) > 0, "no gradient reaches the routing keys"
 
-  def test_remat_changes_no_value_or_gradient(self):
+  def test_remat_and_query_blocks_change_no_value_or_gradient(self):
     config = dataclasses.replace(BASE, train_beam_width=4, leaf_rerank=True)
     tokens = _tokens(35, 2, 64)
     mask = jnp.zeros((2, 64)).at[:, 40:].set(1.0)
@@ -251,15 +251,22 @@ class TrainingSignalTest(parameterized.TestCase):
 
     def objective(p, model):
       logits, aux = model.apply(p, tokens, train=True, loss_mask=mask)
-      return -jnp.mean(jax.nn.log_softmax(logits)[..., 1]) + aux["losses"]["teacher"]
+      loss = -jnp.mean(jax.nn.log_softmax(logits)[..., 1]) + aux["losses"]["teacher"]
+      return loss, aux["routing"]
 
+    # Blocks of 24 queries over 64 positions: three blocks, the last one padded.
+    variants = [dict(), dict(remat=True), dict(query_block=24)]
     results = [jax.jit(jax.value_and_grad(functools.partial(objective, model=FractalV2Model(
-        dataclasses.replace(config, remat=remat)))))(params) for remat in (False, True)]
-    (v0, g0), (v1, g1) = results
-    np.testing.assert_allclose(v1, v0, rtol=1e-6)
-    chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-6)
-    proj = g1["params"]["layer_0"]["memory_proj"]["kernel"]
-    assert float(jnp.abs(proj).sum()) > 0
+        dataclasses.replace(config, **v))), has_aux=True))(params) for v in variants]
+    (v0, r0), g0 = results[0]
+    for (v1, r1), g1 in results[1:]:
+      np.testing.assert_allclose(v1, v0, rtol=1e-6)
+      chex.assert_trees_all_close(g1, g0, rtol=1e-4, atol=1e-6)
+      for a1, a0 in zip(r1, r0):
+        np.testing.assert_array_equal(a1["leaves"], a0["leaves"])
+        np.testing.assert_allclose(a1["read_probs"], a0["read_probs"], rtol=1e-5, atol=1e-6)
+      proj = g1["params"]["layer_0"]["memory_proj"]["kernel"]
+      assert float(jnp.abs(proj).sum()) > 0
 
   def test_training_mode_adds_teacher_and_wide_beam(self):
     config = dataclasses.replace(BASE, train_beam_width=4)
