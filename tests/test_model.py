@@ -255,7 +255,7 @@ class TrainingSignalTest(parameterized.TestCase):
       return loss, aux["routing"]
 
     # Blocks of 24 queries over 64 positions: three blocks, the last one padded.
-    variants = [dict(), dict(remat=True), dict(query_block=24)]
+    variants = [dict(query_block=0), dict(remat=True, query_block=0), dict(query_block=24)]
     results = [jax.jit(jax.value_and_grad(functools.partial(objective, model=FractalV2Model(
         dataclasses.replace(config, **v))), has_aux=True))(params) for v in variants]
     (v0, r0), g0 = results[0]
