@@ -572,13 +572,6 @@ def _read_json(path: str) -> Optional[Any]:
     return json.load(f)
 
 
-def _write_json(path: str, value: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
 def _last_train_time(workdir: str) -> Optional[float]:
   path = os.path.join(workdir, train_lib.METRICS_FILE)
   if not os.path.exists(path):
@@ -688,7 +681,7 @@ def _run_cell(cell: Cell, out_dir: str, command: str, mesh: Mesh) -> dict:
       "train_wall_s": train_wall_s,
       "wall_s": time.time() - start,
   }
-  _write_json(os.path.join(workdir, CELL_FILE), record)
+  runs_lib.write_json(os.path.join(workdir, CELL_FILE), record)
   return record
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import os
 import platform
@@ -70,6 +69,7 @@ from memkernel import bench_report
 from memkernel import peers as peers_lib
 from memkernel import read as read_lib
 from memkernel import routing
+from memkernel import runs as runs_lib
 from memkernel import train as train_lib
 from memkernel import tree as tree_lib
 from memkernel.config import ModelConfig
@@ -1027,13 +1027,6 @@ def environment(bench: BenchConfig) -> dict:
           "measured_peak_source": _MemoryProbe().source}
 
 
-def _write_json(path: str, value: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)
-
-
 def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
         command: str = "") -> list[dict]:
   """Runs the benchmark and writes `bench.json`, `bench_meta.json`, `bench.md` and the plots.
@@ -1067,7 +1060,7 @@ def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
   for i, point in enumerate(points):
     row = _run_point(point, bench, models, history, over_budget, probe)
     rows.append(row)
-    _write_json(os.path.join(out_dir, JSON_FILE), rows)
+    runs_lib.write_json(os.path.join(out_dir, JSON_FILE), rows)
     logging.info("[%d/%d] %s: %s | elapsed %s, ETA %s", i + 1, len(points), point.label(),
                  _summary(row), _format_duration(time.time() - begin),
                  _format_duration(_eta(rows, points[i + 1:], bench)))
@@ -1079,8 +1072,8 @@ def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
     row["ceiling_gflops_per_s"] = meta["ceiling_gflops"]
     row["efficiency"] = (row["gflops_per_s"] / meta["ceiling_gflops"]
                          if row["gflops_per_s"] else None)
-  _write_json(os.path.join(out_dir, JSON_FILE), rows)
-  _write_json(os.path.join(out_dir, META_FILE), meta)
+  runs_lib.write_json(os.path.join(out_dir, JSON_FILE), rows)
+  runs_lib.write_json(os.path.join(out_dir, META_FILE), meta)
   with open(os.path.join(out_dir, MD_FILE), "w") as f:
     f.write(bench_report.markdown(rows, meta, targets=dataclasses.asdict(bench.targets),
                                   num_layers=bench.kernel.num_layers))

@@ -10,18 +10,18 @@ scored (query, answer leaf) pair whose answer leaf is sealed before the query's 
   leaf_first_by_tokens    the answer leaf has the largest log-sum-exp of q . k among visible leaves
                           (what the re-rank scores candidates by).
   level_first/l           the answer's level-l ancestor has the best summary score q . key among the
-                          complete level-l nodes the query sees (the teacher's per-level view; pairs
-                          whose query sees fewer than two level-l nodes, or whose ancestor is not yet
-                          complete, are left out of level l).
-  answer_share/l          not a hit rate: the mean, over pairs whose level-l ancestor is complete, of
-                          the answer leaf's share of that ancestor's pooling mass (best head),
-                          exp(salience(leaf) - salience(ancestor)): how much of the ancestor's key
-                          is the answer leaf's (the pooled merge, `tree.merge_nodes`).
+                          complete level-l nodes the query sees (the teacher's per-level view;
+                          pairs whose query sees fewer than two level-l nodes, or whose ancestor
+                          is not yet complete, are left out of level l).
+  answer_share/l          not a hit rate: the mean, over pairs whose level-l ancestor is
+                          complete, of the answer leaf's share of that ancestor's pooling mass
+                          (best head), exp(salience(leaf) - salience(ancestor)): how much of the
+                          ancestor's key is the answer leaf's (`tree.merge_nodes`).
   fenwick_first           the query's first routing step: the Fenwick candidate holding the answer
                           scores best among the query's Fenwick candidates;
   fenwick_in_beam         ... ranks within the beam width K (it survives the first step).
-  candidate_recall        the answer leaf is among the 2K leaves the beam ends with (selected and
-                          runner-ups; with `leaf_rerank` these are the leaves the re-rank chooses from).
+  candidate_recall        the answer leaf is among the 2K leaves the beam ends with (selected
+                          and runner-ups; with `leaf_rerank`, the leaves the re-rank chooses from).
   recall                  the answer leaf is selected (`routing.routing_recall`).
 
 Read top to bottom it is a funnel: a summary problem shows as level_first falling with the level
@@ -53,11 +53,6 @@ from memkernel.state import level_offset
 NEG_INF = routing.NEG_INF
 FUNNEL = ("read_argmax_in_answer", "leaf_first_by_tokens", "fenwick_first", "fenwick_in_beam",
           "candidate_recall", "recall")
-
-
-def _scored_positions(mask_BT: jax.Array, num_queries: int) -> jax.Array:
-  """int32 [B, Q]: the positions of each row's scored queries (every row has Q of them)."""
-  return jnp.argsort(-mask_BT, axis=-1, stable=True)[:, :num_queries].astype(jnp.int32)
 
 
 def _take(x_BT, pos_BQ):
@@ -160,7 +155,9 @@ def _trace_fn(model: FractalV2Model, num_queries: int):
     (_, aux), state = model.apply({"params": params}, batch["tokens"],
                                   mutable=["intermediates"])
     inputs = state["intermediates"]["route_inputs"]
-    pos = _scored_positions(batch["mask"], num_queries)
+    # Every row scores `num_queries` positions, so the teacher's choice of S of them is all of them.
+    b, t = batch["mask"].shape
+    pos, _ = routing.teacher_positions(num_queries, t, b, batch["mask"])
     answers = _take(batch["answer_leaves"], pos)
     sums = []
     for layer_inputs, route in zip(inputs, aux["routing"]):

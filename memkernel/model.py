@@ -386,8 +386,8 @@ class FractalV2Model(nn.Module):
 
       leaf_key, leaf_val, leaf_sal = tree_lib.summarize_leaf(
           leaf_major(feats.rk), leaf_major(feats.v), leaf_major(feats.pool))
-      node_keys, node_vals, node_sal, _ = tree_lib.build_tree(leaf_key, leaf_val, leaf_sal, n_full,
-                                                       pooled=c.tree_merge == "pooled")
+      node_keys, node_vals, node_sal, _ = tree_lib.build_tree(
+          leaf_key, leaf_val, leaf_sal, n_full, pooled=c.tree_merge == "pooled")
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
           oracle_leaves, interventions, layer.read_sink)
@@ -400,12 +400,14 @@ class FractalV2Model(nn.Module):
         pos, weight = teacher_pos
         take = lambda y: jnp.take_along_axis(y, pos.reshape(pos.shape + (1,) * (y.ndim - 2)),
                                              axis=1)
-        mass, token_mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos,
-                                                       return_token_mass=True)
+        if c.salience_weight > 0:
+          mass, token_mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos,
+                                                         return_token_mass=True)
+          salience.append(routing.salience_loss(feats.pool, token_mass, weight))
+        else:
+          mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos)
         teacher.append(routing.teacher_loss(take(feats.rq), node_keys, pos // l, mass, weight,
                                             cross_level=c.teacher_cross_level))
-        if c.salience_weight > 0:
-          salience.append(routing.salience_loss(feats.pool, token_mass, weight))
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_roots.append(feats.roots)
