@@ -69,7 +69,7 @@ CPU_TASKS = {
     "mqar": dict(seq_len=128, num_pairs=8),
     "induction": dict(seq_len=128, num_pairs=4),
     "noisy_retrieval": dict(seq_len=128, num_pairs=4),
-    "far_compare": dict(seq_len=128, num_compares=4),
+    "far_compare": dict(seq_len=128, num_compares=8),
 }
 
 

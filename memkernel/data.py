@@ -25,9 +25,8 @@ same leaf as its source.
 
 Token layout. Tokens [0, NUM_SPECIAL) are reserved and never used as content or filler by `induction`,
 `noisy_retrieval` and `far_compare`:
-  0 PAD, 1 SEP (copy separator), 2 MARKER (noisy_retrieval), 3 LESS and 4 GREATER (far_compare
-  answers), 5 + 3c, 6 + 3c, 7 + 3c = MARK_A, MARK_B, QUERY of far_compare comparison c (c < 8);
-  the rest of the block is unused.
+  0 PAD, 1 SEP (copy separator), 2 MARKER (noisy_retrieval, far_compare), 3 LESS and 4 GREATER
+  (far_compare's 'order' answers); the rest of the block is unused.
 `mqar` follows Zoology exactly and ignores the block; `copy` uses only PAD and SEP.
 
 Tasks (V = vocab_size, n = num_pairs):
@@ -53,12 +52,14 @@ Tasks (V = vocab_size, n = num_pairs):
                    non-overlapping positions in the first (leaf-aligned) 3/4; in the last quarter, n
                    queries MARKER k in random order at random non-overlapping positions. Target at the
                    query's key position: v. Answer leaf: the leaf of the triple's value token.
-  far_compare      num_compares independent comparisons per sequence (so accuracy is not one coin flip
-                   per sequence), each with its own marker tokens: MARK_A_c a_c in the first quarter,
-                   MARK_B_c b_c in the second quarter, QUERY_c in the last quarter (random positions,
-                   quarters leaf-aligned); numbers a_c != b_c are content tokens [NUM_SPECIAL, V) compared
-                   by id, filler from the same range. Target at QUERY_c: GREATER if a_c > b_c else LESS.
-                   Answer leaves: (leaf of a_c, leaf of b_c).
+  far_compare      two far tokens read and compared: n = num_compares triples MARKER k a_k in the
+                   first quarter and MARKER k b_k in the second (keys unique, random positions, in a
+                   different order in each quarter), filler and numbers from the content range
+                   [NUM_SPECIAL, V) as in noisy_retrieval; in the last quarter, n queries MARKER k in
+                   random order (quarters leaf-aligned). Target at the query's key position:
+                   max(a_k, b_k) by token id (compare_target 'max'), or GREATER if a_k > b_k else
+                   LESS ('order', one bit per query). a_k != b_k. Answer leaves: (leaf of a_k, leaf
+                   of b_k).
 """
 
 from __future__ import annotations
@@ -72,29 +73,14 @@ import jax.numpy as jnp
 
 TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare")
 DISTANCES = ("power_law", "uniform")
+COMPARE_TARGETS = ("max", "order")
 
 PAD = 0
 SEP = 1
 MARKER = 2
 LESS = 3
 GREATER = 4
-MAX_COMPARES = 8
 NUM_SPECIAL = 32
-
-
-def mark_a_token(c: int) -> int:
-  """MARK_A token of far_compare comparison `c`."""
-  return 5 + 3 * c
-
-
-def mark_b_token(c: int) -> int:
-  """MARK_B token of far_compare comparison `c`."""
-  return 6 + 3 * c
-
-
-def query_token(c: int) -> int:
-  """QUERY token of far_compare comparison `c`."""
-  return 7 + 3 * c
 
 
 def _leaf_floor(position: int, leaf_size: int) -> int:
@@ -120,7 +106,9 @@ class TaskConfig:
     leaf_size: tokens per memory leaf; answer leaves are position // leaf_size, and query regions start
       on leaf boundaries.
     copy_len: copy segment length; 0 means seq_len // 2 - 1.
-    num_compares: independent comparisons per far_compare sequence (1..MAX_COMPARES).
+    num_compares: keys compared per far_compare sequence.
+    compare_target: what far_compare asks at QUERY_c: 'max' (the larger of a_c and b_c, a content
+      token) or 'order' (GREATER if a_c > b_c else LESS, one bit).
   """
 
   name: str
@@ -131,7 +119,8 @@ class TaskConfig:
   power_a: float = 0.01
   leaf_size: int = 16
   copy_len: int = 0
-  num_compares: int = 4
+  num_compares: int = 16
+  compare_target: str = "max"
 
   def __post_init__(self):
     if self.name not in TASKS:
@@ -147,8 +136,9 @@ class TaskConfig:
     if (not isinstance(self.power_a, (int, float)) or isinstance(self.power_a, bool)
         or not self.power_a > 0):
       raise ValueError(f"TaskConfig.power_a must be a number > 0, got {self.power_a!r}")
-    if self.num_compares > MAX_COMPARES:
-      raise ValueError(f"TaskConfig.num_compares must be <= {MAX_COMPARES}, got {self.num_compares!r}")
+    if self.compare_target not in COMPARE_TARGETS:
+      raise ValueError(f"TaskConfig.compare_target must be one of {COMPARE_TARGETS}, got "
+                       f"{self.compare_target!r}")
     getattr(self, f"_validate_{self.name}")()
 
   def _too_small(self, field: str, need: str) -> ValueError:
@@ -194,15 +184,16 @@ class TaskConfig:
           f"({context}) and {n} queries {2 * n} tokens in the rest ({self.seq_len - context})")
 
   def _validate_far_compare(self):
-    if self.vocab_size < NUM_SPECIAL + 2:
-      raise self._too_small("vocab_size", f"numbers come from [{NUM_SPECIAL}, V), so V >= "
-                            f"{NUM_SPECIAL + 2}")
+    n = self.num_compares
+    if self.vocab_size - NUM_SPECIAL < max(n, 2):
+      raise self._too_small("vocab_size", f"{n} distinct keys and two distinct numbers come from "
+                            f"[{NUM_SPECIAL}, V)")
     q1, q2, q3 = self.far_quarters
-    nc = self.num_compares
-    if q1 < 2 * nc or q2 - q1 < 2 * nc or self.seq_len - q3 < nc:
+    if q1 < 3 * n or q2 - q1 < 3 * n or self.seq_len - q3 < 2 * n:
       raise self._too_small(
-          "seq_len", f"each leaf-aligned quarter must hold {nc} comparisons "
-          f"(quarter boundaries {q1}, {q2}, {q3} with leaf_size={self.leaf_size})")
+          "seq_len", f"the first two leaf-aligned quarters must hold {n} triples ({3 * n} tokens) "
+          f"each and the last {n} queries ({2 * n} tokens); quarter boundaries {q1}, {q2}, {q3} "
+          f"with leaf_size={self.leaf_size}")
 
   # Derived sizes (static Python ints).
   @property
@@ -355,24 +346,30 @@ def _noisy_retrieval(task: TaskConfig, key: jax.Array):
 
 
 def _far_compare(task: TaskConfig, key: jax.Array):
-  nc, V, T, L = task.num_compares, task.vocab_size, task.seq_len, task.leaf_size
+  n, V, T, L = task.num_compares, task.vocab_size, task.seq_len, task.leaf_size
   q1, q2, q3 = task.far_quarters
-  k_a, k_b, k_pos_a, k_pos_b, k_perm_a, k_perm_b, k_query, k_fill = jax.random.split(key, 8)
+  k_keys, k_a, k_b, k_pos_a, k_pos_b, k_perm_a, k_perm_b, k_queries, k_order, k_fill = (
+      jax.random.split(key, 10))
+  keys = NUM_SPECIAL + jax.random.choice(k_keys, V - NUM_SPECIAL, (n,), replace=False)
   span = V - NUM_SPECIAL
-  a = jax.random.randint(k_a, (nc,), NUM_SPECIAL, V, jnp.int32)
-  b = NUM_SPECIAL + (a - NUM_SPECIAL + jax.random.randint(k_b, (nc,), 1, span)) % span  # b != a
-  # Shuffled so comparison c is not always the first pair of its quarter.
-  a_starts = jax.random.permutation(k_perm_a, _non_overlapping_starts(k_pos_a, q1, nc, 2))
-  b_starts = q1 + jax.random.permutation(k_perm_b, _non_overlapping_starts(k_pos_b, q2 - q1, nc, 2))
-  query_pos = q3 + jax.random.choice(k_query, T - q3, (nc,), replace=False)
+  a = jax.random.randint(k_a, (n,), NUM_SPECIAL, V, jnp.int32)
+  b = NUM_SPECIAL + (a - NUM_SPECIAL + jax.random.randint(k_b, (n,), 1, span)) % span  # b != a
+  # Shuffled so the order of the keys differs between the two quarters.
+  a_starts = jax.random.permutation(k_perm_a, _non_overlapping_starts(k_pos_a, q1, n, 3))
+  b_starts = q1 + jax.random.permutation(k_perm_b, _non_overlapping_starts(k_pos_b, q2 - q1, n, 3))
+  query_starts = q3 + _non_overlapping_starts(k_queries, T - q3, n, 2)
+  order = jax.random.permutation(k_order, n)  # query j asks about key order[j]
 
-  c = jnp.arange(nc)
   tokens = jax.random.randint(k_fill, (T,), NUM_SPECIAL, V, jnp.int32)
-  tokens = tokens.at[a_starts].set(mark_a_token(c)).at[a_starts + 1].set(a)
-  tokens = tokens.at[b_starts].set(mark_b_token(c)).at[b_starts + 1].set(b)
-  tokens = tokens.at[query_pos].set(query_token(c))
-  answers = jnp.where(a > b, GREATER, LESS)
-  return (tokens, *_scored(task, query_pos, answers, (a_starts + 1) // L, (b_starts + 1) // L))
+  for starts, numbers in ((a_starts, a), (b_starts, b)):
+    tokens = tokens.at[starts].set(MARKER).at[starts + 1].set(keys).at[starts + 2].set(numbers)
+  tokens = tokens.at[query_starts].set(MARKER).at[query_starts + 1].set(keys[order])
+  if task.compare_target == "max":
+    answers = jnp.maximum(a, b)
+  else:
+    answers = jnp.where(a > b, GREATER, LESS)
+  return (tokens, *_scored(task, query_starts + 1, answers[order], (a_starts[order] + 2) // L,
+                           (b_starts[order] + 2) // L))
 
 
 _GENERATORS: dict[str, Callable[[TaskConfig, jax.Array], tuple[jax.Array, ...]]] = {

@@ -1,6 +1,7 @@
 """Tests for the synthetic probe tasks in `memkernel.data`."""
 
 import collections
+import dataclasses
 import functools
 
 from absl.testing import absltest
@@ -54,13 +55,29 @@ def _solve(task: data.TaskConfig, tokens: np.ndarray, position: int):
     (j,) = starts  # exactly one earlier triple carries this key
     return tokens[j + 2], (j + 2,)
   if task.name == "far_compare":
-    c = (int(tokens[position]) - data.query_token(0)) // 3
-    assert tokens[position] == data.query_token(c) and 0 <= c < task.num_compares
-    (ja,) = np.flatnonzero(earlier == data.mark_a_token(c))
-    (jb,) = np.flatnonzero(earlier == data.mark_b_token(c))
-    answer = data.GREATER if tokens[ja + 1] > tokens[jb + 1] else data.LESS
-    return answer, (ja + 1, jb + 1)
+    assert tokens[position - 1] == data.MARKER
+    starts = np.flatnonzero((earlier[:-2] == data.MARKER) & (earlier[1:-1] == tokens[position]))
+    ja, jb = starts  # exactly two earlier triples carry this key: a in quarter 1, b in quarter 2
+    a, b = tokens[ja + 2], tokens[jb + 2]
+    if task.compare_target == "max":
+      answer = max(a, b)
+    else:
+      answer = data.GREATER if a > b else data.LESS
+    return answer, (ja + 2, jb + 2)
   raise AssertionError(task.name)
+
+
+def _check_solver(test, task, batch):
+  """Every scored target and answer leaf equals what the reference solver reads off the tokens."""
+  L = task.leaf_size
+  for b in range(batch["tokens"].shape[0]):
+    positions = np.flatnonzero(batch["mask"][b])
+    test.assertLen(positions, task.num_queries)
+    for p in positions:
+      answer, sources = _solve(task, batch["tokens"][b], p)
+      test.assertEqual(batch["targets"][b, p], answer, msg=f"row {b} position {p}")
+      expected_leaves = [s // L for s in sources] + [-1] * (2 - len(sources))
+      np.testing.assert_array_equal(batch["answer_leaves"][b, p], expected_leaves)
 
 
 class GenerateTest(parameterized.TestCase):
@@ -115,25 +132,14 @@ class GenerateTest(parameterized.TestCase):
   @parameterized.parameters(*data.TASKS)
   def test_reference_solver_is_exact(self, name):
     task = _small(name)
-    self._check_solver(task, _batch(task))
+    _check_solver(self, task, _batch(task))
 
   def test_long_sequence_via_seq_len_argument(self):
     task = data.TaskConfig("mqar", seq_len=512)
     batch = jax.tree.map(np.asarray, _jit_generate(task, jax.random.key(7), 2, 4096))
     chex.assert_shape(batch["tokens"], (2, 4096))
-    self._check_solver(data.TaskConfig("mqar", seq_len=4096), batch)
+    _check_solver(self, data.TaskConfig("mqar", seq_len=4096), batch)
     self.assertLess(batch["answer_leaves"].max(), 2 * task.num_pairs // task.leaf_size)
-
-  def _check_solver(self, task, batch):
-    L = task.leaf_size
-    for b in range(batch["tokens"].shape[0]):
-      positions = np.flatnonzero(batch["mask"][b])
-      self.assertLen(positions, task.num_queries)
-      for p in positions:
-        answer, sources = _solve(task, batch["tokens"][b], p)
-        self.assertEqual(batch["targets"][b, p], answer, msg=f"row {b} position {p}")
-        expected_leaves = [s // L for s in sources] + [-1] * (2 - len(sources))
-        np.testing.assert_array_equal(batch["answer_leaves"][b, p], expected_leaves)
 
   def test_seq_len_argument_overrides_task(self):
     eager = data.generate(_small("copy", seq_len=64), jax.random.key(0), 2, 256)
@@ -191,12 +197,26 @@ class TaskLayoutTest(parameterized.TestCase):
     self.assertGreater(len(np.unique(tokens[tokens >= data.NUM_SPECIAL])), 0.9 * (
         task.vocab_size - data.NUM_SPECIAL))
 
-  def test_far_compare_answers_are_balanced(self):
-    task = _small("far_compare")
+  def test_far_compare_order_answers_are_balanced(self):
+    task = dataclasses.replace(_small("far_compare"), compare_target="order")
     batch = _batch(task)
     answers = batch["targets"][batch["mask"] > 0]
     self.assertTrue(np.isin(answers, (data.LESS, data.GREATER)).all())
     self.assertBetween((answers == data.GREATER).mean(), 0.3, 0.7)
+    _check_solver(self, task, batch)
+
+  def test_far_compare_numbers_sit_in_the_first_two_quarters(self):
+    task = _small("far_compare")
+    batch = _batch(task)
+    tokens, targets, mask = (batch[k] for k in ("tokens", "targets", "mask"))
+    q1, q2, _ = task.far_quarters
+    from_a = []
+    for row in range(_BATCH):
+      for position in np.flatnonzero(mask[row]):
+        _, (ja, jb) = _solve(task, tokens[row], position)
+        self.assertTrue(ja < q1 <= jb < q2, (ja, jb))
+        from_a.append(targets[row, position] == tokens[row, ja])
+    self.assertBetween(np.mean(from_a), 0.3, 0.7)  # the max is either number, about equally often
 
 
 class TaskConfigTest(parameterized.TestCase):
@@ -217,7 +237,9 @@ class TaskConfigTest(parameterized.TestCase):
       (dict(name="noisy_retrieval", seq_len=200), "seq_len"),
       (dict(name="noisy_retrieval", vocab_size=48), "vocab_size"),
       (dict(name="far_compare", seq_len=48), "seq_len"),
-      (dict(name="far_compare", num_compares=9), "num_compares"),
+      (dict(name="far_compare", num_compares=50), "seq_len"),
+      (dict(name="far_compare", vocab_size=40, num_compares=16), "vocab_size"),
+      (dict(name="far_compare", compare_target="min"), "compare_target"),
       (dict(name="far_compare", leaf_size=0), "leaf_size"),
   )
   def test_invalid_config_names_the_field(self, kwargs, field):
