@@ -491,11 +491,14 @@ def estimate_peak_bytes(bench: BenchConfig, model: str, mode: str, length: int) 
 
   `jax.nn.dot_product_attention` materialises [B, heads, T, T] float32 scores on CPU (logits,
   mask, probabilities: ~3 live in a forward); a training step keeps each layer's for the
-  backward pass (measured: ~17.5 GB for d 256, 4 layers, 4 heads at 8k).
+  backward pass (measured: ~17.5 GB for d 256, 4 layers, 4 heads at 8k). With the peer's
+  `query_block` only one block's [B, heads, block, T] scores are live, forward or backward.
   """
   if model not in QUADRATIC_MODELS:
     return None
   config = bench.model_config(model, length)
+  if config.query_block and config.query_block < length:
+    return bench.batch_size * config.num_heads * config.query_block * length * 4 * 4
   scores = bench.batch_size * config.num_heads * length * length * 4
   return scores * (4 * config.num_layers if mode == "train" else 3)
 

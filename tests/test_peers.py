@@ -57,6 +57,19 @@ class AttentionFunctionTest(parameterized.TestCase):
     chex.assert_trees_all_close(banded(q, k, v, 11), jax.jit(peers.causal_attention)(q, k, v),
                                 atol=1e-5)
 
+  @parameterized.parameters((37, 8), (32, 8), (5, 8))
+  def test_blocked_causal_attention_matches_causal_attention(self, seq_len, block):
+    q, k, v = jax.random.normal(jax.random.PRNGKey(seq_len + block), (3, 2, seq_len, 2, 4))
+    blocked = jax.jit(peers.blocked_causal_attention, static_argnums=3)
+    expected = jax.jit(peers.causal_attention)(q, k, v)
+    chex.assert_trees_all_close(blocked(q, k, v, block), expected, atol=1e-5)
+    # And its gradient, which the blocks recompute.
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+    grads = jax.jit(jax.grad(loss(lambda *a: peers.blocked_causal_attention(*a, block)),
+                             argnums=(0, 1, 2)))(q, k, v)
+    chex.assert_trees_all_close(
+        grads, jax.grad(loss(peers.causal_attention), argnums=(0, 1, 2))(q, k, v), atol=1e-5)
+
   def test_blocking(self):
     self.assertEqual(peers.sliding_window_blocking(37, 8), (8, 5, 16))
     self.assertEqual(peers.sliding_window_blocking(32, 8), (8, 4, 16))
@@ -100,6 +113,16 @@ class PeerModelTest(parameterized.TestCase):
     chex.assert_trees_all_close(logits[:, :cut + 1], perturbed_logits[:, :cut + 1], atol=1e-5)
     self.assertGreater(float(jnp.max(jnp.abs(logits[:, cut + 1:] - perturbed_logits[:, cut + 1:]))),
                        1e-3)
+
+  def test_dense_query_blocks_change_no_logit(self):
+    tokens = _tokens(3)
+    model = peers.build_peer(_config("dense"))
+    params = _init(model, tokens)
+    blocked = peers.build_peer(_config("dense", query_block=16))
+    chex.assert_trees_all_close(_logits(blocked, params, tokens), _logits(model, params, tokens),
+                                atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "query_block"):
+      _config("dense", query_block=-1)
 
   def test_sliding_window_matches_dense_band_mask(self):
     config = _config("sliding_window")
