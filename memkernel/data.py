@@ -107,8 +107,8 @@ class TaskConfig:
       on leaf boundaries.
     copy_len: copy segment length; 0 means seq_len // 2 - 1.
     num_compares: keys compared per far_compare sequence.
-    compare_target: what far_compare asks at QUERY_c: 'max' (the larger of a_c and b_c, a content
-      token) or 'order' (GREATER if a_c > b_c else LESS, one bit).
+    compare_target: what far_compare asks at a query `MARKER k`: 'max' (the larger of a_k and b_k,
+      a content token) or 'order' (GREATER if a_k > b_k else LESS, one bit).
   """
 
   name: str
