@@ -492,7 +492,8 @@ def estimate_peak_bytes(bench: BenchConfig, model: str, mode: str, length: int) 
   `jax.nn.dot_product_attention` materialises [B, heads, T, T] float32 scores on CPU (logits,
   mask, probabilities: ~3 live in a forward); a training step keeps each layer's for the
   backward pass (measured: ~17.5 GB for d 256, 4 layers, 4 heads at 8k). With the peer's
-  `query_block` only one block's [B, heads, block, T] scores are live, forward or backward.
+  `query_block` only one block's [B, heads, block, T] scores are live, forward or backward
+  (counted as ~4 such buffers: logits, mask, probabilities and their gradient).
   """
   if model not in QUADRATIC_MODELS:
     return None
