@@ -309,14 +309,14 @@ def kernel_flops_by_part(config: ModelConfig, num_tokens: int, *, form: str = "p
   if form not in ("parallel", "recurrent"):
     raise ValueError(f"form must be 'parallel' or 'recurrent', got {form!r}")
   c, t = config, num_tokens
-  d, r, w, v = c.d_model, c.num_roots, c.conv_width, c.vocab_size
+  d, r, v = c.d_model, c.num_roots, c.vocab_size
   h, e, p, l, n = c.num_route_heads, c.read_dim, c.key_dim, c.leaf_size, c.num_leaves
   k = c.effective_train_beam if train else c.beam_width
   routed = c.use_tree_read or c.use_exact_read
   parts = {"trunk": 3 * 2 * t * r * d * d, "mlp": 2 * 2 * t * d * c.mlp_hidden,
            "fusion": 2 * t * d * 3 + 2 * t * h * e * d * (c.use_tree_read + c.use_exact_read)}
   if routed:
-    parts["memory_proj"] = 2 * t * (w + 1) * d * h * (3 * e + 2 * p + 1)
+    parts["memory_proj"] = 2 * t * (c.proj_lags + 1) * d * h * (3 * e + 2 * p + 1)
     summaries = n if form == "parallel" else -(-t // l)
     parts["summarize"] = 2 * summaries * l * h * (p + e)
     candidates = n.bit_length()

@@ -43,6 +43,10 @@ class ModelConfig:
     head_dim: per-head width of the exact read (E); 0 means d_model // num_route_heads.
     route_dim: per-head width of routing keys (Dr); 0 means 2 * head_dim.
     conv_width: taps of the causal convolution in the trunk.
+    memory_lags: how many of the last tokens (lags 0..memory_lags-1 of the normed stream) the
+      memory projections see separately, besides the trunk; 0 means conv_width. Most of a
+      token's FLOPs are these projections ((memory_lags + 1) d inputs each), so fewer lags make
+      every form cheaper; `shift_init` needs at least 2 (a key is the previous token).
     mlp_ratio: hidden width of each MLP relative to d_model.
     mlp_dim: hidden width of each MLP; 0 means mlp_ratio * d_model (the ablations use it to give
       every configuration the same parameter budget).
@@ -106,6 +110,7 @@ class ModelConfig:
   head_dim: int = 0
   route_dim: int = 0
   conv_width: int = 4
+  memory_lags: int = 0
   mlp_ratio: int = 4
   mlp_dim: int = 0
   scan_impl: str = "associative"
@@ -130,7 +135,8 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("head_dim", "route_dim", "train_beam_width", "mlp_dim", "query_block"):
+    for name in ("head_dim", "route_dim", "train_beam_width", "mlp_dim", "query_block",
+                 "memory_lags"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
@@ -152,6 +158,12 @@ class ModelConfig:
     if self.head_dim == 0 and self.d_model % self.num_route_heads:
       raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible by "
                        f"num_route_heads={self.num_route_heads} when head_dim is 0")
+    if self.memory_lags > self.conv_width:
+      raise ValueError(f"ModelConfig.memory_lags must be <= conv_width={self.conv_width} (the "
+                       f"convolution keeps that many tokens), got {self.memory_lags!r}")
+    if self.shift_init and self.proj_lags < 2:
+      raise ValueError("ModelConfig.shift_init starts keys as the previous token, so it needs "
+                       f"memory_lags >= 2 (or 0), got memory_lags={self.memory_lags!r}")
     if self.scan_impl not in _SCAN_IMPLS:
       raise ValueError(f"ModelConfig.scan_impl must be one of {_SCAN_IMPLS}, got {self.scan_impl!r}")
     if self.tree_merge not in _TREE_MERGES:
@@ -198,6 +210,11 @@ class ModelConfig:
   @property
   def key_dim(self) -> int:
     return self.route_dim or 2 * self.read_dim
+
+  @property
+  def proj_lags(self) -> int:
+    """Lags of the normed stream the memory projections read (`memory_lags` or conv_width)."""
+    return self.memory_lags or self.conv_width
 
   @property
   def mlp_hidden(self) -> int:

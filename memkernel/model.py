@@ -167,17 +167,17 @@ class ReadFusion(nn.Module):
 
 
 def memory_proj_init(config: ModelConfig):
-  """Initialiser of the memory projections [(W + 1) D, H (3E + 2P + 1)].
+  """Initialiser of the memory projections [(M + 1) D, H (3E + 2P + 1)].
 
-  Input rows: lags 0..W-1 of the normed stream, then the trunk output. Output columns: read
-  q, k, v, routing rq, rk, pooling logits. With `shift_init` the read and the router start as an
+  Input rows: lags 0..M-1 of the normed stream (M = `proj_lags`), then the trunk output. Output
+  columns: read q, k, v, routing rq, rk, pooling logits. With `shift_init` the read and the router start as an
   associative-recall prior (as a token shift does in other recurrent models): a key is the
   *previous* token projected exactly like a query's *current* token (k = R lag1, q = R lag0, and
   rk / rq likewise with their own R), values are the current token, pooling is uniform, and the
   trunk enters small. Everything stays trainable; without `shift_init` all blocks are random.
   """
   c = config
-  d, w, h, e, p = c.d_model, c.conv_width, c.num_route_heads, c.read_dim, c.key_dim
+  d, w, h, e, p = c.d_model, c.proj_lags, c.num_route_heads, c.read_dim, c.key_dim
   lecun = nn.initializers.lecun_normal()
 
   def init(key, shape, dtype=jnp.float32):
@@ -229,9 +229,9 @@ class KernelLayer(nn.Module):
     trunk = self.trunk.project(roots, keep_R)
     b, t = xn.shape[:2]
     if c.use_tree_read or c.use_exact_read:
-      # Memory projections see the last W tokens separately (a full causal conv), so a key can
-      # be "the previous token" without untangling the depthwise conv's mixed lags, plus the trunk.
-      z = self.proj(jnp.concatenate([lags, trunk], axis=-1))
+      # Memory projections see the last M tokens separately (M = proj_lags), so a key can be
+      # "the previous token" without untangling the depthwise conv's mixed lags, plus the trunk.
+      z = self.proj(jnp.concatenate([lags[..., :c.proj_lags * c.d_model], trunk], axis=-1))
     else:  # No memory: no projection parameters either (ablations compare equal budgets).
       z = jnp.zeros((b, t, h * (3 * e + 2 * p + 1)), xn.dtype)
     sizes = np.cumsum([h * e, h * e, h * e, h * p, h * p])

@@ -19,10 +19,13 @@ import sys
 import tempfile
 from unittest import mock
 
+import jax
+import jax.numpy as jnp
 from absl.testing import absltest
 from absl.testing import parameterized
 
 from configs import bench as bench_config
+from memkernel import FractalV2Model
 from memkernel import bench
 from memkernel import peers
 from memkernel.config import ModelConfig
@@ -207,6 +210,18 @@ class FlopsTest(absltest.TestCase):
     ratio = (bench.kernel_flops(config(65536), 65536, train=True)
              / bench.kernel_flops(config(8192), 8192, train=True))
     self.assertGreater(ratio, 16)  # O(T log T) would be ~9.
+
+  def test_memory_proj_flops_are_twice_its_parameters_per_token(self):
+    for lags in (0, 1, 2):
+      config = self._config(1024, memory_lags=lags, shift_init=lags != 1)
+      shapes = jax.eval_shape(FractalV2Model(config).init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 32), jnp.int32))["params"]
+      weights = sum(shapes[f"layer_{i}"]["memory_proj"]["kernel"].size
+                    for i in range(config.num_layers))
+      self.assertEqual(shapes["layer_0"]["memory_proj"]["kernel"].shape[0],
+                       (lags or config.conv_width) * config.d_model + config.d_model)
+      self.assertEqual(bench.kernel_flops_by_part(config, 1024)["memory_proj"],
+                       2 * 1024 * weights)
 
   def test_parts_follow_the_config(self):
     config = self._config(1024)

@@ -28,6 +28,9 @@ class ConfigTest(parameterized.TestCase):
       ("teacher_cross_level", 1, "teacher_cross_level"),
       ("teacher_queries", 0, "teacher_queries"),
       ("salience_weight", -1.0, "salience_weight"),
+      ("memory_lags", 5, "conv_width"),
+      ("memory_lags", -1, "non-negative"),
+      ("memory_lags", 1, "previous token"),
   )
   def test_invalid_value_names_field(self, field, value, message):
     with pytest.raises(ValueError, match=message) as err:
