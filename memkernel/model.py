@@ -170,10 +170,10 @@ def memory_proj_init(config: ModelConfig):
   """Initialiser of the memory projections [(M + 1) D, H (3E + 2P + 1)].
 
   Input rows: lags 0..M-1 of the normed stream (M = `proj_lags`), then the trunk output. Output
-  columns: read q, k, v, routing rq, rk, pooling logits. With `shift_init` the read and the router start as an
-  associative-recall prior (as a token shift does in other recurrent models): a key is the
-  *previous* token projected exactly like a query's *current* token (k = R lag1, q = R lag0, and
-  rk / rq likewise with their own R), values are the current token, pooling is uniform, and the
+  columns: read q, k, v, routing rq, rk, pooling logits. With `shift_init` the read and the router
+  start as an associative-recall prior (as a token shift does in other recurrent models): a key is
+  the *previous* token projected exactly like a query's *current* token (k = R lag1, q = R lag0,
+  and rk / rq likewise with their own R), values are the current token, pooling is uniform, and the
   trunk enters small. Everything stays trainable; without `shift_init` all blocks are random.
   """
   c = config
