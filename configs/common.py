@@ -97,7 +97,9 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       head_dim=0,
       route_dim=128,          # Wide routing keys: +2 points of MQAR accuracy over 2 * head_dim.
       conv_width=4,
-      memory_lags=0,          # Tokens the projections read apart from the trunk; 0: conv_width.
+      # Tokens the memory projections read apart from the trunk: 2 (the token and the one before)
+      # instead of conv_width's 4 has 27% fewer FLOPs and the same probe accuracy (BUILD_NOTES).
+      memory_lags=2,
       # lax.scan: as fast as associative_scan at these widths, and ~4x faster to compile.
       scan_impl="linear",
       min_timescale=1.0,
