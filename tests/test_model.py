@@ -82,7 +82,7 @@ class FormsTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("rerank_and_sink", dict(leaf_rerank=True, read_sink=True, tree_merge="mean")),
       ("summaries_only", dict(route_descend=False, use_exact_read=False)),
-      ("two_memory_lags", dict(memory_lags=2)))
+      ("all_conv_lags", dict(memory_lags=0)))  # The default reads two lags.
   def test_routing_modes_agree(self, overrides):
     config = dataclasses.replace(BASE, num_layers=1, **overrides)
     _assert_forms_agree(config, _tokens(3, 2, 53))
