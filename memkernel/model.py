@@ -110,15 +110,15 @@ class LocalTrunk(nn.Module):
     """Causal conv over [previous W-1 inputs, xn].
 
     Returns:
-      u_BTD (the depthwise conv), lags [B, T, W*D] (xn_t, xn_{t-1}, ..., xn_{t-W+1}) and the new
-      conv state.
+      u_BTD (the depthwise conv), the W lags [B, T, D] (xn_t, xn_{t-1}, ..., xn_{t-W+1}) and the
+      new conv state.
     """
     w = self.config.conv_width
     full = jnp.concatenate([conv_BWD, xn_BTD], axis=1)
     t = xn_BTD.shape[1]
     lags = [full[:, w - 1 - j: w - 1 - j + t] for j in range(w)]
     u = self.conv_b + sum(lag * self.conv_w[j] for j, lag in enumerate(lags))
-    return u, jnp.concatenate(lags, axis=-1), full[:, t:]
+    return u, lags, full[:, t:]
 
   def recur(self, u_BTD, roots_BRD, impl):
     """All roots over the chunk; returns (per-root outputs [B, T, R, D], final states [B, R, D])."""
@@ -177,7 +177,7 @@ def memory_proj_init(config: ModelConfig):
   trunk enters small. Everything stays trainable; without `shift_init` all blocks are random.
   """
   c = config
-  d, w, h, e, p = c.d_model, c.proj_lags, c.num_route_heads, c.read_dim, c.key_dim
+  d, m, h, e, p = c.d_model, c.proj_lags, c.num_route_heads, c.read_dim, c.key_dim
   lecun = nn.initializers.lecun_normal()
 
   def init(key, shape, dtype=jnp.float32):
@@ -196,7 +196,7 @@ def memory_proj_init(config: ModelConfig):
     kernel = kernel.at[0:d, col[3]:col[4]].set(r_r)          # rq <- lag 0
     kernel = kernel.at[d:2 * d, col[4]:col[5]].set(r_r)      # rk <- lag 1
     trunk = jax.random.normal(kt, (d, shape[1]), dtype) * 0.1 * std
-    return kernel.at[w * d:].set(trunk)
+    return kernel.at[m * d:].set(trunk)
 
   return init
 
@@ -231,7 +231,7 @@ class KernelLayer(nn.Module):
     if c.use_tree_read or c.use_exact_read:
       # Memory projections see the last M tokens separately (M = proj_lags), so a key can be
       # "the previous token" without untangling the depthwise conv's mixed lags, plus the trunk.
-      z = self.proj(jnp.concatenate([lags[..., :c.proj_lags * c.d_model], trunk], axis=-1))
+      z = self.proj(jnp.concatenate([*lags[:c.proj_lags], trunk], axis=-1))
     else:  # No memory: no projection parameters either (ablations compare equal budgets).
       z = jnp.zeros((b, t, h * (3 * e + 2 * p + 1)), xn.dtype)
     sizes = np.cumsum([h * e, h * e, h * e, h * p, h * p])
