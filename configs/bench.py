@@ -20,8 +20,9 @@ peers 1.5-2x slower; the run records the setting in bench.md. Run nothing else o
 
 GPU: the same command runs unchanged (JAX picks the accelerator; install `.[cuda12]`). The memory
 budget then defaults to 80% of the device's memory, `measured_peak_bytes` comes from the device
-allocator, and f32 matmuls may use TF32 unless `JAX_DEFAULT_MATMUL_PRECISION=highest` is set:
-report the device and the setting with the numbers.
+allocator, the trunk uses the parallel scan (`scan_impl` associative; lax.scan on the CPU), and
+f32 matmuls may use TF32 unless `JAX_DEFAULT_MATMUL_PRECISION=highest` is set (bench_meta.json
+records the device and the setting as `matmul_precision`).
 
 Fields:
   models        comma-separated subset of kernel, dense, sliding_window, scan.
@@ -49,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import ml_collections
 
 from memkernel.config import ModelConfig
@@ -103,8 +105,9 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       train_beam_width=0,
       teacher_weight=0.0,
       leaf_rerank=True,       # As the probe configs train it.
-      # lax.scan: as fast as associative_scan at d 256, batch 1, and ~4x faster to compile.
-      scan_impl="linear",
+      # On the CPU lax.scan is as fast as associative_scan at d 256, batch 1, and ~4x faster to
+      # compile; on an accelerator a 32k-step lax.scan is latency-bound, so the parallel scan.
+      scan_impl="linear" if jax.default_backend() == "cpu" else "associative",
   ))
 
   config.peer = ml_collections.ConfigDict(dict(

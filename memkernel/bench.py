@@ -1026,6 +1026,8 @@ def environment(bench: BenchConfig) -> dict:
           "num_devices": jax.device_count(), "cpu_count": os.cpu_count(),
           "machine": platform.machine(), "python": platform.python_version(),
           "jax": jax.__version__, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          # None is the backend's default (TF32 for f32 matmuls on recent NVIDIA GPUs).
+          "matmul_precision": jax.config.jax_default_matmul_precision,
           "max_memory_bytes": bench.max_memory_bytes, "max_point_s": bench.max_point_s,
           "peak_mem_source": "xla_buffer_assignment",
           "measured_peak_source": _MemoryProbe().source}
