@@ -1033,6 +1033,15 @@ def environment(bench: BenchConfig) -> dict:
           "measured_peak_source": _MemoryProbe().source}
 
 
+def _write_tables(out_dir: str, rows: list[dict], meta: dict, bench: BenchConfig) -> None:
+  """bench.json, bench_meta.json and bench.md from the rows so far (each file replaced whole)."""
+  runs_lib.write_json(os.path.join(out_dir, JSON_FILE), rows)
+  runs_lib.write_json(os.path.join(out_dir, META_FILE), meta)
+  text = bench_report.markdown(rows, meta, targets=dataclasses.asdict(bench.targets),
+                               num_layers=bench.kernel.num_layers)
+  runs_lib.write_text(os.path.join(out_dir, MD_FILE), text)
+
+
 def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
         command: str = "") -> list[dict]:
   """Runs the benchmark and writes `bench.json`, `bench_meta.json`, `bench.md` and the plots.
@@ -1066,7 +1075,10 @@ def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
   for i, point in enumerate(points):
     row = _run_point(point, bench, models, history, over_budget, probe)
     rows.append(row)
-    runs_lib.write_json(os.path.join(out_dir, JSON_FILE), rows)
+    # Everything but the plots after every point, so a run stopped early keeps its tables.
+    meta.update(wall_s=time.time() - begin, num_params=dict(models.num_params),
+                points_done=len(rows), points_planned=len(points))
+    _write_tables(out_dir, rows, meta, bench)
     logging.info("[%d/%d] %s: %s | elapsed %s, ETA %s", i + 1, len(points), point.label(),
                  _summary(row), _format_duration(time.time() - begin),
                  _format_duration(_eta(rows, points[i + 1:], bench)))
@@ -1078,11 +1090,7 @@ def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
     row["ceiling_gflops_per_s"] = meta["ceiling_gflops"]
     row["efficiency"] = (row["gflops_per_s"] / meta["ceiling_gflops"]
                          if row["gflops_per_s"] else None)
-  runs_lib.write_json(os.path.join(out_dir, JSON_FILE), rows)
-  runs_lib.write_json(os.path.join(out_dir, META_FILE), meta)
-  with open(os.path.join(out_dir, MD_FILE), "w") as f:
-    f.write(bench_report.markdown(rows, meta, targets=dataclasses.asdict(bench.targets),
-                                  num_layers=bench.kernel.num_layers))
+  _write_tables(out_dir, rows, meta, bench)
   bench_report.plots(rows, out_dir, num_layers=bench.kernel.num_layers)
   logging.info("Wrote %s, %s and the plots to %s (%s).", JSON_FILE, MD_FILE, out_dir,
                _format_duration(meta["wall_s"]))

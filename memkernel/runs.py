@@ -69,12 +69,17 @@ def with_task(experiment: train_lib.Experiment,
   return dataclasses.replace(experiment, task=dataclasses.replace(experiment.task, **task))
 
 
-def write_json(path: str, value: Any) -> None:
-  """Writes `value` as JSON through a temporary file, so a crash leaves no half-written file."""
+def write_text(path: str, text: str) -> None:
+  """Writes `text` through a temporary file, so a crash leaves no half-written file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON, atomically (`write_text`)."""
+  write_text(path, json.dumps(value, indent=1))
 
 
 def load_experiment(workdir: str, step: Optional[int] = None) -> train_lib.Experiment:

@@ -86,6 +86,29 @@ class BudgetTest(absltest.TestCase):
     self.assertIn("shorter length", by_point["sliding_window", 128]["reason"])
     self.assertTrue(os.path.exists(os.path.join(out, bench.MD_FILE)))
 
+  def test_a_stopped_run_keeps_its_tables(self):
+    # A run killed (or out of time) after its first point still has bench.json, bench_meta.json
+    # and bench.md with that point in them.
+    out, real, calls = tempfile.mkdtemp(), bench._run_point, []
+
+    def stop_at_second(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 2:
+        raise KeyboardInterrupt
+      return real(*args, **kwargs)
+
+    with mock.patch.object(bench, "_run_point", stop_at_second), \
+         self.assertRaises(KeyboardInterrupt):
+      bench.run(_smoke(models="dense", lengths="64,128", modes="forward", max_memory_gb=1e-6),
+                out)
+    self.assertEqual([(r["model"], r["length"]) for r in _rows(out)], [("dense", 64)])
+    with open(os.path.join(out, bench.META_FILE)) as f:
+      meta = json.load(f)
+    self.assertEqual((meta["points_done"], meta["points_planned"]), (1, 2))
+    with open(os.path.join(out, bench.MD_FILE)) as f:
+      self.assertIn("| dense | forward | 64 | skipped: estimated", f.read())
+    self.assertFalse([n for n in os.listdir(out) if n.endswith(".tmp")])
+
   def test_over_time_budget_is_skipped(self):
     rows = bench.run(_smoke(models="sliding_window", lengths="64,128", modes="forward",
                             max_point_s=1e-6), tempfile.mkdtemp())
