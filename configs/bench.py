@@ -20,9 +20,11 @@ peers 1.5-2x slower; the run records the setting in bench.md. Run nothing else o
 
 GPU: the same command runs unchanged (JAX picks the accelerator; install `.[cuda12]`). The memory
 budget then defaults to 80% of the device's memory, `measured_peak_bytes` comes from the device
-allocator, the trunk uses the parallel scan (`scan_impl` associative; lax.scan on the CPU), and
-f32 matmuls may use TF32 unless `JAX_DEFAULT_MATMUL_PRECISION=highest` is set (bench_meta.json
-records the device and the setting as `matmul_precision`).
+allocator, the trunk uses the parallel scan (`scan_impl` associative; lax.scan on the CPU), the
+kernel routes and reads every query at once and dense attention is unblocked (`query_block` 0;
+blocks of 512 on the CPU, for memory), and f32 matmuls may use TF32 unless
+`JAX_DEFAULT_MATMUL_PRECISION=highest` is set (bench_meta.json records the device and the setting
+as `matmul_precision`).
 
 Fields:
   models        comma-separated subset of kernel, dense, sliding_window, scan.
@@ -108,6 +110,10 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       # On the CPU lax.scan is as fast as associative_scan at d 256, batch 1, and ~4x faster to
       # compile; on an accelerator a 32k-step lax.scan is latency-bound, so the parallel scan.
       scan_impl="linear" if jax.default_backend() == "cpu" else "associative",
+      # Route and read the queries in blocks of 512 on the CPU (bounds the gathered tokens of a
+      # 32k train step to fit 24 GiB); on an accelerator all at once: the blocks run one after
+      # another under lax.map, and on an H200 that made the 8k forward 2.4x slower (BUILD_NOTES).
+      query_block=512 if jax.default_backend() == "cpu" else 0,
   ))
 
   config.peer = ml_collections.ConfigDict(dict(
@@ -118,9 +124,11 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       mlp_ratio=mlp_ratio,
       num_heads=4,
       window=256,
-      # Dense attention over checkpointed blocks of 512 queries (same values): its 8k train step
-      # would otherwise keep ~17.5 GiB of scores (out of memory on a 24 GiB machine).
-      query_block=512,
+      # Dense attention over checkpointed blocks of 512 queries on the CPU (same values): its 8k
+      # train step would otherwise keep ~17.5 GiB of scores (out of memory on a 24 GiB machine).
+      # Unblocked on an accelerator, where the blocks only cost time (an H200: 8k forward 1.3x,
+      # train step 1.7x faster unblocked; BUILD_NOTES).
+      query_block=512 if jax.default_backend() == "cpu" else 0,
   ))
 
   config.targets = ml_collections.ConfigDict(dict(

@@ -145,6 +145,16 @@ class ConfigTest(parameterized.TestCase):
     self.assertEqual(smoke.lengths, SMOKE_LENGTHS)
     self.assertEqual((smoke.kernel.d_model, smoke.kernel.num_layers, smoke.repeats), (32, 1, 2))
 
+  def test_execution_choices_follow_the_backend(self):
+    # The CPU's choices are for its memory and its fast lax.scan; an accelerator gets the parallel
+    # scan and unblocked queries (the blocks run one after another there).
+    for backend, scan_impl, block in (("cpu", "linear", 512), ("gpu", "associative", 0),
+                                      ("tpu", "associative", 0)):
+      with mock.patch.object(jax, "default_backend", return_value=backend):
+        parsed = bench.parse_config(bench_config.get_config())
+      self.assertEqual((parsed.kernel.scan_impl, parsed.kernel.query_block), (scan_impl, block))
+      self.assertEqual(parsed.peer["query_block"], block)
+
   def test_selection_overrides(self):
     parsed = bench.parse_config(_smoke(models="kernel,dense", lengths="8k,32768",
                                        modes="forward"))
