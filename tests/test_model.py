@@ -245,7 +245,8 @@ class TrainingSignalTest(parameterized.TestCase):
     assert float(jnp.abs(rk).sum()) > 0, "no gradient reaches the routing keys"
 
   def test_remat_and_query_blocks_change_no_value_or_gradient(self):
-    config = dataclasses.replace(BASE, train_beam_width=4, leaf_rerank=True)
+    # One layer: the blocks are per layer, and each variant compiles a full train step.
+    config = dataclasses.replace(BASE, num_layers=1, train_beam_width=4, leaf_rerank=True)
     tokens = _tokens(35, 2, 64)
     mask = jnp.zeros((2, 64)).at[:, 40:].set(1.0)
     params = FractalV2Model(config).init(jax.random.PRNGKey(0), tokens)
