@@ -2,10 +2,13 @@ r"""Evaluates a trained run again: other lengths, another setting of its task; `
 
   python -m experiments.evaluate --workdir=runs/mqar --lengths=512,8192 --task=distance=uniform
   python -m experiments.evaluate --workdir=runs/mqar --lengths=32768 --batches=2
+  python -m experiments.evaluate --workdir=runs/induction --lengths=2048,8192 --beam_width=8
 
 Uses the run's own evaluation (eval seed stream, batch size, evaluation beam). Prints one line per
 length and writes the result, with the command, to --out (default WORKDIR/eval_<tag>.json, where
-the tag names the task changes; an existing file is never overwritten).
+the tag names the task changes and the beam; an existing file is never overwritten). With
+--beam_width a kernel run routes with another beam: at lengths beyond training, a wider beam that
+recovers the routing recall says the answer leaf was ranked just outside the trained beam.
 """
 
 import logging as std_logging
@@ -26,6 +29,8 @@ _TASK = flags.DEFINE_multi_string("task", [], "A task field to change, FIELD=VAL
                                   "e.g. distance=uniform.")
 _BATCHES = flags.DEFINE_integer("batches", None, "Batches per length (default: the run's).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_BEAM = flags.DEFINE_integer("beam_width", None, "Leaves each routing head selects (kernel runs; "
+                             "default: the run's model.beam_width).")
 _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -48,7 +53,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   lengths = _parse_lengths(_LENGTHS.value)
-  tag = "_".join(f"{k}-{v}" for k, v in sorted(task.items())) or "default"
+  changes = sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
+  tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
     raise app.UsageError(f"{out} exists; pass another --out")
@@ -56,11 +62,13 @@ def main(argv):
       lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
   try:
     result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task,
-                               batches=_BATCHES.value, step=_STEP.value)
+                               batches=_BATCHES.value, step=_STEP.value,
+                               beam_width=_BEAM.value)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(str(e)) from e
+  beam = f" (beam {result['beam_width']})" if result["beam_width"] is not None else ""
   for length, metrics in result["lengths"].items():
-    print(f"length {length}: " + ", ".join(
+    print(f"length {length}{beam}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in sorted(metrics.items())
         if k in ("accuracy", "loss") or k.endswith("routing_recall")))
   result["command"] = "python -m experiments.evaluate " + " ".join(

@@ -126,11 +126,14 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[train_lib.AnyMod
 
 def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  task: Optional[Mapping[str, Any]] = None, batches: Optional[int] = None,
-                 step: Optional[int] = None) -> dict[str, Any]:
-  """Evaluates a trained run again, at other lengths or on another setting of its task.
+                 step: Optional[int] = None, beam_width: Optional[int] = None) -> dict[str, Any]:
+  """Evaluates a trained run again, at other lengths, on another setting of its task, or with
+  another routing beam.
 
   The run's own evaluation (`train.evaluate`: its eval seed stream, batch size and beam) with
-  these changes; everything is validated before anything compiles.
+  these changes; everything is validated before anything compiles. A wider beam at a longer
+  length separates near misses (the answer leaf ranked just outside the trained beam) from
+  lost answers: the parameters do not depend on the beam, and the cost per token grows with K.
 
   Args:
     workdir: the run's `--workdir`.
@@ -139,14 +142,25 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
       vocab_size, leaf_size or seq_len: the model fixes the first three, `lengths` the last).
     batches: evaluation batches per length (default: the run's `eval.batches`).
     step: the checkpoint step (default: the newest).
+    beam_width: leaves each routing head selects (K; default: the run's `model.beam_width`).
+      Kernel runs only.
 
   Returns:
-    {"step", "task", "lengths": {str(length): {metric: mean over batches}}}.
+    {"step", "task", "beam_width" (None for a peer), "lengths": {str(length): {metric: mean
+    over batches}}}.
 
   Raises:
-    ValueError: an unknown or fixed task field, or an invalid value (named).
+    ValueError: an unknown or fixed task field, an invalid value, or a beam for a peer (named).
   """
   experiment = with_task(load_experiment(workdir, step), task)
+  if beam_width is not None:
+    if experiment.model_type != "kernel":
+      raise ValueError(f"beam_width applies to kernel runs; {workdir} is a "
+                       f"{experiment.model_type} run")
+    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or beam_width <= 0:
+      raise ValueError(f"beam_width must be a positive integer, got {beam_width!r}")
+    experiment = dataclasses.replace(
+        experiment, model=dataclasses.replace(experiment.model, beam_width=beam_width))
   ev = experiment.eval
   if batches is not None:
     if not isinstance(batches, int) or batches <= 0:
@@ -159,5 +173,6 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   if step is None:
     step = latest_step(workdir)
   _, params = load_run(workdir, step)
-  return {"step": step, "task": dataclasses.asdict(experiment.task),
+  beam = experiment.model.beam_width if experiment.model_type == "kernel" else None
+  return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
           "lengths": train_lib.evaluate(experiment, params, lengths=lengths)}

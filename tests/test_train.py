@@ -164,6 +164,8 @@ class TrainTest(parameterized.TestCase):
         kind=model_type, vocab_size=64, d_model=16, num_layers=1, num_heads=4, mlp_ratio=2,
         window=32, max_seq_len=64))
     self.assertIn("block_0", params)
+    with self.assertRaisesRegex(ValueError, f"beam_width applies to kernel runs.*{model_type}"):
+      runs.evaluate_run(workdir, beam_width=4)
 
   # -- resume --------------------------------------------------------------------------------
 
@@ -201,6 +203,20 @@ class TrainTest(parameterized.TestCase):
       runs.evaluate_run(self.ref_dir, task={"distance": "far"})
     with self.assertRaisesRegex(ValueError, "seq_len"):
       runs.evaluate_run(self.ref_dir, task={"seq_len": 128})
+
+  def test_evaluate_run_with_another_beam(self):
+    """The run's own beam reproduces its eval; a beam as wide as the 8 leaves of 128 tokens reads
+    every sealed leaf, so the answer leaf is always among them (recall 1)."""
+    own = runs.load_experiment(self.ref_dir).model.beam_width
+    same = runs.evaluate_run(self.ref_dir, lengths=(128,), beam_width=own)
+    self.assertEqual(same["beam_width"], own)
+    self.assertEqual(same["lengths"]["128"], self.ref_summary["lengths"]["128"])
+    wide = runs.evaluate_run(self.ref_dir, lengths=(128,), beam_width=8, batches=1)
+    self.assertEqual(wide["beam_width"], 8)
+    self.assertEqual(wide["lengths"]["128"]["layer_0/routing_recall"], 1.0)
+    for bad in (0, -2, 1.5, True):
+      with self.assertRaisesRegex(ValueError, "beam_width must be a positive integer"):
+        runs.evaluate_run(self.ref_dir, beam_width=bad)
 
   @parameterized.parameters(("model.d_model", 32, "model.d_model"),
                             ("model.leaf_size", 8, "model.leaf_size"),
@@ -322,18 +338,21 @@ class TrainTest(parameterized.TestCase):
         timeout=300)
     for flags, message in ((["--task=distanse=uniform"], "unknown task field(s) ['distanse']"),
                            (["--task=uniform"], "--task must be FIELD=VALUE"),
-                           (["--lengths=64,x"], "--lengths must be comma-separated integers")):
+                           (["--lengths=64,x"], "--lengths must be comma-separated integers"),
+                           (["--beam_width=0"], "beam_width must be a positive integer, got 0")):
       result = evaluate(*flags)
       self.assertNotEqual(result.returncode, 0)
       self.assertIn(message, result.stdout)
       self.assertNotIn("Traceback", result.stdout)
     out = os.path.join(self.tmp, "eval_uniform.json")
-    result = evaluate("--lengths=64", "--task=distance=uniform", "--batches=1", f"--out={out}")
+    result = evaluate("--lengths=64", "--task=distance=uniform", "--batches=1", "--beam_width=3",
+                      f"--out={out}")
     self.assertEqual(result.returncode, 0, result.stdout)
-    self.assertIn("length 64: accuracy", result.stdout)
+    self.assertIn("length 64 (beam 3): accuracy", result.stdout)
     with open(out) as f:
       written = json.load(f)
     self.assertEqual(written["task"]["distance"], "uniform")
+    self.assertEqual(written["beam_width"], 3)
     self.assertIn("--task=distance=uniform", written["command"])
     self.assertNotEqual(evaluate("--lengths=64", f"--out={out}").returncode, 0)  # No overwrite.
 
