@@ -21,19 +21,19 @@ resumes, so it may be run in pieces (`--config.tasks=...`).
 
 Fields:
   tasks           comma-separated subset of copy, mqar, induction, noisy_retrieval, far_compare.
-  models          comma-separated subset of `memkernel.ablate.MODELS` (the nine kernel
+  models          comma-separated subset of `memkernel.sweeps.ablate.MODELS` (the nine kernel
                   configurations, dense, sliding_window, oracle). The evaluation-only model
                   (multi_root/sparse_retrieval_without_exact_read) trains the full kernel too.
   seeds           comma-separated seeds; every cell runs once per seed.
   length_factors  evaluation lengths as multiples of the training length (the training length
                   is always evaluated).
   match_params    give every kernel configuration the MLP width that matches the full kernel's
-                  parameter count (`ModelConfig.mlp_dim`).
+                  parameter count (`KernelConfig.mlp_dim`).
   max_eval_memory_gb  a peer whose attention scores at an evaluation length would need more is
                   recorded as skipped there.
   task_arg        the variant of the probe configs the cells start from ('' or 'smoke').
   task.<name>     `TaskConfig` fields of probe <name> (seq_len, num_pairs, ...).
-  model           `ModelConfig` fields for every cell (d_model, num_layers and mlp_ratio reach the
+  model           `KernelConfig` fields for every cell (d_model, num_layers and mlp_ratio reach the
                   peers too). Starts as the probe configs' defaults; the sweep pins the sizes.
   peer            `PeerConfig` fields (num_heads, window); width, depth and MLP ratio follow
                   `model`.
@@ -56,7 +56,7 @@ MODELS = ",".join((
     "multi_root/summaries_only", "multi_root/sparse_retrieval",
     "multi_root/sparse_retrieval_without_exact_read", "multi_root/sparse_retrieval+exact_read",
     "dense", "sliding_window", "oracle"))
-# Set per cell by the sweep (memkernel.ablate), so not copied into the sweep's sections.
+# Set per cell by the sweep (memkernel.sweeps.ablate), so not copied into the sweep's sections.
 _PER_CELL = {"model": ("vocab_size", "leaf_size", "max_seq_len", "num_roots", "use_tree_read",
                        "use_exact_read", "route_descend"),
              # The peers share the kernel's width, depth and MLP ratio: set them in `model`.

@@ -38,7 +38,7 @@ Fields:
                 of the memory available when the run starts.
   quadratic_max_length  longest length dense attention runs at; 0 = no limit but the budget.
   ceiling_size  size of the square matmul that measures the machine's GFLOP/s.
-  model         every `memkernel.ModelConfig` field except max_seq_len (set from each length);
+  model         every `memkernel.KernelConfig` field except max_seq_len (set from each length);
                 the ones not listed in `get_config` keep the library's defaults. The train mode
                 uses `train=True`: the training beam and the dense routing teacher (O(T^2), a
                 short-length training aid) are off here; set train_beam_width / teacher_weight
@@ -55,7 +55,7 @@ from typing import Optional
 import jax
 import ml_collections
 
-from memkernel.config import ModelConfig
+from memkernel.kernel.config import KernelConfig
 from memkernel.peers import PeerConfig
 
 ARGS = ("smoke",)
@@ -95,7 +95,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict(dict(
-      _defaults(ModelConfig, ("max_seq_len",)),
+      _defaults(KernelConfig, ("max_seq_len",)),
       vocab_size=vocab_size,
       d_model=d_model,
       num_layers=num_layers,

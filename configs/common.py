@@ -3,9 +3,9 @@
 Layout of an experiment config (`memkernel.train.parse_config` validates it):
 
   model_type  'kernel' | 'dense' | 'sliding_window': which model trains.
-  model       `memkernel.ModelConfig` fields (the kernel).
+  model       `memkernel.KernelConfig` fields (the kernel).
   peer        `memkernel.peers.PeerConfig` fields except `kind` (the attention peers).
-  task        `memkernel.data.TaskConfig` fields.
+  task        `memkernel.probes.TaskConfig` fields.
   train       seed, steps, batch_size, lr, schedule, warmup_steps, decay_steps, weight_decay,
               clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle.
   eval        batches, batch_size, lengths, oracle, audit_batches.

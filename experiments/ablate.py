@@ -1,4 +1,4 @@
-r"""The ablation sweep; everything it does is `memkernel.ablate.run`.
+r"""The ablation sweep; everything it does is `memkernel.sweeps.ablate.run`.
 
   python -m experiments.ablate --config=configs/ablate.py --out=runs/ablate
   python -m experiments.ablate --config=configs/ablate.py:smoke --out=/tmp/ablate_smoke
@@ -20,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from memkernel import ablate as ablate_lib
+from memkernel.sweeps import ablate as ablate_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Cells, results.jsonl, results.md and the plots go here.")

@@ -1,4 +1,4 @@
-r"""Audits a trained run's memory; everything it does is `memkernel.audit.audit_run`.
+r"""Audits a trained run's memory; everything it does is `memkernel.analysis.audit.audit_run`.
 
   python -m experiments.audit --workdir=/tmp/mqar
   python -m experiments.audit --workdir=/tmp/mqar --batches=16 --length=2048
@@ -16,7 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from memkernel import audit as audit_lib
+from memkernel.analysis import audit as audit_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to audit (default: the newest).")

@@ -1,4 +1,4 @@
-r"""Scaling benchmark of the kernel and its peers; everything it does is `memkernel.bench.run`.
+r"""Scaling benchmark of the kernel and its peers; everything it does is `memkernel.bench.bench.run`.
 
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
       python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
@@ -23,7 +23,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from memkernel import bench as bench_lib
+from memkernel.bench import bench as bench_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
                                           lock_config=True)

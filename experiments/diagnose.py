@@ -1,11 +1,11 @@
-r"""Where a trained kernel's routing loses the answer; everything it does is `memkernel.diagnose`.
+r"""Where a trained kernel's routing loses the answer; everything it does is `memkernel.analysis.diagnose`.
 
   python -m experiments.diagnose --workdir=runs/exp/induction
   python -m experiments.diagnose --workdir=runs/exp/induction --lengths=512,2048,8192 --batches=8
 
 For every layer and length: how often the exact read's own attention, the re-rank's token scores,
 each level's summaries, the first routing step and the beam keep the answer leaf first or in the
-beam, down to the routing recall (the funnel is described in `memkernel/diagnose.py`). Uses fresh
+beam, down to the routing recall (the funnel is described in `memkernel/analysis/diagnose.py`). Uses fresh
 batches from the auditor's seed stream and the run's evaluation beam. Prints a table per length
 and writes it with the command to --out (default WORKDIR/diagnose.json; never overwritten). Safe
 beside a live training run (only committed checkpoints are read).
@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from memkernel import diagnose as diagnose_lib
+from memkernel.analysis import diagnose as diagnose_lib
 from memkernel import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A kernel training run's --workdir.")

@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from memkernel import train as train_lib
+from memkernel import experiment as experiment_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -47,7 +48,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    train_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
+    experiment_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
   except ValueError as e:
     raise app.UsageError(f"invalid config: {e}") from e
   # Keep the progress lines readable: orbax reports every save at INFO.

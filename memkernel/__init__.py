@@ -1,21 +1,24 @@
-"""memkernel: the Recursive Memory Kernel in JAX/Flax.
+"""memkernel: hierarchical and persistent memory for sequence models, in JAX/Flax.
 
-A causal sequence model whose long-range memory is a sealed dyadic summary tree over 16-token
-leaves, read by sparse beam routing and an exact token-level read. See README.md.
+The core is the Recursive Memory Kernel (`memkernel.kernel`): a causal model whose long-range
+memory is a sealed dyadic summary tree over 16-token leaves, read by sparse beam routing and an
+exact token-level read. Every model family (`memkernel.family`) runs in one harness: training,
+evaluation, the auditor, the sweeps, the benchmark and the sampler. See README.md.
 """
 
-from memkernel.config import ModelConfig
-from memkernel.model import FractalV2Model, Interventions
+from memkernel import family
+from memkernel.kernel import Interventions, KernelConfig, KernelModel, Memory, init_memory
+from memkernel.outputs import Outputs, RouteTrace
 from memkernel.runs import load_run
-from memkernel.state import LayerMemory, Memory, init_memory, memory_bytes
 
 __all__ = [
-    "FractalV2Model",
     "Interventions",
-    "LayerMemory",
+    "KernelConfig",
+    "KernelModel",
     "Memory",
-    "ModelConfig",
+    "Outputs",
+    "RouteTrace",
+    "family",
     "init_memory",
     "load_run",
-    "memory_bytes",
 ]

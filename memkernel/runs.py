@@ -1,7 +1,7 @@
 """Reading finished (or running) training runs back: model config and parameters from a workdir.
 
     model_config, params = load_run("/tmp/mqar")
-    model = memkernel.FractalV2Model(model_config)      # or peers.build_peer for a peer
+    model = memkernel.KernelModel(model_config)      # or peers.build_peer for a peer
     logits, aux = model.apply({"params": params}, tokens)
 
 Needs no flags and no config file: the run's full config is stored in every checkpoint.
@@ -20,7 +20,10 @@ import jax
 import ml_collections
 
 from memkernel import checkpoint as checkpoint_lib
-from memkernel import train as train_lib
+
+from memkernel import optim
+from memkernel import experiment as experiment_lib
+from memkernel import evaluate as evaluate_lib
 
 
 FIXED_TASK_FIELDS = ("name", "vocab_size", "leaf_size", "seq_len")
@@ -54,8 +57,8 @@ def parse_task_overrides(items: Sequence[str]) -> dict[str, Any]:
   return task
 
 
-def with_task(experiment: train_lib.Experiment,
-              task: Optional[Mapping[str, Any]]) -> train_lib.Experiment:
+def with_task(experiment: experiment_lib.Experiment,
+              task: Optional[Mapping[str, Any]]) -> experiment_lib.Experiment:
   """The experiment with `TaskConfig` fields changed for a trained run; rejects unknown fields
   and those the model fixes (name, vocab_size, leaf_size) or lengths set (seq_len)."""
   task = dict(task or {})
@@ -82,17 +85,17 @@ def write_json(path: str, value: Any) -> None:
   write_text(path, json.dumps(value, indent=1))
 
 
-def load_experiment(workdir: str, step: Optional[int] = None) -> train_lib.Experiment:
+def load_experiment(workdir: str, step: Optional[int] = None) -> experiment_lib.Experiment:
   """The validated experiment config saved with a checkpoint (default: the newest)."""
   checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
   try:
     config = checkpointer.restore_meta(step)["config"]
   finally:
     checkpointer.close()
-  return train_lib.parse_config(ml_collections.ConfigDict(config))
+  return experiment_lib.parse_config(ml_collections.ConfigDict(config))
 
 
-def load_run(workdir: str, step: Optional[int] = None) -> tuple[train_lib.AnyModelConfig, Any]:
+def load_run(workdir: str, step: Optional[int] = None) -> tuple[Any, Any]:
   """Loads a run's model config and parameters.
 
   Safe beside a live training process: only committed checkpoints are read.
@@ -102,7 +105,7 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[train_lib.AnyMod
     step: the checkpoint step; None means the newest committed one.
 
   Returns:
-    (model_config, params): a `ModelConfig` (kernel) or `PeerConfig` (peers) with the capacity the
+    (model_config, params): a `KernelConfig` (kernel) or `PeerConfig` (peers) with the capacity the
     model was trained at (use `dataclasses.replace(model_config, max_seq_len=...)` for longer
     inputs), and the parameter pytree for `model.apply({"params": params}, ...)`.
 
@@ -116,8 +119,8 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[train_lib.AnyMod
       if step is None:
         raise FileNotFoundError(f"no committed checkpoint in {workdir}")
     config = checkpointer.restore_meta(step)["config"]
-    experiment = train_lib.parse_config(ml_collections.ConfigDict(config))
-    abstract = jax.eval_shape(functools.partial(train_lib.init_state, experiment))
+    experiment = experiment_lib.parse_config(ml_collections.ConfigDict(config))
+    abstract = jax.eval_shape(functools.partial(optim.init_state, experiment))
     state, _ = checkpointer.restore(step, abstract_state=abstract)
   finally:
     checkpointer.close()
@@ -154,7 +157,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   """
   experiment = with_task(load_experiment(workdir, step), task)
   if beam_width is not None:
-    if experiment.model_type != "kernel":
+    if not experiment.family.routes:
       raise ValueError(f"beam_width applies to kernel runs; {workdir} is a "
                        f"{experiment.model_type} run")
     if not isinstance(beam_width, int) or isinstance(beam_width, bool) or beam_width <= 0:
@@ -173,6 +176,6 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   if step is None:
     step = latest_step(workdir)
   _, params = load_run(workdir, step)
-  beam = experiment.model.beam_width if experiment.model_type == "kernel" else None
+  beam = experiment.model.beam_width if experiment.family.routes else None
   return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
-          "lengths": train_lib.evaluate(experiment, params, lengths=lengths)}
+          "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}

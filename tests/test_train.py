@@ -28,10 +28,14 @@ import numpy as np
 
 from memkernel import checkpoint as checkpoint_lib
 from memkernel import train as train_lib
-from memkernel.config import ModelConfig
+from memkernel.kernel.config import KernelConfig
 from memkernel.peers import PeerConfig
 from memkernel import runs
 from memkernel.runs import load_run
+from memkernel.kernel import family as kernel_family
+from memkernel import family as family_lib
+from memkernel import experiment as experiment_lib
+from memkernel import evaluate as evaluate_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare")
@@ -59,7 +63,7 @@ def as_flags(overrides):
 
 
 def read_rows(workdir, split="train"):
-  with open(os.path.join(workdir, train_lib.METRICS_FILE)) as f:
+  with open(os.path.join(workdir, experiment_lib.METRICS_FILE)) as f:
     rows = [json.loads(line) for line in f]
   return [r for r in rows if r["split"] == split]
 
@@ -112,7 +116,7 @@ class TrainTest(parameterized.TestCase):
                 "steps_per_s", "time"):
       self.assertIn(key, rows[-1])
     self.assertTrue(all(np.isfinite(r["loss"]) and r["nonfinite"] == 0 for r in rows))
-    with open(os.path.join(self.ref_dir, train_lib.EVAL_FILE)) as f:
+    with open(os.path.join(self.ref_dir, experiment_lib.EVAL_FILE)) as f:
       summary = json.load(f)
     self.assertEqual(summary, json.loads(json.dumps(self.ref_summary)))
     self.assertEqual(summary["step"], 6)
@@ -131,9 +135,9 @@ class TrainTest(parameterized.TestCase):
 
   def test_load_run(self):
     model_config, params = load_run(self.ref_dir)
-    self.assertIsInstance(model_config, ModelConfig)
+    self.assertIsInstance(model_config, KernelConfig)
     self.assertEqual((model_config.d_model, model_config.max_seq_len), (16, 64))
-    model = train_lib.build_model(dataclasses.replace(model_config, max_seq_len=128))
+    model = family_lib.build(dataclasses.replace(model_config, max_seq_len=128))
     logits, _ = jax.jit(model.apply)({"params": params}, np.zeros((1, 100), np.int32))
     self.assertEqual(logits.shape, (1, 100, model_config.vocab_size))
     _, params_3 = load_run(self.ref_dir, step=3)
@@ -186,8 +190,8 @@ class TrainTest(parameterized.TestCase):
     first_loss = lambda workdir: read_rows(workdir)[0]["loss"]
     self.assertNotEqual(first_loss(seed1), first_loss(self.ref_dir))
     # ...but one compiled step served the reference run, both halves, the resume and the seed.
-    experiment = train_lib.parse_config(smoke_config(overrides=REFERENCE))
-    self.assertEqual(train_lib.make_train_step(experiment, train_lib.make_mesh())._cache_size(), 1)
+    experiment = experiment_lib.parse_config(smoke_config(overrides=REFERENCE))
+    self.assertEqual(train_lib.make_train_step(experiment, evaluate_lib.make_mesh())._cache_size(), 1)
 
   def test_evaluate_run_again(self):
     """Re-evaluation reproduces the run's own eval, and another task setting changes it."""
@@ -256,7 +260,7 @@ class TrainTest(parameterized.TestCase):
       module = importlib.import_module(f"configs.{task}")
       for arg in (None, "smoke", "dense", "sliding_window", "oracle", "smoke,oracle,dense"):
         config = module.get_config(arg)
-        experiment = train_lib.parse_config(config)
+        experiment = experiment_lib.parse_config(config)
         self.assertEqual(experiment.task.name, task)
         self.assertEqual(config.model.d_model, config.peer.d_model)
         self.assertEqual(config.task.vocab_size, config.model.vocab_size)
@@ -268,13 +272,13 @@ class TrainTest(parameterized.TestCase):
     config.model.d_model = 20
     self.assertEqual(config.peer.d_model, 20)
     # Only the model that trains is validated: width 20 suits the kernel, not the peers' RoPE.
-    self.assertEqual(train_lib.parse_config(config).model.d_model, 20)
+    self.assertEqual(experiment_lib.parse_config(config).model.d_model, 20)
     config.model_type = "dense"
     with self.assertRaisesRegex(ValueError, "PeerConfig.num_heads must leave an even head width"):
-      train_lib.parse_config(config)
+      experiment_lib.parse_config(config)
 
   @parameterized.named_parameters(
-      ("negative_width", "model.d_model", -1, "ModelConfig.d_model"),
+      ("negative_width", "model.d_model", -1, "KernelConfig.d_model"),
       ("unknown_model_field", "model.bogus", 1, r"unknown field\(s\) \['bogus'\]"),
       ("unknown_train_field", "train.bogus", 1, r"config.train got unknown field"),
       ("zero_batch", "train.batch_size", 0, "train.batch_size must be >= 1"),
@@ -304,20 +308,20 @@ class TrainTest(parameterized.TestCase):
     self.assertFalse(os.path.exists(workdir))
 
   def test_batch_must_divide_over_devices(self):
-    experiment = train_lib.parse_config(smoke_config(overrides={"train.batch_size": 6}))
+    experiment = experiment_lib.parse_config(smoke_config(overrides={"train.batch_size": 6}))
     with self.assertRaisesRegex(ValueError, r"train.batch_size=6 must be divisible by the number "
                                 r"of devices \(4\)"):
-      train_lib.check_devices(experiment, 4)
+      experiment_lib.check_devices(experiment, 4)
 
   def test_capacity(self):
-    self.assertEqual([train_lib.capacity(n, 16) for n in (1, 16, 17, 64, 100, 512, 513)],
+    self.assertEqual([kernel_family.capacity(n, 16) for n in (1, 16, 17, 64, 100, 512, 513)],
                      [16, 16, 32, 64, 128, 512, 1024])
 
   # -- the binary --------------------------------------------------------------------------------
 
   def test_bad_flags_exit_nonzero_before_compiling(self):
     for flag, message in (("--config.model.d_model=-1",
-                           "ModelConfig.d_model must be a positive integer, got -1"),
+                           "KernelConfig.d_model must be a positive integer, got -1"),
                           ("--config.model.bogus=1",
                            "--config.model.bogus: the config has no field 'bogus'")):
       workdir = self.workdir("bad_flags")

@@ -1,0 +1,1 @@
+"""Looking inside trained models: the causal memory auditor and the routing diagnostic."""

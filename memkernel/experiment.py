@@ -1,0 +1,269 @@
+"""The experiment config: sections, validation and random streams, low in the import graph.
+
+`configs/*.py` return an `ml_collections.ConfigDict` with the sections `model_type` (a family name
+from `memkernel.family.FAMILIES`), that family's model section, `task`, `train` and `eval` (layout in
+`configs/common.py`). `parse_config` turns it into a frozen, validated `Experiment` before anything
+is traced; every invalid value raises `ValueError` naming its section, field and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Union
+
+import jax
+import ml_collections
+
+from memkernel import family as family_lib
+from memkernel import probes
+
+SCHEDULES = ("cosine", "constant")
+# Sections every experiment config has; each family's own model section comes on top.
+COMMON_SECTIONS = ("model_type", "task", "train", "eval")
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+# Independent random streams derived from train.seed.
+INIT_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2
+
+
+def check_int(section: str, name: str, value: Any, minimum: Optional[int]) -> None:
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise ValueError(f"{section}.{name} must be an integer, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise ValueError(f"{section}.{name} must be >= {minimum}, got {value!r}")
+
+
+def check_number(section: str, name: str, value: Any, minimum: float, strict: bool) -> None:
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    raise ValueError(f"{section}.{name} must be a finite number, got {value!r}")
+  if value < minimum or (strict and value == minimum):
+    raise ValueError(f"{section}.{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def from_mapping(cls, section: str, values: Mapping[str, Any]):
+  if hasattr(values, "to_dict"):
+    values = values.to_dict()
+  if not isinstance(values, Mapping):
+    raise ValueError(f"config.{section} must be a mapping, got {type(values).__name__}")
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ValueError(f"config.{section} got unknown field(s) {unknown}; known fields: "
+                     f"{sorted(known)}")
+  return cls(**dict(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The `train` section.
+
+  Attributes:
+    seed: seeds parameter init, the training batches and (a separate stream) the eval batches.
+    steps: optimiser steps in total (a resumed run continues up to this count).
+    batch_size: global batch, split over the devices (must be divisible by their number).
+    lr: peak learning rate of AdamW.
+    schedule: 'cosine' (linear warmup, cosine decay to 10% of lr) or 'constant' (warmup, then lr).
+    warmup_steps: linear warmup steps.
+    decay_steps: length of the cosine schedule including warmup; 0 means `steps`. Fix it to
+      extend a run without changing its schedule.
+    weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms or biases).
+    clip_norm: global gradient-norm clip; 0 disables clipping.
+    log_every: steps between progress lines and metrics rows.
+    eval_every: steps between evaluations at the training length during training; 0: only at
+      the end.
+    ckpt_every: steps between checkpoints (one is always written at the end).
+    keep_checkpoints: newest checkpoints kept.
+    max_nonfinite: consecutive non-finite losses tolerated before the run stops.
+    oracle: feed each batch's answer leaves to the exact read (`oracle_leaves`).
+    narrow_beam_at: beam curriculum for the kernel: from this step on, train with the
+      evaluation beam (`model.beam_width`) instead of `model.train_beam_width`, so the read
+      adapts to the beam it is evaluated with; 0 keeps the training beam throughout.
+  """
+
+  seed: int = 0
+  steps: int = 1000
+  batch_size: int = 16
+  lr: float = 1e-3
+  schedule: str = "cosine"
+  warmup_steps: int = 100
+  decay_steps: int = 0
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  log_every: int = 50
+  eval_every: int = 0
+  ckpt_every: int = 500
+  keep_checkpoints: int = 3
+  max_nonfinite: int = 20
+  oracle: bool = False
+  narrow_beam_at: int = 0
+
+  def __post_init__(self):
+    s = "train"
+    check_int(s, "seed", self.seed, 0)
+    for name in ("steps", "warmup_steps", "decay_steps", "eval_every", "narrow_beam_at"):
+      check_int(s, name, getattr(self, name), 0)
+    for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "max_nonfinite"):
+      check_int(s, name, getattr(self, name), 1)
+    check_number(s, "lr", self.lr, 0.0, strict=True)
+    check_number(s, "weight_decay", self.weight_decay, 0.0, strict=False)
+    check_number(s, "clip_norm", self.clip_norm, 0.0, strict=False)
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if not isinstance(self.oracle, bool):
+      raise ValueError(f"train.oracle must be a bool, got {self.oracle!r}")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    return from_mapping(cls, "train", values)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The `eval` section.
+
+  Attributes:
+    batches: fresh batches per evaluation length.
+    batch_size: sequences per eval batch (divisible by the number of devices).
+    lengths: sequence lengths to evaluate at; the task is rebuilt with each, the model with a
+      memory capacity of at least that length.
+    oracle: feed the answer leaves to the exact read during evaluation.
+    audit_batches: fresh batches the causal memory auditor (`memkernel.analysis.audit`) runs on at the
+      final evaluation, at the training length (kernel only); 0 disables it.
+  """
+
+  batches: int = 8
+  batch_size: int = 16
+  lengths: tuple[int, ...] = ()
+  oracle: bool = False
+  audit_batches: int = 0
+
+  def __post_init__(self):
+    check_int("eval", "batches", self.batches, 1)
+    check_int("eval", "audit_batches", self.audit_batches, 0)
+    check_int("eval", "batch_size", self.batch_size, 1)
+    if isinstance(self.lengths, int) or not isinstance(self.lengths, (tuple, list)) or not (
+        self.lengths):
+      raise ValueError(f"eval.lengths must be a non-empty tuple of sequence lengths, "
+                       f"got {self.lengths!r}")
+    for length in self.lengths:
+      check_int("eval", "lengths", length, 1)
+    object.__setattr__(self, "lengths", tuple(self.lengths))
+    if not isinstance(self.oracle, bool):
+      raise ValueError(f"eval.oracle must be a bool, got {self.oracle!r}")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
+    return from_mapping(cls, "eval", values)
+
+
+
+def capacity(seq_len: int, leaf_size: int) -> int:
+  """The smallest memory capacity >= seq_len holding a power-of-two number of leaves."""
+  leaves = -(-seq_len // leaf_size)
+  return leaf_size * (1 << max(leaves - 1, 0).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A validated experiment config.
+
+  Attributes:
+    model_type: the family's registry name ('kernel', 'dense', 'sliding_window').
+    model: the trained model's config (the family's config) at the training length.
+    task: the probe task at the training length.
+    train: training settings.
+    eval: evaluation settings.
+  """
+
+  model_type: str
+  model: Any
+  task: probes.TaskConfig
+  train: TrainConfig
+  eval: EvalConfig
+
+  @property
+  def family(self) -> family_lib.Family:
+    return family_lib.get(self.model_type)
+
+  def model_for_length(self, seq_len: int) -> Any:
+    """The model config with a capacity of at least `seq_len` tokens (same parameters)."""
+    return self.family.with_capacity(self.model, seq_len)
+
+  def task_for_length(self, seq_len: int) -> probes.TaskConfig:
+    return dataclasses.replace(self.task, seq_len=seq_len)
+
+
+def model_sections() -> tuple[str, ...]:
+  """The model sections of the registered families, each once (e.g. 'model', 'peer')."""
+  return tuple(dict.fromkeys(family_lib.get(name).section for name in family_lib.names()))
+
+
+def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) -> Experiment:
+  """Validates an experiment config (layout in `configs/common.py`); compiles nothing.
+
+  Raises:
+    ValueError: naming the section, field and value of the first invalid setting.
+  """
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  if not isinstance(config, Mapping):
+    raise ValueError(f"an experiment config must be a mapping, got {type(config).__name__}")
+  if "model_type" not in config:
+    raise ValueError("config.model_type is missing; registered families: "
+                     f"{list(family_lib.names())}")
+  family = family_lib.get(config["model_type"])
+  sections = set(COMMON_SECTIONS) | set(model_sections())
+  unknown = sorted(set(config) - sections)
+  missing = sorted((set(COMMON_SECTIONS) | {family.section}) - set(config))
+  if unknown or missing:
+    raise ValueError(f"config sections must be {sorted(sections)}; unknown: {unknown}, "
+                     f"missing: {missing}")
+  # Only the section of the model that trains is built: another may not fit (e.g. a width the
+  # kernel accepts may leave the peers' RoPE heads an odd width).
+  section = family.section
+  values = config[section]
+  if not isinstance(values, Mapping):
+    raise ValueError(f"config.{section} must be a mapping, got {type(values).__name__}")
+  model = family.config_from_dict(values, family.name)
+  task = probes.TaskConfig.from_dict(config["task"])
+  train = TrainConfig.from_dict(config["train"])
+  evaluation = EvalConfig.from_dict(config["eval"])
+
+  if task.vocab_size != model.vocab_size:
+    raise ValueError(f"task.vocab_size={task.vocab_size} must equal {section}.vocab_size="
+                     f"{model.vocab_size}")
+  if family.routes and task.leaf_size != model.leaf_size:
+    raise ValueError(f"task.leaf_size={task.leaf_size} must equal {section}.leaf_size="
+                     f"{model.leaf_size} (answer leaves are counted in model leaves)")
+  for length in evaluation.lengths:
+    try:
+      dataclasses.replace(task, seq_len=length)
+    except ValueError as e:
+      raise ValueError(f"eval.lengths: task {task.name!r} is invalid at length {length}: {e}") from e
+  experiment = Experiment(family.name, model, task, train, evaluation)
+  return dataclasses.replace(experiment, model=experiment.model_for_length(task.seq_len))
+
+
+def check_devices(experiment: Experiment, num_devices: int) -> None:
+  """Batch sizes must split evenly over the data-parallel devices."""
+  for name, value in (("train.batch_size", experiment.train.batch_size),
+                      ("eval.batch_size", experiment.eval.batch_size)):
+    if value % num_devices:
+      raise ValueError(f"{name}={value} must be divisible by the number of devices "
+                       f"({num_devices}) for data-parallel training")
+
+
+def root_key(seed: int, stream: int) -> jax.Array:
+  """The root key of one random stream of `seed`."""
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def data_key(seed: int) -> jax.Array:
+  """The key the training batches of `seed` derive from (step s: `fold_in(key, s)`)."""
+  return root_key(seed, DATA_STREAM)
+
+
+def eval_key(seed: int) -> jax.Array:
+  """The key the evaluation batches of `seed` derive from (batch i: `fold_in(key, i)`)."""
+  return root_key(seed, EVAL_STREAM)

@@ -1,0 +1,176 @@
+"""The sealed dyadic summary tree: leaf summaries, parent merge, batched build and incremental insert.
+
+Pure functions over arrays (shape key in `memkernel.shapes`). The tree is regular: level 0 holds one
+summary per sealed leaf, node i of level l is `merge_nodes(node 2i, node 2i + 1)` of level l - 1, and a
+node exists only once all its leaves are sealed. Every node carries a routing key, a value and a
+salience (the log of its total pooling mass). The batched build and the incremental insert apply
+the same merge to the same operands; with the mean merge they agree bitwise, with the pooled merge
+to float32 rounding (XLA may vectorise the sigmoid differently for the two shapes). Nothing here is learned except through its inputs, so
+the batched build of the parallel form and the incremental insert of the recurrent forms produce the
+same store (the same float operations on the same operands).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memkernel.kernel.state import level_offset
+
+
+def summarize_leaf(rk_LHP: jax.Array, v_LHE: jax.Array, pool_LH: jax.Array):
+  """LeafSummarizer: attention-pools a leaf's tokens into one routing key and one value per head.
+
+  Works on any leading batch axes: rk [..., L, H, P], v [..., L, H, E], pool [..., L, H].
+  Returns:
+    key [..., H, P], value [..., H, E] and salience [..., H] (the logsumexp of the pooling
+    logits: the leaf's total pooling mass, which `merge_nodes` uses to weigh it against its
+    sibling).
+  """
+  pool = pool_LH.astype(jnp.float32)
+  alpha = jax.nn.softmax(pool, axis=-2)[..., None]
+  key = jnp.sum(alpha * rk_LHP, axis=-3)
+  val = jnp.sum(alpha * v_LHE, axis=-3)
+  return key, val, jax.nn.logsumexp(pool, axis=-2)
+
+
+def merge_nodes(left, right, pooled: bool):
+  """TreeMergeCell: the parent of two complete siblings. Fixed rule, nothing learned.
+
+  Args:
+    left, right: (key [..., H, P], value [..., H, E], salience [..., H]) of the two children.
+    pooled: True: weigh each child by its pooling mass, w = sigmoid(s_left - s_right), so a node's
+      key and value are exactly the attention pooling of every token under it (with the tokens'
+      own pooling logits) and a salient leaf is not diluted by its filler neighbours as the node
+      grows. False: the plain mean (w = 1/2).
+  Returns:
+    (key, value, salience) of the parent; salience = logaddexp(s_left, s_right).
+  A parent's routing score q . key is the same convex combination of its children's scores, so
+  nodes of every level are compared on one scale.
+  """
+  (k_l, v_l, s_l), (k_r, v_r, s_r) = left, right
+  w = jax.nn.sigmoid(s_l - s_r) if pooled else jnp.full_like(s_l, 0.5)
+  w = w[..., None]
+  return w * k_l + (1 - w) * k_r, w * v_l + (1 - w) * v_r, jnp.logaddexp(s_l, s_r)
+
+
+def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
+  """Reference span metadata: int32 [S, 2] of [start, end) leaves, (-1, -1) for absent nodes."""
+  spans = []
+  level = 0
+  while (1 << level) <= num_leaves:
+    size = 1 << level
+    for i in range(num_leaves >> level):
+      spans.append((i * size, (i + 1) * size) if (i + 1) * size <= num_sealed else (-1, -1))
+    level += 1
+  return np.asarray(spans, np.int32)
+
+
+def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BNH: jax.Array,
+               num_sealed: int, pooled: bool = True):
+  """Builds the whole level-major store in one batched pass (the parallel form).
+
+  Args:
+    leaf_keys_BNHP: leaf routing keys for all N leaf slots (slots >= num_sealed are ignored).
+    leaf_vals_BNHE: leaf values for all N leaf slots.
+    leaf_sal_BNH: leaf saliences for all N leaf slots.
+    num_sealed: static number of sealed leaves.
+    pooled: the merge rule (`merge_nodes`).
+  Returns:
+    node_keys [B, S, H, P], node_vals [B, S, H, E], node_sal [B, S, H], node_span [S, 2].
+  """
+  num_leaves = leaf_keys_BNHP.shape[1]
+  stores = ([], [], [])
+  level_nodes = (leaf_keys_BNHP, leaf_vals_BNHE, leaf_sal_BNH)
+  level = 0
+  while True:
+    present = np.arange(num_leaves >> level) < (num_sealed >> level)
+    for store, x in zip(stores, level_nodes):
+      store.append(jnp.where(present.reshape((1, -1) + (1,) * (x.ndim - 2)), x, 0.0))
+    if level_nodes[0].shape[1] == 1:
+      break
+    level_nodes = merge_nodes(tuple(x[:, 0::2] for x in level_nodes),
+                              tuple(x[:, 1::2] for x in level_nodes), pooled)
+    level += 1
+  span = jnp.asarray(node_spans(num_leaves, num_sealed))
+  return tuple(jnp.concatenate(store, axis=1) for store in stores) + (span,)
+
+
+def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_sal_BSH: jax.Array,
+                node_span_S2: jax.Array, leaf_key_BHP: jax.Array, leaf_val_BHE: jax.Array,
+                leaf_sal_BH: jax.Array, leaf_index: jax.Array, do_insert: jax.Array,
+                pooled: bool = True):
+  """Seals one leaf into the store: writes level 0 and every ancestor it completes (a carry chain).
+
+  Touches O(log N) nodes. `leaf_index` and `do_insert` may be traced; when `do_insert` is False the
+  store comes back unchanged.
+
+  Returns:
+    node_keys, node_vals, node_sal, node_span.
+  """
+  num_nodes = node_keys_BSHP.shape[1]
+  num_leaves = (num_nodes + 1) // 2
+  leaf_index = jnp.asarray(leaf_index, jnp.int32)
+  stores = [node_keys_BSHP, node_vals_BSHE, node_sal_BSH]
+
+  def read(store, flat):
+    return jax.lax.dynamic_index_in_dim(store, flat, axis=1, keepdims=False)
+
+  def write(store, flat, value):
+    return jax.lax.dynamic_update_index_in_dim(store, value.astype(store.dtype), flat, axis=1)
+
+  def write_span(span, flat, level, index):
+    value = jnp.stack([index << level, (index + 1) << level]).astype(jnp.int32)
+    return jax.lax.dynamic_update_index_in_dim(span, value, flat, axis=0)
+
+  safe_leaf = jnp.minimum(leaf_index, num_leaves - 1)
+
+  def seal(carry):
+    stores, span = carry
+    stores = [write(st, safe_leaf, x)
+              for st, x in zip(stores, (leaf_key_BHP, leaf_val_BHE, leaf_sal_BH))]
+    span = write_span(span, safe_leaf, 0, safe_leaf)
+
+    # The carry chain: level `level` completes while the sealed count is a multiple of 2^level.
+    # A while loop over only those levels keeps the stores in place; an unrolled loop over every
+    # level measured as a copy of each store per level, half of a decode step at 32k tokens.
+    def completes(c):
+      level = c[0]
+      return ((1 << level) <= num_leaves) & (((safe_leaf + 1) & ((1 << level) - 1)) == 0)
+
+    def merge_up(c):
+      level, stores, span = c
+      index = safe_leaf >> level
+      child = level_offset(num_leaves, level - 1) + 2 * index
+      parent = level_offset(num_leaves, level) + index
+      merged = merge_nodes(tuple(read(st, child) for st in stores),
+                           tuple(read(st, child + 1) for st in stores), pooled)
+      stores = [write(st, parent, x) for st, x in zip(stores, merged)]
+      return level + 1, stores, write_span(span, parent, level, index)
+
+    _, stores, span = jax.lax.while_loop(completes, merge_up, (jnp.int32(1), stores, span))
+    return stores, span
+
+  stores, node_span_S2 = jax.lax.cond(do_insert & (leaf_index < num_leaves), seal,
+                                      lambda carry: carry, (stores, node_span_S2))
+  return (*stores, node_span_S2)
+
+
+def tree_diagnostics(node_keys_BSHP: jax.Array, node_span_S2: jax.Array, num_leaves: int,
+                     dead_norm: float = 1e-6) -> dict[str, jax.Array]:
+  """Nodes per level, depth reached, and dead nodes (present but with a ~zero routing key)."""
+  present = node_span_S2[:, 0] >= 0
+  norms = jnp.sqrt(jnp.sum(node_keys_BSHP.astype(jnp.float32) ** 2, axis=-1))  # [B, S, H]
+  dead = present & jnp.all(norms < dead_norm, axis=(0, 2))
+  per_level, dead_per_level = [], []
+  level = 0
+  while (1 << level) <= num_leaves:
+    lo, hi = level_offset(num_leaves, level), level_offset(num_leaves, level) + (num_leaves >> level)
+    per_level.append(jnp.sum(present[lo:hi]))
+    dead_per_level.append(jnp.sum(dead[lo:hi]))
+    level += 1
+  per_level = jnp.stack(per_level)
+  depth = jnp.max(jnp.where(per_level > 0, jnp.arange(per_level.shape[0]) + 1, 0))
+  return {"nodes_per_level": per_level, "depth_reached": depth,
+          "dead_nodes_per_level": jnp.stack(dead_per_level)}

@@ -1,0 +1,40 @@
+"""The attention peers as model families (`memkernel.family`): dense and sliding window."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from memkernel import family as family_lib
+from memkernel.peers.model import PeerConfig, build_peer
+
+
+def _from_dict(values: Mapping[str, Any], name: str) -> PeerConfig:
+  if "kind" in values:
+    raise ValueError("config.peer.kind is not a field: set config.model_type instead")
+  return PeerConfig.from_dict({**dict(values), "kind": name})
+
+
+def _with_capacity(config: PeerConfig, seq_len: int) -> PeerConfig:
+  return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, seq_len))
+
+
+def _init_memory(config: PeerConfig, batch_size: int):
+  raise NotImplementedError(f"the {config.kind} peer has no recurrent form yet")
+
+
+def _family(name: str) -> family_lib.Family:
+  return family_lib.Family(
+      name=name,
+      section="peer",
+      config_from_dict=_from_dict,
+      build=build_peer,
+      init_memory=_init_memory,
+      sources=lambda config: (),
+      with_capacity=_with_capacity,
+      resumable_fields=("max_seq_len", "query_block"),
+  )
+
+
+DENSE = _family("dense")
+SLIDING_WINDOW = _family("sliding_window")

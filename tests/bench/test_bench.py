@@ -1,0 +1,364 @@
+"""Tests for the scaling benchmark (`memkernel.bench`, `memkernel.bench.report`, the binary).
+
+Benchmark numbers are never asserted: the tests check that a run covers every point, records what
+it could not run instead of crashing, and writes its JSON, tables and plots; and that the kernel's
+analytic FLOP count is O(T log T).
+
+* The smoke variant end to end through the binary, in a subprocess that inherits the suite's
+  quick-compile XLA flags and compile cache (`conftest.py`; the numbers are not looked at). It
+  starts when the module is set up, so the other tests run on the second core meanwhile.
+* Over-budget points (memory before and after compiling, time after the first call) are skipped.
+* Config validation names the field; the FLOP model's growth.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from configs import bench as bench_config
+from memkernel import KernelModel
+from memkernel.bench import bench
+from memkernel.peers import model as peers
+from memkernel.kernel.config import KernelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE_LENGTHS = (64, 128)
+REQUIRED = ("model", "length", "mode", "status", "reason", "tokens_per_s", "median_s", "min_s",
+            "max_s", "peak_mem_bytes", "compile_s", "flops", "gflops_per_s",
+            "ceiling_gflops_per_s")
+
+
+_SMOKE = {}
+
+
+def setUpModule():
+  out = tempfile.mkdtemp()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")  # With conftest's XLA flags and compile cache.
+  log = open(os.path.join(out, "stderr.txt"), "w")  # A file: a pipe nobody reads would fill up.
+  _SMOKE.update(out=out, log=log, proc=subprocess.Popen(
+      [sys.executable, "-m", "experiments.bench", "--config=configs/bench.py:smoke",
+       f"--out={out}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log))
+
+
+def tearDownModule():
+  proc = _SMOKE.get("proc")
+  if proc is not None and proc.poll() is None:  # Not waited for: only other tests were selected.
+    proc.kill()
+    proc.wait()
+  if "log" in _SMOKE:
+    _SMOKE["log"].close()
+
+
+def _rows(out_dir):
+  with open(os.path.join(out_dir, bench.JSON_FILE)) as f:
+    return json.load(f)
+
+
+def _smoke(**overrides):
+  config = bench_config.get_config("smoke")
+  config.update(dict(components=False, observability=False, **overrides))
+  return config
+
+
+class BudgetTest(absltest.TestCase):
+
+  def test_over_memory_budget_is_skipped_not_run(self):
+    out = tempfile.mkdtemp()
+    rows = bench.run(_smoke(models="dense,sliding_window", lengths="64,128", modes="forward",
+                            max_memory_gb=1e-6), out)
+    by_point = {(r["model"], r["length"]): r for r in rows}
+    self.assertLen(rows, 4)
+    for row in rows:
+      self.assertEqual(row["status"], "skipped", row)
+      self.assertIsNone(row["median_s"])
+    # Dense attention's score buffers are estimated before compiling; the others by XLA.
+    self.assertIn("estimated", by_point["dense", 64]["reason"])
+    self.assertIn("XLA estimates", by_point["sliding_window", 64]["reason"])
+    self.assertIn("shorter length", by_point["sliding_window", 128]["reason"])
+    self.assertTrue(os.path.exists(os.path.join(out, bench.MD_FILE)))
+
+  def test_a_stopped_run_keeps_its_tables(self):
+    # A run killed (or out of time) after its first point still has bench.json, bench_meta.json
+    # and bench.md with that point in them.
+    out, real, calls = tempfile.mkdtemp(), bench._run_point, []
+
+    def stop_at_second(*args, **kwargs):
+      calls.append(1)
+      if len(calls) == 2:
+        raise KeyboardInterrupt
+      return real(*args, **kwargs)
+
+    with mock.patch.object(bench, "_run_point", stop_at_second), \
+         self.assertRaises(KeyboardInterrupt):
+      bench.run(_smoke(models="dense", lengths="64,128", modes="forward", max_memory_gb=1e-6),
+                out)
+    self.assertEqual([(r["model"], r["length"]) for r in _rows(out)], [("dense", 64)])
+    with open(os.path.join(out, bench.META_FILE)) as f:
+      meta = json.load(f)
+    self.assertEqual((meta["points_done"], meta["points_planned"]), (1, 2))
+    with open(os.path.join(out, bench.MD_FILE)) as f:
+      self.assertIn("| dense | forward | 64 | skipped: estimated", f.read())
+    self.assertFalse([n for n in os.listdir(out) if n.endswith(".tmp")])
+
+  def test_over_time_budget_is_skipped(self):
+    rows = bench.run(_smoke(models="sliding_window", lengths="64,128", modes="forward",
+                            max_point_s=1e-6), tempfile.mkdtemp())
+    self.assertEqual([r["status"] for r in rows], ["skipped", "skipped"])
+    self.assertIn("found over the time budget", rows[0]["reason"])
+    self.assertIn("shorter length", rows[1]["reason"])
+
+  def test_default_memory_budget_is_what_is_available_on_the_cpu(self):
+    # 80% of MemAvailable, not of physical memory: other processes' memory is not the run's.
+    meminfo = {"/proc/meminfo": {"MemAvailable": 10 * 2**20}}  # kB: 10 GiB available.
+    with mock.patch.object(bench, "_device_memory_stats", return_value=None), \
+         mock.patch.object(bench, "_proc_kb", lambda path, field: meminfo[path][field]):
+      self.assertEqual(bench._auto_memory_budget(), int(0.8 * 10 * 2**30))
+    available = bench._proc_kb("/proc/meminfo", "MemAvailable")
+    if available is not None:  # Linux: the real file parses, and is below physical memory.
+      self.assertBetween(available * 1024, 1,
+                         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+  def test_quadratic_limit(self):
+    rows = bench.run(_smoke(models="dense", lengths="128", modes="forward",
+                            quadratic_max_length=64), tempfile.mkdtemp())
+    self.assertEqual(rows[0]["status"], "skipped")
+    self.assertIn("quadratic_max_length", rows[0]["reason"])
+
+
+class ConfigTest(parameterized.TestCase):
+
+  def test_default_and_smoke_parse(self):
+    full = bench.parse_config(bench_config.get_config())
+    self.assertEqual(full.lengths[0], 256)
+    self.assertEqual(full.lengths[-1], 65536)
+    self.assertEqual((full.kernel.d_model, full.kernel.num_layers, full.batch_size), (256, 4, 1))
+    smoke = bench.parse_config(bench_config.get_config("smoke"))
+    self.assertEqual(smoke.lengths, SMOKE_LENGTHS)
+    self.assertEqual((smoke.kernel.d_model, smoke.kernel.num_layers, smoke.repeats), (32, 1, 2))
+
+  def test_execution_choices_follow_the_backend(self):
+    # The CPU's choices are for its memory and its fast lax.scan; an accelerator gets the parallel
+    # scan and unblocked queries (the blocks run one after another there).
+    for backend, scan_impl, block in (("cpu", "linear", 512), ("gpu", "associative", 0),
+                                      ("tpu", "associative", 0)):
+      with mock.patch.object(jax, "default_backend", return_value=backend):
+        parsed = bench.parse_config(bench_config.get_config())
+      self.assertEqual((parsed.kernel.scan_impl, parsed.kernel.query_block), (scan_impl, block))
+      self.assertEqual(parsed.peer["query_block"], block)
+
+  def test_selection_overrides(self):
+    parsed = bench.parse_config(_smoke(models="kernel,dense", lengths="8k,32768",
+                                       modes="forward"))
+    self.assertEqual(parsed.models, ("kernel", "dense"))
+    self.assertEqual(parsed.lengths, (8192, 32768))
+    self.assertEqual(parsed.modes, ("forward",))
+
+  @parameterized.parameters(
+      ("models", "kernel,transformer", "config.models"),
+      ("modes", "", "config.modes"),
+      ("lengths", "256,abc", "config.lengths"),
+      ("lengths", "0", "config.lengths"),
+      ("repeats", 0, "config.repeats"),
+      ("max_point_s", 0.0, "config.max_point_s"),
+      ("components", "yes", "config.components"),
+  )
+  def test_invalid_field_is_named(self, field, value, message):
+    config = _smoke()
+    with config.ignore_type():
+      config[field] = value
+    with self.assertRaisesRegex(ValueError, message):
+      bench.parse_config(config)
+
+  def test_model_sections(self):
+    values = _smoke().to_dict()
+    values["peer"]["d_model"] = 48
+    with self.assertRaisesRegex(ValueError, "config.peer.d_model"):
+      bench.parse_config(values)
+    config = _smoke()
+    config.model.beam_width = 0
+    with self.assertRaisesRegex(ValueError, "beam_width"):
+      bench.parse_config(config)
+    config = _smoke()
+    config.model.max_seq_len = 512
+    with self.assertRaisesRegex(ValueError, "max_seq_len"):
+      bench.parse_config(config)
+
+
+class FlopsTest(absltest.TestCase):
+  """The kernel's analytic FLOP count: a + b log2(T) per token, not O(T)."""
+
+  def _config(self, length, **overrides):
+    values = dict(vocab_size=256, d_model=256, num_layers=4, teacher_weight=0.0,
+                  max_seq_len=length)
+    values.update(overrides)
+    return KernelConfig(**values)
+
+  def test_per_token_flops_are_affine_in_log_length(self):
+    lengths = [2 ** k for k in range(8, 17)]
+    for form in ("parallel", "recurrent"):
+      for train in (False, True):
+        per_token = [bench.kernel_flops(self._config(t), t, form=form, train=train) / t
+                     for t in lengths]
+        steps = [b - a for a, b in zip(per_token, per_token[1:])]
+        self.assertGreater(steps[0], 0)
+        for step in steps:
+          self.assertAlmostEqual(step, steps[0], delta=1e-9 * per_token[-1])
+    big, small = (bench.kernel_flops(self._config(t), t) for t in (65536, 8192))
+    self.assertLess(big / small, 8 * 1.5)  # O(T^2) would be 64.
+
+  def test_decode_step_is_logarithmic(self):
+    per_token = [bench.kernel_flops(self._config(t), 1, form="recurrent")
+                 for t in (1024, 32768)]
+    self.assertLess(per_token[1] / per_token[0], 1.5)
+    self.assertGreater(per_token[1], per_token[0])
+
+  def test_per_token_cost_table(self):
+    """Routing grows by a constant per doubling of n; dense attention per token grows like n."""
+    config = bench_config.get_config()
+    config.lengths = "1024,4096,16384,65536"
+    rows = bench.per_token_costs(bench.parse_config(config), (1024, 4096, 16384, 65536))
+    route = [r["kernel_route_flops_per_token"] for r in rows]
+    self.assertGreater(route[1] - route[0], 0)
+    self.assertEqual(route[3] - route[2], route[1] - route[0])
+    kernel = [r["kernel_flops_per_token"] for r in rows]
+    self.assertLess(kernel[-1] / kernel[0], 1.1)
+    dense = [r["dense_flops_per_token"] for r in rows]
+    self.assertGreater((dense[-1] - dense[-2]) / (dense[1] - dense[0]), 15)  # linear in n: 16.
+    state = [r["kernel_state_bytes_per_token"] for r in rows]
+    self.assertLess(max(state) / min(state), 1.1)  # O(n) memory: constant per token.
+    table = bench.per_token_costs_markdown(rows)
+    self.assertIn("| 65,536 | 13 |", table)
+
+  def test_teacher_is_quadratic_and_counted(self):
+    config = lambda t: self._config(t, teacher_weight=1.0)
+    ratio = (bench.kernel_flops(config(65536), 65536, train=True)
+             / bench.kernel_flops(config(8192), 8192, train=True))
+    self.assertGreater(ratio, 16)  # O(T log T) would be ~9.
+
+  def test_memory_proj_flops_are_twice_its_parameters_per_token(self):
+    for lags in (0, 1, 2):
+      config = self._config(1024, memory_lags=lags, shift_init=lags != 1)
+      shapes = jax.eval_shape(KernelModel(config).init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 32), jnp.int32))["params"]
+      weights = sum(shapes[f"layer_{i}"]["memory_proj"]["kernel"].size
+                    for i in range(config.num_layers))
+      self.assertEqual(shapes["layer_0"]["memory_proj"]["kernel"].shape[0],
+                       (lags or config.conv_width) * config.d_model + config.d_model)
+      self.assertEqual(bench.kernel_flops_by_part(config, 1024)["memory_proj"],
+                       2 * 1024 * weights)
+
+  def test_parts_follow_the_config(self):
+    config = self._config(1024)
+    parts = bench.kernel_flops_by_part(config, 1024)
+    self.assertContainsSubset(("trunk", "memory_proj", "summarize", "route", "exact_read", "mlp",
+                               "fusion", "head"), parts)
+    trunk_only = bench.kernel_flops_by_part(
+        dataclasses.replace(config, use_tree_read=False, use_exact_read=False), 1024)
+    self.assertNotIn("route", trunk_only)
+    summaries_only = bench.kernel_flops_by_part(
+        dataclasses.replace(config, use_exact_read=False, route_descend=False), 1024)
+    self.assertNotIn("exact_read", summaries_only)
+    self.assertLess(summaries_only["route"], parts["route"])
+    self.assertEqual(bench.kernel_flops(config, 1024, train=True),
+                     3 * bench.kernel_flops(config, 1024))
+    # Per token, the kernel at 8k costs less than dense attention of the same size.
+    dense = peers.PeerConfig(kind="dense", vocab_size=256, d_model=256, num_layers=4,
+                             max_seq_len=8192)
+    self.assertLess(bench.kernel_flops(self._config(8192), 8192), peers.peer_flops(dense, 8192))
+
+
+class SmokeRunTest(absltest.TestCase):
+  """One run of `python -m experiments.bench --config=configs/bench.py:smoke --out=DIR`."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.out = _SMOKE["out"]
+    proc = _SMOKE["proc"]
+    proc.wait(timeout=900)
+    with open(os.path.join(cls.out, "stderr.txt")) as f:
+      cls.proc = subprocess.CompletedProcess(proc.args, proc.returncode, "", f.read())
+
+  def test_exits_cleanly_with_progress_lines(self):
+    self.assertEqual(self.proc.returncode, 0, self.proc.stderr[-3000:])
+    points = len(bench.MODELS) * len(bench.MODES) * 2 + len(bench.COMPONENTS) * 2
+    self.assertIn(f"[{points}/{points}]", self.proc.stderr)
+    self.assertIn("ETA", self.proc.stderr)
+
+  def test_every_model_length_mode_has_a_row(self):
+    rows = _rows(self.out)
+    points = {(r["model"], r["length"], r["mode"]) for r in rows if r["mode"] != "component"}
+    self.assertEqual(points, {(m, t, mode) for m in bench.MODELS for t in SMOKE_LENGTHS
+                              for mode in bench.MODES})
+    for row in rows:
+      self.assertContainsSubset(REQUIRED, row.keys())
+      self.assertIn(row["status"], ("ok", "skipped"), row)
+      if row["status"] == "skipped":
+        self.assertTrue(row["reason"])
+
+  def test_measured_rows(self):
+    for row in _rows(self.out):
+      peer_recurrent = row["model"] in ("dense", "sliding_window") and row["mode"] in (
+          "scan", "decode")
+      if peer_recurrent:
+        self.assertEqual(row["status"], "skipped")
+        continue
+      self.assertEqual(row["status"], "ok", row)
+      self.assertGreater(row["tokens_per_s"], 0)
+      self.assertLessEqual(row["min_s"], row["median_s"])
+      self.assertLessEqual(row["median_s"], row["max_s"])
+      self.assertGreaterEqual(row["repeats"], 2)
+      self.assertGreater(row["peak_mem_bytes"], 0)
+      self.assertGreaterEqual(row["compile_s"], 0)
+      self.assertGreater(row["ceiling_gflops_per_s"], 0)
+      if row["mode"] != "component":
+        self.assertGreater(row["flops"], 0)
+        self.assertGreater(row["gflops_per_s"], 0)
+      if row["mode"] == "decode":
+        self.assertEqual(row["context"], row["length"])
+
+  def test_components_and_observability(self):
+    rows = _rows(self.out)
+    for length in SMOKE_LENGTHS:
+      components = {r["component"] for r in rows
+                    if r["mode"] == "component" and r["length"] == length and r["status"] == "ok"}
+      self.assertEqual(components, set(bench.COMPONENTS))
+      (forward,) = [r for r in rows if (r["model"], r["mode"], r["length"]) == (
+          "kernel", "forward", length)]
+      layers = forward["observability"]["layers"]
+      self.assertLen(layers, 1)
+      layer = layers[0]
+      for key in ("routing_sparsity", "depth_histogram", "candidate_entropy_per_head",
+                  "head_agreement", "root_similarity", "root_0_norm", "exact_read_usage",
+                  "retrieval_distance_histogram", "dead_nodes", "nodes_per_level"):
+        self.assertIn(key, layer)
+      self.assertEqual(sum(layer["depth_histogram"]), length * 4)  # every token x head
+      self.assertEqual(sum(layer["nodes_per_level"]), 2 * (length // 16) - 1)
+      self.assertLen(layer["candidate_entropy_per_head"], 4)
+
+  def test_markdown_and_plots(self):
+    with open(os.path.join(self.out, bench.MD_FILE)) as f:
+      text = f.read()
+    for heading in ("## Targets", "## Tokens/s", "## Peak memory, MiB",
+                    "## Kernel components", "## Kernel observability", "## All points"):
+      self.assertIn(heading, text)
+    self.assertIn("kernel / dense forward tokens/s at 64", text)
+    self.assertIn("experiments.bench", text)
+    for name in bench.PLOT_FILES:
+      with open(os.path.join(self.out, name), "rb") as f:
+        self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    with open(os.path.join(self.out, bench.META_FILE)) as f:
+      self.assertGreater(json.load(f)["ceiling_gflops"], 0)
+
+
+if __name__ == "__main__":
+  absltest.main()
