@@ -2,7 +2,7 @@ r"""The ablation sweep: nine memory configurations, two peers and oracle routes 
 
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
       python -m experiments.ablate --config=configs/ablate.py --out=runs/ablate
-  python -m experiments.ablate --config=configs/ablate.py:smoke --out=/tmp/ablate_smoke  # ~a minute
+  python -m experiments.ablate --config=configs/ablate.py:smoke --out=/tmp/ablate_smoke  # CI-sized
   python -m experiments.ablate --config=configs/ablate.py:gpu --out=runs/ablate_gpu
   python -m experiments.ablate --config=configs/ablate.py --out=runs/ablate \
       --config.tasks=mqar --config.models=multi_root/no_memory,dense --config.seeds=0
@@ -10,7 +10,7 @@ r"""The ablation sweep: nine memory configurations, two peers and oracle routes 
 Default (CPU): every probe scaled down to 128-token training sequences (8 leaves), the probe
 configs' model (`configs/common.py`) at d_model 64 and 2 layers, evaluated at 1x, 4x, 16x and 64x
 (128 ... 8192 tokens), 2 seeds: 5 tasks x 11 trained models x 2 seeds plus the evaluation-only
-model. Sized for about two hours on a 2-core CPU (the measured cost is in BUILD_NOTES.md); it
+model. Sized for a few hours on a 2-core CPU (measured: docs/results/sweep_cost/); it
 resumes, so it may be run in pieces (`--config.tasks=...`).
 
 `arg` variants (after the colon):
@@ -116,8 +116,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(sections["train"])
   config.eval = ml_collections.ConfigDict(sections["eval"])
 
-  # CPU sizes, measured (BUILD_NOTES.md): pinned, so tuning the probe defaults does not change
-  # the sweep's cost.
+  # CPU sizes (cost measured in docs/results/sweep_cost/): pinned, so tuning the probe
+  # defaults does not change the sweep's cost.
   config.model.update(dict(d_model=64, num_layers=2))
   config.peer.window = 64  # Half the training length, as the probes' 256 of 512.
   config.train.update(dict(steps=150, batch_size=8, warmup_steps=15, log_every=25,

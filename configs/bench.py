@@ -15,8 +15,9 @@ Expect hours on a 2-core CPU; select models / lengths / modes to measure less.
 runs; what the tests run).
 
 CPU: set GLIBC_TUNABLES as above (it must be set before the process starts; Python cannot set it
-for itself). Large fresh XLA buffers are otherwise page-faulted on every call, which made some
-peers 1.5-2x slower; the run records the setting in bench.md. Run nothing else on the machine.
+for itself). Large fresh XLA buffers are otherwise page-faulted on every call, which slows some
+points down (measured: docs/bench/README.md); the run records the setting in bench.md. Run
+nothing else on the machine.
 
 GPU: the same command runs unchanged (JAX picks the accelerator; install `.[cuda12]`). The memory
 budget then defaults to 80% of the device's memory, `measured_peak_bytes` comes from the device
@@ -107,12 +108,13 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       train_beam_width=0,
       teacher_weight=0.0,
       leaf_rerank=True,       # As the probe configs train it.
-      # On the CPU lax.scan is as fast as associative_scan at d 256, batch 1, and ~4x faster to
-      # compile; on an accelerator a 32k-step lax.scan is latency-bound, so the parallel scan.
+      # On the CPU lax.scan is as fast as associative_scan at d 256, batch 1, and faster to
+      # compile; on an accelerator a 32k-step lax.scan is latency-bound, so the parallel scan
+      # (docs/design.md, "Trunk scan").
       scan_impl="linear" if jax.default_backend() == "cpu" else "associative",
       # Route and read the queries in blocks of 512 on the CPU (bounds the gathered tokens of a
       # 32k train step to fit 24 GiB); on an accelerator all at once: the blocks run one after
-      # another under lax.map, and on an H200 that made the 8k forward 2.4x slower (BUILD_NOTES).
+      # another under lax.map, which made an H200's 8k forward slower (docs/bench/gpu_h200/).
       query_block=512 if jax.default_backend() == "cpu" else 0,
   ))
 
@@ -125,9 +127,8 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       num_heads=4,
       window=256,
       # Dense attention over checkpointed blocks of 512 queries on the CPU (same values): its 8k
-      # train step would otherwise keep ~17.5 GiB of scores (out of memory on a 24 GiB machine).
-      # Unblocked on an accelerator, where the blocks only cost time (an H200: 8k forward 1.3x,
-      # train step 1.7x faster unblocked; BUILD_NOTES).
+      # train step would otherwise not fit a 24 GiB machine (docs/bench/train_memory/).
+      # Unblocked on an accelerator, where the blocks only cost time (docs/bench/gpu_h200/).
       query_block=512 if jax.default_backend() == "cpu" else 0,
   ))
 

@@ -74,17 +74,18 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       num_roots=2,
       num_route_heads=4,
       beam_width=2,
-      # Measured on MQAR (BUILD_NOTES, learning log): training with the evaluation beam from step 0
+      # Measured on MQAR (docs/results/merge_rerank/): training with the evaluation beam from step 0
       # works once shift_init breaks the find/read deadlock, and beats a wide training beam.
       train_beam_width=0,
       teacher_weight=1.0,
-      # The teacher trains the router at the positions the task loss scores (learning log:
+      # The teacher trains the router at the positions the task loss scores (docs/results/teacher/:
       # at every position, the unscored ones' arbitrary attention drowned the probes' queries).
       teacher_positions="scored",
       # Each level's teacher softmax also holds the query's smaller Fenwick nodes, so the router
-      # learns the mixed-size comparisons its beam makes (learning log: noisy retrieval 88 -> 99.6%).
+      # learns the mixed-size comparisons its beam makes (docs/results/teacher/).
       teacher_cross_level=True,
-      salience_weight=0.0,    # Off: it hurt routing beyond the training length (learning log).
+      # Off: it hurt routing beyond the training length (docs/results/salience/).
+      salience_weight=0.0,
       teacher_queries=256,    # Every scored position of every probe (copy at 512 scores 255).
       tree_merge="pooled",
       leaf_rerank=True,
@@ -95,12 +96,15 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       use_tree_read=True,
       use_exact_read=True,
       head_dim=0,
-      route_dim=128,          # Wide routing keys: +2 points of MQAR accuracy over 2 * head_dim.
+      # Wide routing keys: better MQAR than 2 * head_dim (docs/results/merge_rerank/); 64 holds
+      # the probes too (docs/results/route_dim/).
+      route_dim=128,
       conv_width=4,
       # Tokens the memory projections read apart from the trunk: 2 (the token and the one before)
-      # instead of conv_width's 4: 27% fewer FLOPs, the probes within 1.2 points (BUILD_NOTES).
+      # instead of conv_width's 4: fewer FLOPs, the probes unchanged (docs/results/memory_lags/).
       memory_lags=2,
-      # lax.scan: as fast as associative_scan at these widths, and ~4x faster to compile.
+      # lax.scan: as fast as associative_scan at these widths, and faster to compile
+      # (docs/design.md).
       scan_impl="linear",
       min_timescale=1.0,
       max_timescale=256.0,
@@ -121,7 +125,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
 
   config.train = ml_collections.ConfigDict(dict(
       seed=0,
-      # ~8 minutes on a 2-core CPU: MQAR measured ~1 step/s (4k tokens/s) here.
+      # Minutes on a 2-core CPU (wall times per probe: docs/results/probes/).
       steps=400,
       batch_size=8,
       lr=3e-3,

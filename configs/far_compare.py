@@ -8,8 +8,7 @@ for the true answer leaves):
 
 2000 steps instead of the other probes' 400: besides finding two leaves, the model learns an order
 over the 224 number tokens from their embeddings, and accuracy keeps rising long after step 400
-(seed 0: 93.55% after a 1000-step run, 95.31% after 2000; BUILD_NOTES.md, learning log).
-~25 minutes on 2 cores.
+(accuracy by steps and wall times: docs/results/far_compare/README.md).
 """
 
 from configs import common

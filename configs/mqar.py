@@ -1,6 +1,6 @@
 """Multi-query associative recall (Zoology MQAR): 32 key-value pairs, queries at power-law gaps.
 
-Run (about 8 minutes on a 2-core CPU; add `:smoke` for a seconds-long check):
+Run (minutes on a 2-core CPU, docs/results/mqar_main/; add `:smoke` for a seconds-long check):
 
   python -m experiments.train --config=configs/mqar.py --workdir=/tmp/mqar
   python -m experiments.train --config=configs/mqar.py:dense --workdir=/tmp/mqar_dense
