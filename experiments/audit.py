@@ -10,12 +10,11 @@ table, and writes `WORKDIR/audit.json` and a plot of utility by depth and distan
 """
 
 import logging as std_logging
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import _cli
 from memkernel.analysis import audit as audit_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
@@ -36,22 +35,21 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # Checked by _cli.run.
+  _cli.check_directory("workdir", _WORKDIR.value)
+  for flag, value in (("batches", _BATCHES.value), ("batch_size", _BATCH_SIZE.value),
+                      ("length", _LENGTH.value)):
+    _cli.check_positive(flag, value)  # 0 must not read as "the default".
   # Keep the table readable: orbax warns that a read-only checkpoint directory is read only.
-  logging.get_absl_logger().addFilter(
-      lambda r: r.levelno >= std_logging.ERROR or "/orbax/" not in r.pathname)
+  _cli.quiet_orbax(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)
-  try:
-    report = audit_lib.audit_run(
-        _WORKDIR.value, step=_STEP.value, num_batches=_BATCHES.value, length=_LENGTH.value,
-        batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-        dead_weight_threshold=_DEAD_WEIGHT.value, active_gate_threshold=_ACTIVE_GATE.value)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"FATAL audit: {e}")
+  report = audit_lib.audit_run(
+      _WORKDIR.value, step=_STEP.value, num_batches=_BATCHES.value, length=_LENGTH.value,
+      batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+      dead_weight_threshold=_DEAD_WEIGHT.value, active_gate_threshold=_ACTIVE_GATE.value)
   print(audit_lib.format_report(report))
   print(f"wrote {audit_lib.AUDIT_FILE} and {audit_lib.PLOT_FILE} in {_WORKDIR.value}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, name="audit")

@@ -19,10 +19,10 @@ import os
 import shlex
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import _cli
 from memkernel.bench import bench as bench_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file.",
@@ -33,29 +33,15 @@ _COSTS = flags.DEFINE_bool("costs", False, "Only write the analytic per-token co
 flags.mark_flags_as_required(["config", "out"])
 
 
-def _parse_flags(argv):
-  """absl flag parsing; a bad `--config` or override exits with one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:  # config_flags: an override names no config field.
-    while isinstance(e, BaseException) and e.args:
-      e = e.args[0]
-    sys.exit(f"FATAL Flags parsing error: the config has no field {str(e).splitlines()[0]} "
-             "(fields: configs/bench.py)")
-  except (flags.Error, ValueError) as e:
-    sys.exit(f"FATAL Flags parsing error: {e}")
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # Checked by _cli.run.
+  _cli.check_directory("out", _OUT.value)
   try:
-    bench_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
+    bench = bench_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
   except ValueError as e:
-    raise app.UsageError(f"invalid config: {e}") from e
+    raise ValueError(f"invalid config: {e}") from e
   command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   if _COSTS.value:
-    bench = bench_lib.parse_config(_CONFIG.value)
     rows = bench_lib.per_token_costs(bench, bench.lengths)
     table = bench_lib.per_token_costs_markdown(rows)
     os.makedirs(_OUT.value, exist_ok=True)
@@ -69,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  _cli.run(main, fields="configs/bench.py")

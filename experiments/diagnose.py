@@ -16,10 +16,10 @@ import os
 import shlex
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import _cli
 from memkernel.analysis import diagnose as diagnose_lib
 from memkernel import runs
 
@@ -36,33 +36,21 @@ _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/diagnose.
 flags.mark_flags_as_required(["workdir"])
 
 
-def _fail(message):
-  sys.exit(f"FATAL diagnose: {message}")
-
-
 def main(argv):
-  if len(argv) > 1:
-    _fail(f"unexpected arguments: {argv[1:]}")
-  try:
-    task = runs.parse_task_overrides(_TASK.value)
-  except ValueError as e:
-    _fail(e)
-  try:
-    lengths = [int(v) for v in _LENGTHS.value or ()]
-  except ValueError:
-    _fail(f"--lengths must be comma-separated integers, got {_LENGTHS.value}")
+  del argv  # Checked by _cli.run.
+  _cli.check_directory("workdir", _WORKDIR.value)
+  task = runs.parse_task_overrides(_TASK.value)
+  lengths = _cli.parse_lengths(_LENGTHS.value)
+  for flag, value in (("batches", _BATCHES.value), ("batch_size", _BATCH_SIZE.value)):
+    _cli.check_positive(flag, value)  # 0 must not read as "the default".
   out = _OUT.value or os.path.join(_WORKDIR.value, "diagnose.json")
   if os.path.exists(out):
-    _fail(f"{out} exists; pass another --out")
-  logging.get_absl_logger().addFilter(  # orbax reports every read-only restore.
-      lambda r: r.levelno >= std_logging.ERROR or "/orbax/" not in r.pathname)
+    raise ValueError(f"{out} exists; pass another --out")
+  _cli.quiet_orbax(std_logging.ERROR)  # orbax reports every read-only restore.
   logging.set_verbosity(logging.WARNING)
-  try:
-    report = diagnose_lib.diagnose_run(
-        _WORKDIR.value, lengths=lengths or None, task=task, batches=_BATCHES.value,
-        batch_size=_BATCH_SIZE.value, step=_STEP.value, seed=_SEED.value)
-  except (FileNotFoundError, ValueError) as e:
-    _fail(e)
+  report = diagnose_lib.diagnose_run(
+      _WORKDIR.value, lengths=lengths, task=task, batches=_BATCHES.value,
+      batch_size=_BATCH_SIZE.value, step=_STEP.value, seed=_SEED.value)
   print(diagnose_lib.format_report(report))
   report["command"] = "python -m experiments.diagnose " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
@@ -71,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, name="diagnose")

@@ -11,15 +11,13 @@ the tag names the task changes and the beam; an existing file is never overwritt
 recovers the routing recall says the answer leaf was ranked just outside the trained beam.
 """
 
-import logging as std_logging
 import os
 import shlex
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
+from experiments import _cli
 from memkernel import runs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
@@ -35,37 +33,19 @@ _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag
 flags.mark_flags_as_required(["workdir"])
 
 
-def _parse_lengths(values):
-  try:
-    lengths = [int(v) for v in values or ()]
-  except ValueError as e:
-    raise app.UsageError(f"--lengths must be comma-separated integers, got {values}") from e
-  if any(n <= 0 for n in lengths):
-    raise app.UsageError(f"--lengths must be positive, got {lengths}")
-  return lengths or None
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    task = runs.parse_task_overrides(_TASK.value)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  lengths = _parse_lengths(_LENGTHS.value)
+  del argv  # Checked by _cli.run.
+  _cli.check_directory("workdir", _WORKDIR.value)
+  lengths = _cli.parse_lengths(_LENGTHS.value)
+  task = runs.parse_task_overrides(_TASK.value)
   changes = sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
-    raise app.UsageError(f"{out} exists; pass another --out")
-  logging.get_absl_logger().addFilter(  # orbax reports every restore at INFO.
-      lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
-  try:
-    result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task,
-                               batches=_BATCHES.value, step=_STEP.value,
-                               beam_width=_BEAM.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise app.UsageError(str(e)) from e
+    raise ValueError(f"{out} exists; pass another --out")
+  _cli.quiet_orbax()
+  result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task, batches=_BATCHES.value,
+                             step=_STEP.value, beam_width=_BEAM.value)
   beam = f" (beam {result['beam_width']})" if result["beam_width"] is not None else ""
   for length, metrics in result["lengths"].items():
     print(f"length {length}{beam}: " + ", ".join(
@@ -78,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli.run(main, name="evaluate")

@@ -20,6 +20,10 @@ Guarantees, delegated to orbax options rather than re-implemented:
   are first renamed into `checkpoints/_deleted/` (orbax `todelete_subdir`), then removed, so a
   kill during rotation cannot leave a half-deleted step that still looks committed.
 
+Beyond atomicity, files can still be damaged after the commit (a full disk, a copy cut short):
+`restore_latest`, which a resuming run uses, falls back to the newest older step that reads back
+and moves the damaged ones aside.
+
 `restore` compares the saved tree structure, shapes and dtypes (read from orbax's step metadata,
 without touching array data) against the expected abstract state first, and raises
 `CheckpointMismatchError` naming every mismatching path; orbax would otherwise silently cast dtypes.
@@ -41,8 +45,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -55,6 +60,8 @@ META_ITEM = "meta"
 # a step in place, as orbax does by default, is not atomic: a kill mid-delete leaves a listed
 # step with some of its files gone.
 _TRASH_SUBDIR = "_deleted"
+# Steps that no longer read back are moved here when a writer resumes from an older one.
+_DAMAGED_SUBDIR = "_damaged"
 
 
 class CheckpointMismatchError(ValueError):
@@ -158,6 +165,8 @@ class Checkpointer:
       raise ValueError(f"keep must be >= 1 or None, got {keep!r}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+      raise ValueError(f"{os.fspath(directory)} is a file; a run's directory was expected")
     # orbax needs absolute paths; the README runs `--workdir=runs/mqar`.
     self.directory = os.path.join(os.path.abspath(os.fspath(directory)), "checkpoints")
     self.read_only = read_only
@@ -319,6 +328,75 @@ class Checkpointer:
     )
     return restored[STATE_ITEM], restored[META_ITEM]
 
+  def restore_latest(
+      self,
+      *,
+      abstract_state: PyTree,
+      check_meta: Callable[[int, dict], None] | None = None,
+  ) -> tuple[int, PyTree, dict]:
+    """Restores the newest step that reads back whole, falling back past damaged ones.
+
+    A step whose files are truncated or corrupted (a disk filled up, a copy cut short) fails to
+    read; the next older kept step is tried instead, with a warning. Once one reads back, a
+    writer moves the damaged newer steps into `checkpoints/_damaged/` (kept for inspection; the
+    resumed run may save those step numbers again). When no step reads back nothing is moved.
+
+    Args:
+      abstract_state: as for `restore`.
+      check_meta: called with `(step, meta)` before a step's arrays are read; what it raises
+        propagates (e.g. a checkpoint of another run).
+
+    Returns:
+      `(step, state, meta)` of the restored step.
+
+    Raises:
+      CheckpointMismatchError: the newest readable step does not match `abstract_state`.
+      FileNotFoundError: no committed step.
+      ValueError: no step reads back (names the newest step's error).
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+    damaged = {}
+    for step in reversed(steps):
+      try:
+        meta = self.restore_meta(step)
+      except Exception as e:  # pylint: disable=broad-except  # Whatever a damaged file raises.
+        damaged[step] = e
+        continue
+      if check_meta is not None:
+        check_meta(step, meta)
+      try:
+        state, meta = self.restore(step, abstract_state=abstract_state)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        damaged[step] = e
+        continue
+      break
+    else:
+      newest = steps[-1]
+      raise ValueError(f"no checkpoint in {self.directory} reads back; step {newest}: "
+                       f"{_first_line(damaged[newest])}")
+    for bad, error in sorted(damaged.items()):
+      moved = self._set_aside(bad)
+      logging.warning("Checkpoint step %d in %s is damaged (%s)%s; restored step %d instead.",
+                      bad, self.directory, _first_line(error),
+                      f"; moved it to {moved}" if moved else "", step)
+    return step, state, meta
+
+  def _set_aside(self, step: int) -> str | None:
+    """Moves a damaged step out of step discovery (a writer only); returns where to."""
+    if self.read_only:
+      return None
+    target = os.path.join(self.directory, _DAMAGED_SUBDIR, str(step))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
+
   def restore_meta(self, step: int | None = None) -> dict:
     """Only the JSON item `{"config": ..., "data_state": ...}`; reads no arrays."""
     step = self._resolve_step(step)
@@ -339,6 +417,13 @@ class Checkpointer:
         ),
     )
     return restored[STATE_ITEM]
+
+
+def _first_line(error: BaseException) -> str:
+  """The error's type and first line, cut to 200 characters (tensorstore adds its whole spec)."""
+  lines = str(error).strip().splitlines()
+  line = lines[0] if lines else ""
+  return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
 def _default_sharding() -> jax.sharding.Sharding:

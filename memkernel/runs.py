@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import functools
 import json
+import numbers
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -140,7 +141,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
 
   Args:
     workdir: the run's `--workdir`.
-    lengths: sequence lengths (default: the run's `eval.lengths`).
+    lengths: sequence lengths, each positive (None: the run's `eval.lengths`).
     task: `TaskConfig` fields to change, e.g. {"distance": "uniform"} for MQAR (not name,
       vocab_size, leaf_size or seq_len: the model fixes the first three, `lengths` the last).
     batches: evaluation batches per length (default: the run's `eval.batches`).
@@ -166,10 +167,13 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
         experiment, model=dataclasses.replace(experiment.model, beam_width=beam_width))
   ev = experiment.eval
   if batches is not None:
-    if not isinstance(batches, int) or batches <= 0:
+    if not isinstance(batches, int) or isinstance(batches, bool) or batches <= 0:
       raise ValueError(f"batches must be a positive integer, got {batches!r}")
     ev = dataclasses.replace(ev, batches=batches)
-  lengths = tuple(lengths or ev.lengths)
+  lengths = ev.lengths if lengths is None else tuple(lengths)
+  if not lengths or any(not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0
+                        for n in lengths):
+    raise ValueError(f"lengths must be positive integers, got {lengths!r}")
   for length in lengths:
     experiment.task_for_length(length)  # Validates the task at every length before compiling.
   experiment = dataclasses.replace(experiment, eval=ev)

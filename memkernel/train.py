@@ -152,13 +152,25 @@ class _MetricsWriter:
 
 
 def _truncate_metrics(path: str, resume_step: int) -> None:
-  """Drops rows logged after the checkpoint a run resumes from (they will be logged again)."""
+  """Drops rows logged after the checkpoint a run resumes from (they will be logged again), and
+  a line that is not JSON: the torn last row of a run killed mid-write."""
   if not os.path.exists(path):
     return
   with open(path) as f:
     rows = [line for line in f if line.strip()]
-  keep = [line for line in rows if json.loads(line).get("step", 0) <= resume_step]
-  if len(keep) != len(rows):
+  keep, torn = [], []
+  for number, line in enumerate(rows, 1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      torn.append(number)
+      continue
+    if row.get("step", 0) <= resume_step:
+      keep.append(line if line.endswith("\n") else line + "\n")
+  if torn:
+    logging.warning("Dropping %d unreadable row(s) (line(s) %s of %d) from %s: a run killed "
+                    "mid-write.", len(torn), torn, len(rows), path)
+  if keep != rows:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
@@ -206,17 +218,18 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _architecture(config: Mapping[str, Any]) -> dict[str, Any]:
-  """The part of a raw config a checkpoint's parameters are only meaningful for: the family and
+  """The part of a raw config a checkpoint's parameters are only meaningful for: the family,
   its model fields but those the family lets a resumed run change (curricula, capacity,
-  implementation)."""
+  implementation), and the task."""
   model_type = config.get("model_type")
+  task = {"task": dict(config.get("task", {}))}
   try:
     family = family_lib.get(model_type)
   except ValueError:
-    return {"model_type": model_type}
+    return {"model_type": model_type, **task}
   fields = {k: v for k, v in dict(config.get(family.section, {})).items()
             if k not in family.resumable_fields}
-  return {"model_type": model_type, family.section: fields}
+  return {"model_type": model_type, family.section: fields, **task}
 
 
 def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -229,22 +242,29 @@ def _config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
 # The loop.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       force_resume: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the configured model in `workdir`, then evaluates it.
 
   Args:
     config: an experiment config (`configs/*.py:get_config`).
     workdir: where checkpoints, `metrics.jsonl` and `eval.json` go. If it holds a checkpoint, the
-      run resumes from its newest step (an incompatible model raises
-      `checkpoint.CheckpointMismatchError`).
+      run resumes from its newest readable step (a damaged newer step is moved aside with a
+      warning; `checkpoint.Checkpointer.restore_latest`).
+    force_resume: resume a checkpoint trained with another architecture, model type or task
+      (its parameter shapes must still match); without it such a workdir raises.
 
   Returns:
     The evaluation summary written to `workdir/eval.json`.
 
   Raises:
-    ValueError: an invalid config (before anything is compiled).
+    ValueError: an invalid config or a `workdir` that is a file (before anything is compiled).
+    checkpoint.CheckpointMismatchError: `workdir` holds a checkpoint of another architecture,
+      model type or task (without `force_resume`), or of other parameter shapes.
     NonFiniteLossError: `train.max_nonfinite` consecutive non-finite losses.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file; it must be a directory")
   experiment = experiment_lib.parse_config(config)
   mesh = evaluate_lib.make_mesh()
   experiment_lib.check_devices(experiment, mesh.size)
@@ -269,19 +289,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info("Initialised %s: %s parameters, on %d device(s).", experiment.model_type,
                    f"{num_params:,}", mesh.size)
     else:
-      saved_config = checkpointer.restore_meta(latest)["config"]
-      differences = _config_differences(saved_config, config_dict)
-      incompatible = _config_differences(_architecture(saved_config), _architecture(config_dict))
+      refused = []
+
+      def check_meta(step: int, meta: Mapping[str, Any]) -> None:
+        """Refuses a checkpoint of another run before its arrays are read."""
+        incompatible = _config_differences(_architecture(meta["config"]),
+                                           _architecture(config_dict))
+        if incompatible and not force_resume:
+          refused.append(checkpoint_lib.CheckpointMismatchError(
+              f"{workdir} holds a checkpoint (step {step}) of another run: "
+              + "; ".join(incompatible) + " (pass --force_resume to resume it anyway)"))
+          raise refused[-1]
+        if incompatible:
+          logging.warning("Resuming a checkpoint of another run (--force_resume): %s",
+                          "; ".join(incompatible))
+
       try:
-        state, meta = checkpointer.restore(latest, abstract_state=abstract)
+        latest, state, meta = checkpointer.restore_latest(abstract_state=abstract,
+                                                          check_meta=check_meta)
       except checkpoint_lib.CheckpointMismatchError as e:
+        if refused:
+          raise
+        header, *problems = str(e).splitlines()
         raise checkpoint_lib.CheckpointMismatchError(
-            f"{workdir} holds a checkpoint of a different model: "
-            + "; ".join(incompatible or differences) + f"\n{e}") from e
-      if incompatible:
-        raise checkpoint_lib.CheckpointMismatchError(
-            f"{workdir} holds a checkpoint of a different model (same parameter shapes, "
-            "different architecture): " + "; ".join(incompatible))
+            f"{workdir} holds a checkpoint of a model with other parameter shapes: "
+            + ("; ".join(p.strip() for p in problems) or header)) from e
+      differences = _config_differences(meta["config"], config_dict)
       if differences:
         logging.warning("Resuming with a config that differs from the checkpoint's:\n  %s",
                         "\n  ".join(differences))
