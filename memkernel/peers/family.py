@@ -6,7 +6,9 @@ import dataclasses
 from typing import Any, Mapping
 
 from memkernel import family as family_lib
-from memkernel.peers.model import PeerConfig, build_peer
+from memkernel.peers.config import PeerConfig
+from memkernel.peers.memory import init_memory
+from memkernel.peers.model import build_peer
 
 
 def _from_dict(values: Mapping[str, Any], name: str) -> PeerConfig:
@@ -19,20 +21,17 @@ def _with_capacity(config: PeerConfig, seq_len: int) -> PeerConfig:
   return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, seq_len))
 
 
-def _init_memory(config: PeerConfig, batch_size: int):
-  raise NotImplementedError(f"the {config.kind} peer has no recurrent form yet")
-
-
 def _family(name: str) -> family_lib.Family:
   return family_lib.Family(
       name=name,
       section="peer",
       config_from_dict=_from_dict,
       build=build_peer,
-      init_memory=_init_memory,
+      init_memory=init_memory,
       sources=lambda config: (),
       with_capacity=_with_capacity,
       resumable_fields=("max_seq_len", "query_block"),
+      boundaries=lambda config: {"attention": family_lib.Boundary(config.boundary)},
   )
 
 

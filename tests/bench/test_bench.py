@@ -26,8 +26,8 @@ from absl.testing import parameterized
 
 from configs import bench as bench_config
 from memkernel import KernelModel
+from memkernel import peers
 from memkernel.bench import bench
-from memkernel.peers import model as peers
 from memkernel.kernel.config import KernelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for the dense and sliding-window peer models."""
+"""Tests for the dense and sliding-window peer models (parallel form), their config and size."""
 
 import dataclasses
 
@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from memkernel.peers import model as peers
+from memkernel import peers
+from memkernel.optim import count_params
+from memkernel.outputs import Outputs
 
 _T = 37  # not a multiple of the window
 _WINDOW = 8
@@ -33,62 +35,32 @@ def _init(model: nn.Module, tokens: jax.Array):
 
 
 def _logits(model: nn.Module, params, tokens: jax.Array) -> jax.Array:
-  return model.apply({"params": params}, tokens)[0]
+  return jax.jit(lambda p, t: model.apply({"params": p}, t)[0])(params, tokens)
 
 
 def _param_shapes(model: nn.Module, tokens: jax.Array):
   return jax.eval_shape(lambda t: _init(model, t), tokens)
 
 
-class AttentionFunctionTest(parameterized.TestCase):
-
-  @parameterized.parameters((37, 8), (32, 8), (5, 8), (20, 3))
-  def test_blockwise_matches_band_mask(self, seq_len, window):
-    q, k, v = jax.random.normal(jax.random.PRNGKey(seq_len * 100 + window), (3, 2, seq_len, 2, 4))
-    blockwise = jax.jit(peers.blockwise_sliding_window_attention, static_argnums=3)
-    banded = jax.jit(peers.banded_attention, static_argnums=3)
-    out = blockwise(q, k, v, window)
-    chex.assert_shape(out, (2, seq_len, 2, 4))
-    chex.assert_trees_all_close(out, banded(q, k, v, window), atol=1e-5)
-
-  def test_band_mask_with_large_window_is_causal_attention(self):
-    q, k, v = jax.random.normal(jax.random.PRNGKey(1), (3, 1, 11, 2, 4))
-    banded = jax.jit(peers.banded_attention, static_argnums=3)
-    chex.assert_trees_all_close(banded(q, k, v, 11), jax.jit(peers.causal_attention)(q, k, v),
-                                atol=1e-5)
-
-  @parameterized.parameters((37, 8), (32, 8), (5, 8))
-  def test_blocked_causal_attention_matches_causal_attention(self, seq_len, block):
-    q, k, v = jax.random.normal(jax.random.PRNGKey(seq_len + block), (3, 2, seq_len, 2, 4))
-    blocked = jax.jit(peers.blocked_causal_attention, static_argnums=3)
-    expected = jax.jit(peers.causal_attention)(q, k, v)
-    chex.assert_trees_all_close(blocked(q, k, v, block), expected, atol=1e-5)
-    # And its gradient, which the blocks recompute.
-    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
-    grads = jax.jit(jax.grad(loss(lambda *a: peers.blocked_causal_attention(*a, block)),
-                             argnums=(0, 1, 2)))(q, k, v)
-    chex.assert_trees_all_close(
-        grads, jax.grad(loss(peers.causal_attention), argnums=(0, 1, 2))(q, k, v), atol=1e-5)
-
-  def test_blocking(self):
-    self.assertEqual(peers.sliding_window_blocking(37, 8), (8, 5, 16))
-    self.assertEqual(peers.sliding_window_blocking(32, 8), (8, 4, 16))
-    self.assertEqual(peers.sliding_window_blocking(6, 8), (6, 1, 6))
+def _max_change(a: jax.Array, b: jax.Array) -> float:
+  return float(jnp.max(jnp.abs(a - b)))
 
 
 class PeerModelTest(parameterized.TestCase):
 
   @parameterized.parameters("dense", "sliding_window")
-  def test_shapes_and_aux(self, kind):
+  def test_outputs_are_typed_and_empty(self, kind):
     config = _config(kind)
     model = peers.build_peer(config)
     tokens = _tokens(0)
     params = _init(model, tokens)
-    logits, aux = model.apply({"params": params}, tokens, oracle_leaves=None, train=True)
+    logits, out = model.apply({"params": params}, tokens, oracle_leaves=None, train=True)
     chex.assert_shape(logits, (2, _T, config.vocab_size))
     self.assertEqual(logits.dtype, jnp.float32)
     chex.assert_tree_all_finite(logits)
-    self.assertEqual(aux, {"losses": {}, "metrics": {}})
+    self.assertIsInstance(out, Outputs)
+    self.assertEqual((out.losses, out.metrics, out.routes, out.gates, out.memory),
+                     ({}, {}, None, None, None))
 
   def test_build_peer_kinds_share_parameter_layout(self):
     dense = peers.build_peer(_config("dense"))
@@ -98,6 +70,12 @@ class PeerModelTest(parameterized.TestCase):
     tokens = _tokens(0)
     shapes = lambda m: jax.tree.map(lambda x: x.shape, _param_shapes(m, tokens))
     self.assertEqual(shapes(dense), shapes(sliding))
+    # The layout checkpoints hold: named blocks of named projections.
+    self.assertEqual(sorted(shapes(dense)), ["block_0", "block_1", "embed", "final_norm",
+                                             "lm_head"])
+    self.assertEqual(sorted(shapes(dense)["block_0"]),
+                     ["attention_norm", "attention_out", "key", "mlp_in", "mlp_norm", "mlp_out",
+                      "query", "value"])
     # Parameter shapes do not depend on max_seq_len.
     longer = peers.build_peer(_config("dense", max_seq_len=4096))
     self.assertEqual(shapes(dense), shapes(longer))
@@ -111,8 +89,24 @@ class PeerModelTest(parameterized.TestCase):
     perturbed = tokens.at[:, cut + 1:].set(_tokens(1)[:, cut + 1:])
     logits, perturbed_logits = _logits(model, params, tokens), _logits(model, params, perturbed)
     chex.assert_trees_all_close(logits[:, :cut + 1], perturbed_logits[:, :cut + 1], atol=1e-5)
-    self.assertGreater(float(jnp.max(jnp.abs(logits[:, cut + 1:] - perturbed_logits[:, cut + 1:]))),
-                       1e-3)
+    self.assertGreater(_max_change(logits[:, cut + 1:], perturbed_logits[:, cut + 1:]), 1e-3)
+
+  def test_sliding_window_forgets_tokens_out_of_reach(self):
+    # One layer sees window tokens (itself included); L layers reach back L * (window - 1).
+    config = _config("sliding_window")
+    model = peers.build_peer(config)
+    tokens = _tokens(0)
+    params = _init(model, tokens)
+    cut = 5
+    perturbed = tokens.at[:, :cut + 1].set((tokens[:, :cut + 1] + 1) % config.vocab_size)
+    logits, perturbed_logits = _logits(model, params, tokens), _logits(model, params, perturbed)
+    reach = cut + config.num_layers * (config.window - 1)
+    chex.assert_trees_all_close(logits[:, reach + 1:], perturbed_logits[:, reach + 1:], atol=1e-5)
+    self.assertGreater(_max_change(logits[:, reach], perturbed_logits[:, reach]), 1e-3)
+    # Dense attention never forgets.
+    dense = peers.build_peer(_config("dense"))
+    self.assertGreater(_max_change(_logits(dense, params, tokens)[:, -1],
+                                   _logits(dense, params, perturbed)[:, -1]), 1e-3)
 
   def test_dense_query_blocks_change_no_logit(self):
     tokens = _tokens(3)
@@ -121,8 +115,6 @@ class PeerModelTest(parameterized.TestCase):
     blocked = peers.build_peer(_config("dense", query_block=16))
     chex.assert_trees_all_close(_logits(blocked, params, tokens), _logits(model, params, tokens),
                                 atol=1e-5)
-    with self.assertRaisesRegex(ValueError, "query_block"):
-      _config("dense", query_block=-1)
 
   def test_sliding_window_matches_dense_band_mask(self):
     config = _config("sliding_window")
@@ -134,7 +126,7 @@ class PeerModelTest(parameterized.TestCase):
     chex.assert_trees_all_close(logits, reference, atol=1e-5)
     # The window really limits the view: full causal attention gives different logits.
     dense = _logits(peers.DenseTransformer(_config("dense")), params, tokens)
-    self.assertGreater(float(jnp.max(jnp.abs(dense - logits))), 1e-3)
+    self.assertGreater(_max_change(dense, logits), 1e-3)
 
   @parameterized.parameters(_T, 64)
   def test_window_covering_sequence_equals_dense(self, window):
@@ -167,9 +159,9 @@ class PeerModelTest(parameterized.TestCase):
     optimizer = optax.adam(1e-2)
 
     def loss_fn(p):
-      logits, aux = model.apply({"params": p}, inputs, train=True)
+      logits, out = model.apply({"params": p}, inputs, train=True)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-      return loss + sum(aux.losses.values())
+      return loss + sum(out.losses.values())
 
     @jax.jit
     def step(p, opt_state):
@@ -191,16 +183,21 @@ class PeerConfigTest(parameterized.TestCase):
   @parameterized.parameters(
       ("kind", "mamba"), ("vocab_size", 0), ("d_model", -4), ("num_layers", 0), ("num_heads", 0),
       ("num_heads", 3), ("num_heads", 32), ("mlp_ratio", 1.5), ("window", 0), ("max_seq_len", 0),
-      ("window", True))
+      ("window", True), ("query_block", -1), ("boundary", "decay"), ("boundary", "Reset"))
   def test_invalid_field_raises(self, field, value):
     base = dict(kind="dense", d_model=32)
     base[field] = value
     with self.assertRaisesRegex(ValueError, rf"PeerConfig\.{field}.*{value!r}"):
       peers.PeerConfig(**base)
 
+  def test_decay_boundary_says_why(self):
+    with self.assertRaisesRegex(ValueError, "nothing to decay.*'reset' or 'carry'"):
+      peers.PeerConfig(kind="sliding_window", boundary="decay")
+
   def test_from_dict(self):
-    config = peers.PeerConfig.from_dict({"kind": "sliding_window", "window": 16})
-    self.assertEqual(config, peers.PeerConfig(kind="sliding_window", window=16))
+    config = peers.PeerConfig.from_dict({"kind": "sliding_window", "window": 16,
+                                         "boundary": "carry"})
+    self.assertEqual(config, peers.PeerConfig(kind="sliding_window", window=16, boundary="carry"))
     self.assertEqual(peers.PeerConfig.from_dict(config.to_dict()), config)
     with self.assertRaisesRegex(ValueError, "windw"):
       peers.PeerConfig.from_dict({"kind": "dense", "windw": 16})
@@ -212,18 +209,13 @@ class PeerConfigTest(parameterized.TestCase):
 
 class CountTest(parameterized.TestCase):
 
-  def test_count_params_known_pytree(self):
-    params = nn.Dense(3).init(jax.random.PRNGKey(0), jnp.ones((1, 2)))["params"]
-    self.assertEqual(peers.count_params(params), 2 * 3 + 3)
-    self.assertEqual(peers.count_params({"a": jnp.ones((2, 5)), "b": [jnp.ones(7), 1.0]}), 18)
-
   def test_count_params_of_peer(self):
     config = _config("dense")
     d, v, r = config.d_model, config.vocab_size, config.mlp_ratio
     per_layer = 4 * d * d + 2 * r * d * d + 2 * d  # q, k, v, out; mlp in/out; two norm scales
     expected = v * d + config.num_layers * per_layer + d + d * v
     params = _param_shapes(peers.build_peer(config), _tokens(0))
-    self.assertEqual(peers.count_params(params), expected)
+    self.assertEqual(count_params(params), expected)
 
   def test_peer_flops(self):
     d, v, t = 32, 32, 40
