@@ -102,16 +102,16 @@ def blocked_causal_attention(q_BTNH: jax.Array, k_BTNH: jax.Array, v_BTNH: jax.A
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.moveaxis(x.reshape((b, nb, block) + x.shape[2:]), 1, 0)
 
-  segments = jnp.zeros((b, t), jnp.int32) if segments_BT is None else segments_BT
-
   def one_block(args):
     q_BWNH, query_segments_BW, start = args
-    mask_WS = (start + jnp.arange(block))[:, None] >= jnp.arange(t)[None, :]
-    return masked_attention(q_BWNH, k_BTNH, v_BTNH,
-                            mask_WS & document_mask(query_segments_BW, segments))
+    mask = (start + jnp.arange(block))[:, None] >= jnp.arange(t)[None, :]
+    if segments_BT is not None:
+      mask = mask & document_mask(query_segments_BW, segments_BT)
+    return masked_attention(q_BWNH, k_BTNH, v_BTNH, mask)
 
+  query_segments = None if segments_BT is None else to_blocks(segments_BT)
   out_CBWNH = jax.lax.map(jax.checkpoint(one_block),
-                          (to_blocks(q_BTNH), to_blocks(segments), jnp.arange(nb) * block))
+                          (to_blocks(q_BTNH), query_segments, jnp.arange(nb) * block))
   return jnp.moveaxis(out_CBWNH, 0, 1).reshape((b, nb * block) + q_BTNH.shape[2:])[:, :t]
 
 
