@@ -1,5 +1,6 @@
-"""Tests for `memkernel.checkpoint`: round trips, rotation, metadata, mismatch errors, and that a
-process killed mid-save leaves the newest complete checkpoint restorable."""
+"""Tests for `memkernel.checkpoint`: round trips, rotation, metadata, mismatch errors, falling back
+past damaged steps, and that a process killed mid-save leaves the newest complete checkpoint
+restorable."""
 
 import os
 import shutil
@@ -220,6 +221,100 @@ class MismatchTest(absltest.TestCase):
   def test_saved_state_metadata_reads_no_arrays(self):
     tree = self.ckpt.saved_state_metadata()
     self.assertEqual(tuple(tree["params"]["layer_0"]["w"].shape), (64, 128))
+
+
+def _damage(directory: str, step: int, pattern: str) -> None:
+  """Cuts every file of a step whose path (relative to the step) contains `pattern` in half."""
+  root = os.path.join(directory, str(step))
+  cut = 0
+  for parent, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(parent, name)
+      if pattern in os.path.relpath(path, root):
+        os.truncate(path, os.path.getsize(path) // 2)
+        cut += 1
+  assert cut, (root, pattern)
+
+
+class DamagedCheckpointTest(absltest.TestCase):
+  """`restore_latest` on steps whose files were damaged after their commit."""
+
+  _ABSTRACT = {"w": jax.ShapeDtypeStruct((64,), jnp.float32)}
+
+  def setUp(self):
+    super().setUp()
+    self.workdir = _tempdir(self)
+    with Checkpointer(self.workdir, keep=None) as ckpt:
+      for step in (1, 2, 3):
+        _save(ckpt, step, {"w": jnp.full((64,), step, jnp.float32)})
+    self.directory = os.path.join(self.workdir, "checkpoints")
+
+  def test_falls_back_past_damaged_steps_and_sets_them_aside(self):
+    _damage(self.directory, 3, os.path.join("state", "d", ""))  # The array data.
+    _damage(self.directory, 2, os.path.join("meta", "metadata"))  # The JSON item.
+    ckpt = Checkpointer(self.workdir, keep=None)
+    self.addCleanup(ckpt.close)
+    with self.assertLogs(level="WARNING") as logs:
+      step, state, meta = ckpt.restore_latest(abstract_state=self._ABSTRACT)
+    self.assertEqual(step, 1)
+    np.testing.assert_array_equal(state["w"], np.full((64,), 1, np.float32))
+    self.assertEqual(meta["data_state"], {"step": 1, "seed": 3})
+    warnings = [line for line in logs.output if "is damaged" in line]
+    self.assertLen(warnings, 2)
+    self.assertIn("Checkpoint step 2", warnings[0])
+    self.assertIn("JSONDecodeError", warnings[0])
+    self.assertIn("Checkpoint step 3", warnings[1])
+    self.assertIn("restored step 1 instead", warnings[1])
+    self.assertEqual(ckpt.all_steps(), [1])
+    self.assertEqual(sorted(os.listdir(os.path.join(self.directory, "_damaged"))), ["2", "3"])
+    # The resumed run saves those step numbers again.
+    _save(ckpt, 2, {"w": jnp.full((64,), 20, jnp.float32)})
+    ckpt.wait()
+    self.assertEqual(ckpt.all_steps(), [1, 2])
+    restored, _ = ckpt.restore(2, abstract_state=self._ABSTRACT)
+    np.testing.assert_array_equal(restored["w"], np.full((64,), 20, np.float32))
+
+  def test_reader_falls_back_without_moving_anything(self):
+    _damage(self.directory, 3, "")
+    reader = Checkpointer(self.workdir, read_only=True)
+    step, _, _ = reader.restore_latest(abstract_state=self._ABSTRACT)
+    self.assertEqual(step, 2)
+    self.assertEqual(reader.all_steps(), [1, 2, 3])
+    self.assertFalse(os.path.exists(os.path.join(self.directory, "_damaged")))
+
+  def test_nothing_readable_raises_and_moves_nothing(self):
+    for step in (1, 2, 3):
+      _damage(self.directory, step, os.path.join("state", "d", ""))
+    ckpt = Checkpointer(self.workdir, keep=None)
+    self.addCleanup(ckpt.close)
+    with self.assertRaisesRegex(ValueError, r"no checkpoint in .* reads back; step 3: "):
+      ckpt.restore_latest(abstract_state=self._ABSTRACT)
+    self.assertEqual(ckpt.all_steps(), [1, 2, 3])
+
+  def test_check_meta_sees_each_step_first_and_its_error_propagates(self):
+    seen = []
+
+    def check_meta(step, meta):
+      seen.append((step, meta["data_state"]["step"]))
+      raise CheckpointMismatchError("another run")
+
+    with self.assertRaisesRegex(CheckpointMismatchError, "another run"):
+      Checkpointer(self.workdir, read_only=True).restore_latest(
+          abstract_state=self._ABSTRACT, check_meta=check_meta)
+    self.assertEqual(seen, [(3, 3)])  # Not tried on older steps.
+
+  def test_shape_mismatch_is_not_damage(self):
+    with self.assertRaises(CheckpointMismatchError):
+      Checkpointer(self.workdir, keep=None).restore_latest(
+          abstract_state={"w": jax.ShapeDtypeStruct((32,), jnp.float32)})
+    self.assertEqual(Checkpointer(self.workdir, read_only=True).all_steps(), [1, 2, 3])
+
+  def test_a_file_is_not_a_run_directory(self):
+    path = os.path.join(self.workdir, "a_file")
+    open(path, "w").close()
+    for read_only in (True, False):
+      with self.assertRaisesRegex(ValueError, "a_file is a file"):
+        Checkpointer(path, read_only=read_only)
 
 
 # Saves a ~64 MB state in a loop; every array of step s is filled with s, so a torn checkpoint

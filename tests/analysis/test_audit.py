@@ -39,7 +39,7 @@ from memkernel import train as train_lib
 from memkernel.kernel.state import level_offset
 from memkernel import experiment as experiment_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 L = 16
 # Sizes for the report tests on hand-made sums (nothing is compiled for it).
 SUMMARY_CONFIG = KernelConfig(num_roots=2, max_seq_len=128)
@@ -374,13 +374,21 @@ class AuditTest(parameterized.TestCase):
       env = dict(os.environ, JAX_PLATFORMS="cpu")
       with self.assertRaisesRegex(FileNotFoundError, "not a directory"):
         audit.audit_run(os.path.join(root, "missing"))
-      cases = {root: "no committed checkpoint", peer: "'dense' peer run"}
-      procs = {d: subprocess.Popen([sys.executable, "-m", "experiments.audit", f"--workdir={d}"],
-                                   cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for d in cases}
-      for workdir, expected in cases.items():
-        out, err = procs[workdir].communicate(timeout=120)
-        self.assertNotEqual(procs[workdir].returncode, 0)
+      a_file = os.path.join(root, "a_file")
+      open(a_file, "w").close()
+      cases = {(root,): "no committed checkpoint", (peer,): "'dense' peer run",
+               (a_file,): f"--workdir={a_file} is a file",
+               # 0 is not "the default" (the training length, the run's batch size).
+               (peer, "--length=0"): "--length must be a positive integer, got 0",
+               (peer, "--batch_size=0"): "--batch_size must be a positive integer, got 0",
+               (peer, "--batches=0"): "--batches must be a positive integer, got 0"}
+      procs = {args: subprocess.Popen(
+          [sys.executable, "-m", "experiments.audit", f"--workdir={args[0]}", *args[1:]],
+          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for args in cases}
+      for args, expected in cases.items():
+        out, err = procs[args].communicate(timeout=120)
+        self.assertEqual(procs[args].returncode, 1, err)
         self.assertEqual(out, "")
         lines = err.strip().splitlines()
         self.assertLen(lines, 1, err)

@@ -18,7 +18,7 @@ from memkernel.kernel import routing
 from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.state import level_offset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, N, L, H, P, E, K = 2, 8, 16, 2, 4, 4, 2
 
 
@@ -127,12 +127,23 @@ class LayerTraceTest(absltest.TestCase):
   def test_command_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:
       env = dict(os.environ, JAX_PLATFORMS="cpu")
+      a_file = os.path.join(root, "a_file")
+      open(a_file, "w").close()
       cases = {(f"--workdir={root}",): "no committed checkpoint",
-               (f"--workdir={root}", "--lengths=12x"): "--lengths must be"}
+               (f"--workdir={a_file}",): f"--workdir={a_file} is a file",
+               (f"--workdir={root}", "--lengths=12x"): "--lengths must be comma-separated",
+               # 0 is not "the default" (the training length, the run's batch size).
+               (f"--workdir={root}", "--lengths=0"): "--lengths must be positive integers",
+               (f"--workdir={root}", "--lengths="): "--lengths must be positive integers",
+               (f"--workdir={root}", "--batch_size=0"): "--batch_size must be a positive",
+               (f"--workdir={root}", "--batches=0"): "--batches must be a positive"}
+      procs = {args: subprocess.Popen(
+          [sys.executable, "-m", "experiments.diagnose", *args], cwd=REPO, env=env,
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in cases}
       for args, expected in cases.items():
-        proc = subprocess.run([sys.executable, "-m", "experiments.diagnose", *args], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=120)
-        self.assertNotEqual(proc.returncode, 0)
+        stdout, stderr = procs[args].communicate(timeout=120)
+        proc = subprocess.CompletedProcess(args, procs[args].returncode, stdout, stderr)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         self.assertLen(lines, 1, proc.stderr)
         self.assertTrue(lines[0].startswith("FATAL diagnose:"), lines[0])

@@ -28,9 +28,10 @@ from configs import bench as bench_config
 from memkernel import KernelModel
 from memkernel import peers
 from memkernel.bench import bench
+from memkernel.bench import report
 from memkernel.kernel.config import KernelConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_LENGTHS = (64, 128)
 REQUIRED = ("model", "length", "mode", "status", "reason", "tokens_per_s", "median_s", "min_s",
             "max_s", "peak_mem_bytes", "compile_s", "flops", "gflops_per_s",
@@ -122,8 +123,9 @@ class BudgetTest(absltest.TestCase):
     with mock.patch.object(bench, "_device_memory_stats", return_value=None), \
          mock.patch.object(bench, "_proc_kb", lambda path, field: meminfo[path][field]):
       self.assertEqual(bench._auto_memory_budget(), int(0.8 * 10 * 2**30))
-    available = bench._proc_kb("/proc/meminfo", "MemAvailable")
-    if available is not None:  # Linux: the real file parses, and is below physical memory.
+    if sys.platform.startswith("linux"):  # The real file parses, and is below physical memory.
+      available = bench._proc_kb("/proc/meminfo", "MemAvailable")
+      self.assertIsNotNone(available)
       self.assertBetween(available * 1024, 1,
                          os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
@@ -274,6 +276,87 @@ class FlopsTest(absltest.TestCase):
     dense = peers.PeerConfig(kind="dense", vocab_size=256, d_model=256, num_layers=4,
                              max_seq_len=8192)
     self.assertLess(bench.kernel_flops(self._config(8192), 8192), peers.peer_flops(dense, 8192))
+
+
+class BinaryTest(absltest.TestCase):
+
+  def test_bad_input_fails_in_one_line_before_anything_runs(self):
+    root = tempfile.mkdtemp()
+    a_file = os.path.join(root, "a_file")
+    open(a_file, "w").close()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for args, message in (
+        ([f"--out={a_file}"], f"FATAL --out={a_file} is a file; it must be a directory"),
+        ([f"--out={root}/new", "--config.repeats=0"], "FATAL invalid config: config.repeats")):
+      result = subprocess.run(
+          [sys.executable, "-m", "experiments.bench", "--config=configs/bench.py:smoke", *args],
+          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+      self.assertEqual(result.returncode, 1, result.stderr)
+      self.assertEqual(result.stdout, "")
+      lines = result.stderr.strip().splitlines()
+      self.assertLen(lines, 1, result.stderr)
+      self.assertTrue(lines[0].startswith(message), lines[0])
+    self.assertEqual(sorted(os.listdir(root)), ["a_file"])
+
+
+def _row(model, mode, length, status="ok", component=None, **fields):
+  return dict(model=model, mode=mode, length=length, status=status, component=component,
+              reason="" if status == "ok" else "over budget",
+              **{**dict.fromkeys(REQUIRED[5:]), **fields})
+
+
+class ReportTest(absltest.TestCase):
+  """The target ratios and breakdowns on rows with known times (exact in binary floating point)."""
+
+  TARGETS = {"short_length": 1024, "long_length": 8192, "decode_short": 1024,
+             "decode_long": 8192}
+  ROWS = [
+      _row("kernel", "forward", 1024, "skipped", median_s=100.0),  # Not a measurement.
+      _row("kernel", "forward", 1024, median_s=1.0, tokens_per_s=1000.0),
+      _row("kernel", "forward", 8192, median_s=4.5, tokens_per_s=2048.0, peak_mem_bytes=300),
+      _row("kernel", "train", 1024, median_s=2.0, tokens_per_s=500.0),
+      _row("kernel", "train", 8192, median_s=10.0, peak_mem_bytes=500),
+      _row("dense", "forward", 1024, tokens_per_s=250.0),
+      _row("dense", "train", 1024, tokens_per_s=125.0),
+      _row("sliding_window", "forward", 8192, tokens_per_s=4096.0, peak_mem_bytes=200),
+      _row("sliding_window", "train", 8192, "skipped"),
+      _row("kernel", "decode", 1024, median_s=0.5),
+      _row("kernel", "decode", 8192, median_s=0.625),
+      _row("kernel", "component", 8192, component="summarize", median_s=0.5),
+      _row("kernel", "component", 8192, component="route", median_s=1.0),
+      _row("kernel", "component", 8192, component="exact_read", status="skipped"),
+  ]
+
+  def test_target_checks(self):
+    checks = report.target_checks(self.ROWS, self.TARGETS)
+    self.assertEqual([(c["name"], c["value"], c["bound"], c["passed"]) for c in checks], [
+        ("kernel forward time(8192) / time(1024)", 4.5, "<= 4.5", True),  # On the bound.
+        ("kernel train time(8192) / time(1024)", 5.0, "<= 4.5", False),
+        ("kernel / dense forward tokens/s at 1024", 4.0, ">= 3", True),
+        ("kernel / sliding_window forward tokens/s at 8192", 0.5, ">= 0.6", False),
+        ("kernel / dense train tokens/s at 1024", 4.0, ">= 5", False),
+        ("kernel decode latency at 8192 / at 1024", 1.25, "<= 1.5", True),
+        ("kernel / sliding_window forward peak memory at 8192", 1.5, "<= 2", True),
+        ("kernel / sliding_window train peak memory at 8192", None, "<= 2", None),
+    ])
+    self.assertEqual([c["note"] for c in checks],
+                     [""] * 7 + ["not measured: sliding_window train T=8192"])
+
+  def test_breakdown_and_hot_path(self):
+    self.assertEqual(report.forward_breakdown(self.ROWS, 8192, num_layers=2), {
+        "summarize": 1.0, "route": 2.0, "rest (trunk, projections, MLP, head)": 1.5})
+    self.assertIsNone(report.forward_breakdown(self.ROWS, 1024, num_layers=2))  # No components.
+    self.assertEqual(report.hot_path(self.ROWS, num_layers=2),
+                     "kernel forward at T=8192: route 44%, rest (trunk, projections, MLP, head) "
+                     "33%, summarize 22% (components timed alone, x 2 layers)")
+
+  def test_markdown_verdicts(self):
+    text = report.markdown(self.ROWS, {}, targets=self.TARGETS, num_layers=2)
+    for line in ("| kernel forward time(8192) / time(1024) | 4.50 | <= 4.5 | met |",
+                 "| kernel train time(8192) / time(1024) | 5.00 | <= 4.5 | missed |",
+                 "| kernel / sliding_window train peak memory at 8192 | - | <= 2 | "
+                 "not measured: sliding_window train T=8192 |"):
+      self.assertIn(line, text.splitlines())
 
 
 class SmokeRunTest(absltest.TestCase):

@@ -29,7 +29,7 @@ from memkernel.kernel.interventions import Interventions
 from memkernel.peers import PeerConfig
 from memkernel import experiment as experiment_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_TASKS = ("mqar", "copy")
 SMOKE_MODELS = (ablate.FULL_KERNEL, ablate.WITHOUT_EXACT_READ, "dense")
 ROW_KEYS = ("task", "model", "seed", "length", "length_factor", "train_length", "status",
@@ -249,6 +249,13 @@ class SweepConfigTest(parameterized.TestCase):
     self.assertIn("FATAL invalid config: config.tasks", result.stdout)
     self.assertNotIn("Traceback", result.stdout)
     self.assertEqual(os.listdir(out), [])
+    a_file = os.path.join(out, "a_file")
+    open(a_file, "w").close()
+    result = binary(a_file, "--config=configs/ablate.py:smoke")
+    self.assertEqual(result.returncode, 1)
+    self.assertEqual(result.stdout.strip().splitlines(),
+                     [f"FATAL --out={a_file} is a file; it must be a directory"])
+    os.remove(a_file)
     result = binary(out, "--config=configs/ablate.py:big")
     self.assertNotEqual(result.returncode, 0)
     self.assertEqual(result.stdout.strip().splitlines(), [
