@@ -23,6 +23,7 @@ import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 import jax
 import numpy as np
 
@@ -138,9 +139,17 @@ class TrainTest(parameterized.TestCase):
     model_config, params = load_run(self.ref_dir)
     self.assertIsInstance(model_config, KernelConfig)
     self.assertEqual((model_config.d_model, model_config.max_seq_len), (16, 64))
-    model = family_lib.build(dataclasses.replace(model_config, max_seq_len=128))
-    logits, _ = jax.jit(model.apply)({"params": params}, np.zeros((1, 100), np.int32))
-    self.assertEqual(logits.shape, (1, 100, model_config.vocab_size))
+    # At a longer capacity the loaded parameters run past the trained length, and predict the
+    # first leaf (before any memory is sealed, so before capacity can matter) as at the trained
+    # capacity.
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (1, 100), 0,
+                                           model_config.vocab_size))
+    longer = family_lib.build(dataclasses.replace(model_config, max_seq_len=128))
+    logits, _ = jax.jit(longer.apply)({"params": params}, tokens)
+    chex.assert_tree_all_finite(logits)
+    trained, _ = jax.jit(family_lib.build(model_config).apply)({"params": params}, tokens[:, :64])
+    leaf = model_config.leaf_size
+    np.testing.assert_allclose(logits[:, :leaf], trained[:, :leaf], atol=1e-5, rtol=0)
     _, params_3 = load_run(self.ref_dir, step=3)
     self.assertFalse(np.array_equal(params_3["embed"]["embedding"], params["embed"]["embedding"]))
 
