@@ -6,8 +6,11 @@ config share one compiled step (the harness caches it), so the suite stays small
 * end to end through the library for the kernel (mqar, far_compare) and both peers (induction,
   noisy_retrieval), and non-finite handling on copy: every task trains a few steps;
 * resume equivalence (bitwise params, identical metrics rows) and no recompilation on resume;
-* incompatible configs on an existing workdir; config validation before compilation;
-* the binary: bad flags, SIGKILL mid-run then `load_run` and resume, 4-device data parallel.
+* bad resumes: another architecture, model type or task (refused unless forced), a damaged newest
+  checkpoint (falls back to the previous one), a torn metrics row (dropped);
+* config validation before compilation;
+* the binaries: bad flags and values end in one FATAL line, non-finite losses stop the run,
+  SIGKILL mid-run then `load_run` and resume, 4-device data parallel.
 """
 
 import dataclasses
