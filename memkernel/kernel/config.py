@@ -17,6 +17,8 @@ from typing import Any, Mapping
 _SCAN_IMPLS = ("associative", "linear")
 _TEACHER_POSITIONS = ("scored", "all")
 _TREE_MERGES = ("pooled", "mean")
+_TRUNK_BOUNDARIES = ("reset", "carry", "decay")
+_TREE_BOUNDARIES = ("reset", "carry")
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -97,6 +99,16 @@ class KernelConfig:
     shift_init: start the memory projections as an associative-recall prior (keys = previous
       token, queries = current token; see `model.memory_proj_init`); False = all random.
     min_timescale, max_timescale: range of the roots' initial decay timescales (tokens).
+    trunk_boundary: what a document boundary of a stream (`segments`) does to the trunk:
+      'reset' (the recurrences restart from zero at a document's first token, and convolution and
+      projection lags before it read zeros), 'carry' (the trunk runs on as if there were no
+      boundary) or 'decay' (the recurrences' carried state is scaled by `boundary_decay` at the
+      first token; lags before it read zeros).
+    tree_boundary: what a document boundary does to the tree and the token cache: 'reset' (a
+      query sees no node or token of an earlier document, and a node summarises only the leaves
+      of the document of its last leaf) or 'carry' (the whole stream is one memory). A summary
+      tree has no meaningful partial decay, so 'decay' is rejected.
+    boundary_decay: the factor of trunk_boundary='decay', in (0, 1).
   """
 
   vocab_size: int = 256
@@ -131,6 +143,9 @@ class KernelConfig:
   query_block: int = 512
   min_timescale: float = 1.0
   max_timescale: float = 256.0
+  trunk_boundary: str = "reset"
+  tree_boundary: str = "reset"
+  boundary_decay: float = 0.5
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "leaf_size", "num_route_heads",
@@ -186,6 +201,19 @@ class KernelConfig:
       raise ValueError(f"KernelConfig.salience_weight must be >= 0, got {self.salience_weight!r}")
     if not self.teacher_weight >= 0:
       raise ValueError(f"KernelConfig.teacher_weight must be >= 0, got {self.teacher_weight!r}")
+    if self.trunk_boundary not in _TRUNK_BOUNDARIES:
+      raise ValueError(f"KernelConfig.trunk_boundary must be one of {_TRUNK_BOUNDARIES}, "
+                       f"got {self.trunk_boundary!r}")
+    if self.tree_boundary == "decay":
+      raise ValueError("KernelConfig.tree_boundary='decay' is not supported: a summary tree "
+                       "cannot partly forget a document; use 'reset' or 'carry'")
+    if self.tree_boundary not in _TREE_BOUNDARIES:
+      raise ValueError(f"KernelConfig.tree_boundary must be one of {_TREE_BOUNDARIES}, "
+                       f"got {self.tree_boundary!r}")
+    if (not isinstance(self.boundary_decay, (int, float)) or isinstance(self.boundary_decay, bool)
+        or not 0 < self.boundary_decay < 1):
+      raise ValueError(f"KernelConfig.boundary_decay must be in (0, 1), "
+                       f"got {self.boundary_decay!r}")
     if not 0 < self.min_timescale <= self.max_timescale:
       raise ValueError("KernelConfig.min_timescale/max_timescale must satisfy "
                        f"0 < min <= max, got {self.min_timescale!r}, {self.max_timescale!r}")

@@ -85,12 +85,15 @@ class KernelLayer(nn.Module):
     self.mlp_in = nn.Dense(c.mlp_hidden, name="mlp_in")
     self.mlp_out = nn.Dense(c.d_model, name="mlp_out")
 
-  def features(self, x_BTD, conv_BWD, roots_BRD, keep_R, impl):
+  def features(self, x_BTD, conv_BWD, roots_BRD, keep_R, impl, lag_valid_BTW=None,
+               carry_scale_BT=None):
+    """Per-token quantities; `lag_valid_BTW` and `carry_scale_BT` are the trunk's document
+    boundaries (`LocalTrunk.conv`, `LocalTrunk.recur`). Returns (Features, conv state, roots)."""
     c = self.config
     h, e, p = c.num_route_heads, c.read_dim, c.key_dim
     xn = self.norm(x_BTD)
-    u, lags, conv = self.trunk.conv(xn, conv_BWD)
-    roots, root_state = self.trunk.recur(u, roots_BRD, impl)
+    u, lags, conv = self.trunk.conv(xn, conv_BWD, lag_valid_BTW)
+    roots, root_state = self.trunk.recur(u, roots_BRD, impl, carry_scale_BT)
     trunk = self.trunk.project(roots, keep_R)
     b, t = xn.shape[:2]
     if c.use_tree_read or c.use_exact_read:

@@ -17,16 +17,25 @@ The recurrent forms share one chunk function (`_chunk`, C <= L tokens, at most o
 chunk); the parallel form builds the same tree and cache in one batched pass. Causality: a token in
 leaf c reads its own trunk state and sealed leaves < c, nothing else.
 
+Document streams (`segments`, documents starting at leaf multiples) act the same in all three
+forms: `trunk_boundary` restarts ('reset'), shrinks ('decay') or keeps ('carry') the roots' carried
+state at a document's first token, and zeroes the lags that reach before it unless it carries;
+`tree_boundary='reset'` hides every node that ends before the query's document starts (the node
+straddling the start summarises the new document only, `tree.build_tree`).
+
 Shape key in `memkernel.shapes`.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from memkernel import family as family_lib
 from memkernel import metrics as metrics_lib
 from memkernel.kernel import read as read_lib
 from memkernel.kernel import routing
@@ -34,7 +43,7 @@ from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.config import KernelConfig
 from memkernel.kernel.interventions import NONE, SOURCES, Interventions
 from memkernel.kernel.layer import Features, KernelLayer
-from memkernel.kernel.state import LayerMemory, Memory
+from memkernel.kernel.state import LayerMemory, LiveLeaf, Memory, TrunkState
 from memkernel.outputs import Outputs, RouteTrace
 
 
@@ -69,20 +78,24 @@ class KernelModel(nn.Module):
     return self.config.use_tree_read or self.config.use_exact_read
 
   def _read_memory(self, feats: Features, node_keys, node_vals, cache_k, cache_v, query_leaf_T,
-                   beam, oracle_leaves, interventions, read_sink):
-    """Routes and reads for every token of `feats`; returns (tree value, read value, aux)."""
+                   beam, oracle_leaves, interventions, read_sink, first_leaf_BT=None):
+    """Routes and reads for every token of `feats`; returns (tree value, read value, aux).
+
+    `first_leaf_BT` (document streams with tree_boundary='reset'): the first leaf of each
+    query's document; nothing before it is routed to or read.
+    """
     c = self.config
     b, t, h, e = feats.q.shape
     if not self._uses_routing():
       zeros = jnp.zeros((b, t, h, e), jnp.float32)
       return zeros, zeros, None
-    def route_and_read(rq, q, query_leaf, oracle, remat):
+    def route_and_read(rq, q, query_leaf, oracle, first_leaf, remat):
       rerank = (q, cache_k) if c.leaf_rerank else None
       route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend)
       read_fn = read_lib.exact_read
       if remat:
         route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)
-      route = route_fn(rq, node_keys, node_vals, query_leaf, rerank=rerank)
+      route = route_fn(rq, node_keys, node_vals, query_leaf, rerank=rerank, first_leaf=first_leaf)
       leaves, weights = route.leaves, route.weights
       if interventions.next_best_span:
         leaves = route.runner_up
@@ -97,7 +110,8 @@ class KernelModel(nn.Module):
 
     block = c.query_block
     if not block or t <= block:
-      return route_and_read(feats.rq, feats.q, query_leaf_T, oracle_leaves, c.remat)
+      return route_and_read(feats.rq, feats.q, query_leaf_T, oracle_leaves, first_leaf_BT,
+                            c.remat)
     # Blocks of queries, each recomputed in the backward pass: the per-query gathered tokens of
     # routing, the re-rank and the read exist for one block at a time (BUILD_NOTES, issue 7).
     nb = -(-t // block)
@@ -110,8 +124,9 @@ class KernelModel(nn.Module):
     # Padded queries sit in leaf 0: they see nothing and are cut off below.
     leaf_blocks = jnp.pad(query_leaf_T, (0, pad)).reshape(nb, block)
     oracle = None if oracle_leaves is None else split(oracle_leaves)
+    first_leaf = None if first_leaf_BT is None else split(first_leaf_BT)
     out = jax.lax.map(jax.checkpoint(lambda xs: route_and_read(*xs, remat=False)),
-                      (split(feats.rq), split(feats.q), leaf_blocks, oracle))
+                      (split(feats.rq), split(feats.q), leaf_blocks, oracle, first_leaf))
     merge = lambda y: jnp.moveaxis(y, 0, 1).reshape((b, nb * block) + y.shape[3:])[:, :t]
     return jax.tree.map(merge, out)
 
@@ -125,6 +140,27 @@ class KernelModel(nn.Module):
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"{what} must have an integer dtype, got {tokens.dtype}")
 
+  def _boundaries(self, reset_BT, pos_in_doc_BT, first_leaf_BT):
+    """What the config's document boundaries do, per token.
+
+    Args:
+      reset_BT: bool, the token starts a document.
+      pos_in_doc_BT: int32, its position in its document.
+      first_leaf_BT: int32, the first leaf of its document.
+    Returns:
+      (lag_valid_BTW for the convolution and projection lags, carry_scale_BT for the roots'
+      carried state, first_leaf_BT for routing), each None where the boundary carries.
+    """
+    c = self.config
+    lag_valid = carry_scale = first_leaf = None
+    if c.trunk_boundary != "carry":
+      lag_valid = pos_in_doc_BT[..., None] >= jnp.arange(c.conv_width, dtype=jnp.int32)
+      scale = 0.0 if c.trunk_boundary == "reset" else c.boundary_decay
+      carry_scale = jnp.where(reset_BT, scale, 1.0).astype(jnp.float32)
+    if c.tree_boundary == "reset":
+      first_leaf = first_leaf_BT
+    return lag_valid, carry_scale, first_leaf
+
   # ----------------------------------------------------------------------------------------------
   # Parallel form.
 
@@ -134,6 +170,9 @@ class KernelModel(nn.Module):
 
     Args:
       tokens: int32 [B, T], T <= max_seq_len.
+      segments: optional int32 [B, T], the document of every token (non-decreasing along a row,
+        documents starting at multiples of leaf_size); its boundaries act as the config's
+        `trunk_boundary` and `tree_boundary` say. None: each row is one document.
       oracle_leaves: optional int32 [B, T, A]; where a row holds a leaf >= 0, every head reads
         those leaves (the answer leaves of a probe) instead of its routed ones.
       train: use the training beam width and add the routing teacher loss.
@@ -150,8 +189,7 @@ class KernelModel(nn.Module):
     """
     c = self.config
     self._check_tokens(tokens, 2, "tokens")
-    if segments is not None:
-      raise ValueError("document streams (segments) are not supported by the kernel yet")
+    family_lib.check_segments(segments, tokens.shape, c.leaf_size)
     b, t = tokens.shape
     if t > c.max_seq_len:
       raise ValueError(f"sequence length {t} exceeds KernelConfig.max_seq_len={c.max_seq_len}; "
@@ -164,13 +202,24 @@ class KernelModel(nn.Module):
     x = self.embed(tokens)
     conv0 = jnp.zeros((b, c.conv_width - 1, c.d_model), jnp.float32)
     roots0 = jnp.zeros((b, c.num_roots, c.d_model), jnp.float32)
+    lag_valid = carry_scale = first_leaf = leaf_doc = None
+    if segments is not None:
+      seg = segments.astype(jnp.int32)
+      position = jnp.arange(t, dtype=jnp.int32)
+      reset = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+      doc_start = jax.lax.cummax(jnp.where(reset, position, 0), axis=1)
+      lag_valid, carry_scale, first_leaf = self._boundaries(reset, position - doc_start,
+                                                            doc_start // l)
+      if first_leaf is not None:
+        leaf_doc = jnp.pad(seg[:, l - 1:n_full * l:l], ((0, 0), (0, n - n_full)),
+                           constant_values=-1)
     aux_route, aux_roots, aux_gates, teacher, salience = [], [], [], [], []
     if train:
       # The teacher's query positions (all layers): the scored ones, or spread over the sequence.
       mask = loss_mask if c.teacher_positions == "scored" else None
       teacher_pos = routing.teacher_positions(c.teacher_queries, t, b, mask)
     for layer in self.layers:
-      feats, _, _ = layer.features(x, conv0, roots0, keep_r, c.scan_impl)
+      feats, _, _ = layer.features(x, conv0, roots0, keep_r, c.scan_impl, lag_valid, carry_scale)
 
       def leaf_major(y):
         y = y[:, :n_full * l].reshape((b, n_full, l) + y.shape[2:])
@@ -179,10 +228,11 @@ class KernelModel(nn.Module):
       leaf_key, leaf_val, leaf_sal = tree_lib.summarize_leaf(
           leaf_major(feats.rk), leaf_major(feats.v), leaf_major(feats.pool))
       node_keys, node_vals, node_sal, _ = tree_lib.build_tree(
-          leaf_key, leaf_val, leaf_sal, n_full, pooled=c.tree_merge == "pooled")
+          leaf_key, leaf_val, leaf_sal, n_full, pooled=c.tree_merge == "pooled",
+          leaf_doc_BN=leaf_doc)
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
-          oracle_leaves, interventions, layer.read_sink)
+          oracle_leaves, interventions, layer.read_sink, first_leaf)
       if self._uses_routing():
         # For `memkernel.analysis.diagnose` (apply with mutable=["intermediates"]); a no-op otherwise.
         self.sow("intermediates", "route_inputs",
@@ -192,14 +242,18 @@ class KernelModel(nn.Module):
         pos, weight = teacher_pos
         take = lambda y: jnp.take_along_axis(y, pos.reshape(pos.shape + (1,) * (y.ndim - 2)),
                                              axis=1)
+        first = None if first_leaf is None else jnp.take_along_axis(first_leaf, pos, axis=1)
         if c.salience_weight > 0:
           mass, token_mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos,
-                                                         return_token_mass=True)
+                                                         return_token_mass=True,
+                                                         first_leaf_BS=first)
           salience.append(routing.salience_loss(feats.pool, token_mass, weight))
         else:
-          mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos)
+          mass = routing.leaf_attention_mass(take(feats.q), feats.k, l, n, pos,
+                                             first_leaf_BS=first)
         teacher.append(routing.teacher_loss(take(feats.rq), node_keys, pos // l, mass, weight,
-                                            cross_level=c.teacher_cross_level))
+                                            cross_level=c.teacher_cross_level,
+                                            first_leaf=first))
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_roots.append(feats.roots)
@@ -218,7 +272,7 @@ class KernelModel(nn.Module):
   # ----------------------------------------------------------------------------------------------
   # Recurrent forms.
 
-  def _chunk(self, tokens_BC, memory: Memory, interventions: Interventions):
+  def _chunk(self, tokens_BC, segments_BC, memory: Memory, interventions: Interventions):
     """Advances the memory by C <= L tokens; at most one leaf seals inside the chunk."""
     c = self.config
     l = c.leaf_size
@@ -227,43 +281,45 @@ class KernelModel(nn.Module):
     p0 = memory.num_tokens
     fill, sealed_count = p0 % l, p0 // l
     seals = fill + cl >= l
-    query_leaf = (p0 + jnp.arange(cl, dtype=jnp.int32)) // l
+    position = p0 + jnp.arange(cl, dtype=jnp.int32)
+    query_leaf = position // l
+    # Document boundaries; the previous token is the memory's last one.
+    seg = segments_BC.astype(jnp.int32)
+    reset = seg != jnp.concatenate([memory.segment_B[:, None], seg[:, :-1]], axis=1)
+    doc_start = jax.lax.cummax(jnp.where(reset, position, memory.doc_start_B[:, None]), axis=1)
+    lag_valid, carry_scale, first_leaf = self._boundaries(reset, position - doc_start,
+                                                          doc_start // l)
+    # The sealing leaf's document: documents start at leaf multiples, so the chunk's first token's.
+    n = c.num_leaves
+    slot = jnp.minimum(sealed_count, n - 1)
+    old_doc = jax.lax.dynamic_index_in_dim(memory.leaf_doc_BN, slot, axis=1, keepdims=False)
+    leaf_doc = jax.lax.dynamic_update_index_in_dim(
+        memory.leaf_doc_BN, jnp.where(seals & (sealed_count < n), seg[:, 0], old_doc), slot,
+        axis=1)
     x = self.embed(tokens_BC)
     new_layers, aux_route, aux_gates, aux_roots = [], [], [], []
     node_span = memory.node_span_S2
     for layer, mem in zip(self.layers, memory.layers):
-      feats, conv, roots = layer.features(x, mem.conv_BWD, mem.roots_BRD, keep_r, c.scan_impl)
-
-      def buffer(live, new):
-        pad = jnp.zeros((b, l + (l - cl)) + live.shape[2:], live.dtype)
-        buf = jnp.concatenate([live, pad], axis=1)       # [B, 2L, ...]
-        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(live.dtype), fill, axis=1)
-
-      bufs = [buffer(mem.live_k_BLHE, feats.k), buffer(mem.live_v_BLHE, feats.v),
-              buffer(mem.live_rk_BLHP, feats.rk), buffer(mem.live_pool_BLH, feats.pool)]
-      leaf_k, leaf_v, leaf_rk, leaf_pool = (y[:, :l] for y in bufs)
-      key, val, sal = tree_lib.summarize_leaf(leaf_rk, leaf_v, leaf_pool)
-      node_keys, node_vals, node_sal, new_span = tree_lib.insert_leaf(
-          mem.node_keys_BSHP, mem.node_vals_BSHE, mem.node_sal_BSH, node_span, key, val, sal,
-          sealed_count, seals, pooled=c.tree_merge == "pooled")
-      cache_k = _write_leaf(mem.cache_k_BNLHE, leaf_k, sealed_count, seals)
-      cache_v = _write_leaf(mem.cache_v_BNLHE, leaf_v, sealed_count, seals)
-      live = [jax.lax.dynamic_slice_in_dim(y, seals.astype(jnp.int32) * l, l, axis=1)
-              for y in bufs]
-      new_layers.append(LayerMemory(
-          roots_BRD=roots, conv_BWD=conv, live_k_BLHE=live[0], live_v_BLHE=live[1],
-          live_rk_BLHP=live[2], live_pool_BLH=live[3], node_keys_BSHP=node_keys,
-          node_vals_BSHE=node_vals, node_sal_BSH=node_sal, cache_k_BNLHE=cache_k,
-          cache_v_BNLHE=cache_v))
+      feats, conv, roots = layer.features(x, mem.trunk.conv_BWD, mem.trunk.roots_BRD, keep_r,
+                                          c.scan_impl, lag_valid, carry_scale)
+      leaf, live = mem.live.append(LiveLeaf(k_BLHE=feats.k, v_BLHE=feats.v, rk_BLHP=feats.rk,
+                                            pool_BLH=feats.pool), fill, seals)
+      key, val, sal = tree_lib.summarize_leaf(leaf.rk_BLHP, leaf.v_BLHE, leaf.pool_BLH)
+      tree, new_span = mem.tree.insert(
+          node_span, key, val, sal, sealed_count, seals, pooled=c.tree_merge == "pooled",
+          leaf_doc_BN=leaf_doc if first_leaf is not None else None)
+      cache = mem.cache.write(leaf, sealed_count, seals)
+      new_layers.append(LayerMemory(trunk=TrunkState(roots_BRD=roots, conv_BWD=conv), live=live,
+                                    tree=tree, cache=cache))
       tree_val, exact_val, route_aux = self._read_memory(
-          feats, node_keys, node_vals, cache_k, cache_v, query_leaf, c.beam_width, None,
-          interventions, layer.read_sink)
+          feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
+          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf)
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_gates.append(gates)
       aux_roots.append(feats.roots)
-    node_span = new_span
-    memory = Memory(layers=tuple(new_layers), num_tokens=p0 + cl, node_span_S2=node_span,
+    memory = Memory(layers=tuple(new_layers), num_tokens=p0 + cl, node_span_S2=new_span,
+                    segment_B=seg[:, -1], doc_start_B=doc_start[:, -1], leaf_doc_BN=leaf_doc,
                     leaf_size=l)
     out = Outputs(routes=tuple(aux_route), gates=tuple(aux_gates), roots=tuple(aux_roots))
     return self._logits(x), memory, out
@@ -282,34 +338,72 @@ class KernelModel(nn.Module):
         raise ValueError(f"memory would hold {total} tokens, more than KernelConfig.max_seq_len="
                          f"{c.max_seq_len}")
 
-  def scan(self, tokens, memory: Memory, interventions: Interventions = NONE,
-           return_aux: bool = False):
+  def _stream_segments(self, segments, memory: Memory, shape, what):
+    """The document of every new token: `segments` validated, or the memory's current one.
+
+    Where everything is concrete, a document change must fall at a multiple of leaf_size (also
+    between the memory's last token and the first new one) and the index must not decrease.
+    """
+    l = self.config.leaf_size
+    if segments is None:
+      return jnp.broadcast_to(jnp.maximum(memory.segment_B, 0)[:, None], shape)
+    family_lib.check_segments(segments, shape, 1, what)
+    concrete = [segments, memory.segment_B, memory.num_tokens]
+    if not any(isinstance(y, jax.core.Tracer) for y in concrete):
+      prev = np.asarray(memory.segment_B)
+      seg = np.concatenate([np.where(prev >= 0, prev, np.asarray(segments)[:, 0])[:, None],
+                            np.asarray(segments)], axis=1)
+      if np.any(np.diff(seg, axis=1) < 0):
+        raise ValueError(f"{what} must not decrease along a row (also from the memory's last "
+                         "document to the first new token)")
+      rows, cols = np.nonzero(np.diff(seg, axis=1) > 0)
+      starts = int(memory.num_tokens) + cols
+      bad = starts[starts % l != 0]
+      if bad.size:
+        raise ValueError(f"{what}: a document starts at position {int(bad[0])}; documents must "
+                         f"start at multiples of leaf_size={l} tokens (pad the stream)")
+    return jnp.asarray(segments, jnp.int32)
+
+  def scan(self, tokens, memory: Memory, segments=None, *,
+           interventions: Optional[Interventions] = NONE, return_aux: bool = False):
     """Recurrent form: `lax.scan` over leaf-sized chunks of `tokens` [B, T], any T >= 1.
 
+    Args:
+      tokens: int32 [B, T].
+      memory: from `init_memory` or an earlier call.
+      segments: optional int32 [B, T], the document of every token (see `__call__`); a new
+        document starts where it differs from the previous token's (the memory's last one for
+        the first token). None: the memory's current document goes on.
+      interventions: run-time ablations (None: none).
+      return_aux: also return the per-token outputs.
     Returns:
       (logits [B, T, V], memory') or, with return_aux, (logits, memory', aux) where aux["routing"]
       matches the parallel form's.
     """
     c = self.config
+    interventions = NONE if interventions is None else interventions
     self._check_tokens(tokens, 2, "tokens")
     b, t = tokens.shape
     self._check_capacity(memory, t)
+    segments = self._stream_segments(segments, memory, (b, t), "segments")
     l = c.leaf_size
     n_chunks, tail = divmod(t, l)
     outs = []
     if n_chunks:
-      chunks = jnp.swapaxes(tokens[:, :n_chunks * l].reshape(b, n_chunks, l), 0, 1)
+      to_chunks = lambda y: jnp.swapaxes(y[:, :n_chunks * l].reshape(b, n_chunks, l), 0, 1)
 
       def body(module, mem, chunk):
-        logits, mem, aux = module._chunk(chunk, mem, interventions)
+        logits, mem, aux = module._chunk(*chunk, mem, interventions)
         return mem, (logits, aux)
 
       memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
-                                      split_rngs={"params": False})(self, memory, chunks)
+                                      split_rngs={"params": False})(
+                                          self, memory, (to_chunks(tokens), to_chunks(segments)))
       merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n_chunks * l) + y.shape[3:])
       outs.append((merge(logits), jax.tree.map(merge, aux)))
     if tail:
-      logits, memory, aux = self._chunk(tokens[:, n_chunks * l:], memory, interventions)
+      logits, memory, aux = self._chunk(tokens[:, n_chunks * l:], segments[:, n_chunks * l:],
+                                        memory, interventions)
       outs.append((logits, aux))
     logits = jnp.concatenate([o[0] for o in outs], axis=1)
     if not return_aux:
@@ -317,27 +411,25 @@ class KernelModel(nn.Module):
     aux = jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *[o[1] for o in outs])
     return logits, memory, aux
 
-  def step(self, token, memory: Memory, interventions: Interventions = NONE,
-           return_aux: bool = False):
+  def step(self, token, memory: Memory, segment=None, *,
+           interventions: Optional[Interventions] = NONE, return_aux: bool = False):
     """Decoding form: one token per sequence, `token` int32 [B].
+
+    `segment` (optional int32 [B]) is each token's document, as `segments` in `scan`.
 
     Returns:
       (logits [B, V], memory') or, with return_aux, (logits, memory', aux).
     """
+    interventions = NONE if interventions is None else interventions
     self._check_tokens(token, 1, "token")
     self._check_capacity(memory, 1)
-    logits, memory, aux = self._chunk(token[:, None], memory, interventions)
+    b = token.shape[0]
+    segments = self._stream_segments(None if segment is None else jnp.reshape(segment, (b, 1)),
+                                     memory, (b, 1), "segment")
+    logits, memory, aux = self._chunk(token[:, None], segments, memory, interventions)
     if return_aux:
       return logits[:, 0], memory, aux
     return logits[:, 0], memory
-
-
-def _write_leaf(cache_BNLHE, leaf_BLHE, index, cond):
-  n = cache_BNLHE.shape[1]
-  safe = jnp.minimum(index, n - 1)
-  old = jax.lax.dynamic_index_in_dim(cache_BNLHE, safe, axis=1, keepdims=False)
-  new = jnp.where(cond & (index < n), leaf_BLHE, old)
-  return jax.lax.dynamic_update_index_in_dim(cache_BNLHE, new, safe, axis=1)
 
 
 def _oracle_selection(oracle_BTA, query_leaf_T, leaves_BTHK, weights_BTHK, num_heads):

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from memkernel.kernel.state import level_offset
+from memkernel.kernel.tree import level_offset
 from memkernel.ops import NEG_INF, matvec, vecmat
 
 class RouteResult(NamedTuple):
@@ -131,7 +131,7 @@ def _entropy(scores, valid):
 def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array,
                query_leaf_T: jax.Array, beam_width: int,
                rerank: Optional[tuple[jax.Array, jax.Array]] = None,
-               descend: bool = True) -> RouteResult:
+               descend: bool = True, first_leaf: Optional[jax.Array] = None) -> RouteResult:
   """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
 
   Args:
@@ -147,6 +147,10 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     descend: False reads summaries only: the tree value is a softmax over *all* the query's
       Fenwick nodes (its whole visible past at the coarsest exact tiling), nothing is descended
       and no leaf is selected (`leaves` is -1). The "summaries only" ablation.
+    first_leaf: optional int32 [B, T], the first leaf of each query's document (document streams
+      with a reset boundary): a node is a candidate only if it ends after that leaf, so nothing
+      of an earlier document is scored, kept, re-ranked or read (a node straddling the start
+      summarises the current document only, `tree.build_tree`). None: everything is visible.
   Returns:
     A `RouteResult`.
   """
@@ -154,6 +158,11 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   num_leaves = (node_keys_BSHP.shape[1] + 1) // 2
   scale = p ** -0.5
   k = beam_width
+
+  def in_document(level, index, valid):
+    if first_leaf is None:
+      return valid
+    return valid & (((index + 1) << level) > first_leaf[:, :, None, None])
 
   def score(level, index, valid):
     flat = jnp.where(valid, flat_index(level, index, num_leaves), 0)
@@ -188,6 +197,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   level, index, valid = fenwick_candidates(query_leaf_T, num_leaves)
   level, index, valid = (jnp.broadcast_to(x[None, :, None, :], (b, t, h, x.shape[-1]))
                          for x in (level, index, valid))
+  valid = in_document(level, index, valid)
   scores, flat = score(level, index, valid)
   entropy = _entropy(scores, valid)
   if not descend:
@@ -213,7 +223,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     left = jnp.where(is_leaf, index, 2 * index)
     c_level = jnp.concatenate([child_level, child_level], axis=-1)
     c_index = jnp.concatenate([left, 2 * index + 1], axis=-1)
-    c_valid = jnp.concatenate([kv, kv & ~is_leaf], axis=-1)
+    c_valid = in_document(c_level, c_index, jnp.concatenate([kv, kv & ~is_leaf], axis=-1))
     c_scores, c_flat = score(c_level, c_index, c_valid)
     # A leaf that stays in the beam keeps the score it was kept with.
     kw = top.shape[-1]
@@ -249,7 +259,8 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
 
 def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
                         num_leaves: int, query_pos_BS: Optional[jax.Array] = None,
-                        return_token_mass: bool = False):
+                        return_token_mass: bool = False,
+                        first_leaf_BS: Optional[jax.Array] = None):
   """Dense causal teacher: the attention mass each visible sealed leaf gets, per query and head.
 
   A query in leaf c attends over every token of leaves < c. The result is stop-gradient.
@@ -260,6 +271,8 @@ def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
     query_pos_BS: int32 [B, S] positions of the queries; None means 0..T-1. With S fixed the cost
       is O(S T) rather than O(T^2).
     return_token_mass: also return the per-token attention [B, S, H, T'] (T' = [T / L] L).
+    first_leaf_BS: optional int32 [B, S], the first leaf of each query's document: tokens of
+      earlier leaves are not visible (document streams with a reset boundary).
   Returns:
     float32 [B, S, H, N] (zeros for leaves a query cannot see; rows of leaf-0 queries are zero),
     and with `return_token_mass` the per-token attention as well.
@@ -273,7 +286,10 @@ def leaf_attention_mass(q_BSHE: jax.Array, k_BTHE: jax.Array, leaf_size: int,
   logits = jnp.einsum("bshe,bthe->bsht", q_BSHE, keys) * e ** -0.5
   q_leaf = query_pos_BS // leaf_size
   k_leaf = jnp.arange(n_full * leaf_size) // leaf_size
-  visible = (k_leaf[None, None, :] < q_leaf[:, :, None])[:, :, None, :]
+  visible = k_leaf[None, None, :] < q_leaf[:, :, None]
+  if first_leaf_BS is not None:
+    visible = visible & (k_leaf[None, None, :] >= first_leaf_BS[:, :, None])
+  visible = visible[:, :, None, :]
   probs = jax.nn.softmax(jnp.where(visible, logits, NEG_INF), axis=-1)
   probs = jnp.where(visible, probs, 0.0)
   mass = probs.reshape(b, s, h, n_full, leaf_size).sum(-1)
@@ -337,7 +353,8 @@ def teacher_positions(num_queries: int, seq_len: int, batch_size: int,
 
 def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf: jax.Array,
                  leaf_mass_BTHN: jax.Array, weight_BT: Optional[jax.Array] = None,
-                 cross_level: bool = False) -> jax.Array:
+                 cross_level: bool = False,
+                 first_leaf: Optional[jax.Array] = None) -> jax.Array:
   """Cross-entropy from each level's node-score softmax to the teacher's mass on those nodes.
 
   At every level the candidates are all complete nodes inside the query's visible prefix, so the
@@ -361,6 +378,8 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf: jax.
       learns where the loss needs it rather than wherever unscored positions happen to attend);
       None weighs every position 1.
     cross_level: add the lower-level Fenwick tail to every level's candidates (see above).
+    first_leaf: optional int32 [B, T], the first leaf of each query's document: nodes ending at
+      or before it are not candidates (as in `route_beam`).
   Returns:
     scalar weighted mean cross-entropy over (query, head, level) terms that have >= 2 candidates.
   """
@@ -370,6 +389,8 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf: jax.
   c = jnp.broadcast_to(jnp.asarray(query_leaf, jnp.int32), (b, t))
   if cross_level:
     f_level, f_index, f_valid = fenwick_candidates(c, num_leaves)             # [B, T, F]
+    if first_leaf is not None:
+      f_valid = f_valid & (((f_index + 1) << f_level) > first_leaf[..., None])
     flat = jnp.where(f_valid, flat_index(f_level, f_index, num_leaves), 0)
     f_keys = jax.vmap(lambda nk, i: nk[i])(node_keys_BSHP, flat)              # [B, T, F, H, P]
     f_scores = jnp.einsum("btfhp,bthp->bthf", f_keys, rq_BTHP) * scale
@@ -384,16 +405,20 @@ def teacher_loss(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, query_leaf: jax.
     off = level_offset(num_leaves, level)
     keys = node_keys_BSHP[:, off:off + n_l]
     scores = jnp.einsum("bnhp,bthp->bthn", keys, rq_BTHP) * scale
-    visible = jnp.broadcast_to(
-        (jnp.arange(n_l)[None, None, :] < (c[..., None] >> level))[:, :, None, :], scores.shape)
+    visible_BTN = jnp.arange(n_l)[None, None, :] < (c[..., None] >> level)
+    if first_leaf is not None:
+      visible_BTN = visible_BTN & (((jnp.arange(n_l) + 1) << level)[None, None, :]
+                                   > first_leaf[..., None])
+    visible = jnp.broadcast_to(visible_BTN[:, :, None, :], scores.shape)
+    same_level = jnp.sum(visible_BTN, axis=-1)                                # [B, T]
     target = leaf_mass_BTHN.reshape(b, t, h, n_l, 1 << level).sum(-1)
-    active = (c >> level) >= 2                                                # [B, T]
+    active = same_level >= 2
     if cross_level:
       tail = jnp.broadcast_to((f_valid & (f_level < level))[:, :, None, :], f_scores.shape)
       scores = jnp.concatenate([scores, f_scores], axis=-1)
       visible = jnp.concatenate([visible, tail], axis=-1)
       target = jnp.concatenate([target, f_mass], axis=-1)
-      active = ((c >> level) >= 1) & ((c >> level) + jnp.sum(tail[:, :, 0], axis=-1) >= 2)
+      active = (same_level >= 1) & (same_level + jnp.sum(tail[:, :, 0], axis=-1) >= 2)
     target = jnp.where(visible, target, 0.0)
     target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-9)
     logp = jax.nn.log_softmax(jnp.where(visible, scores, NEG_INF), axis=-1)

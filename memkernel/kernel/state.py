@@ -2,56 +2,144 @@
 
 Shape key in `memkernel.shapes`.
 
+A layer's memory is composed of the parts its sublayers own (as a recurrent block's cache is built
+from its sublayers' caches), each with an `init_*` function returning zeros and the one update it
+owns: `TrunkState` (the trunk's recurrences and convolution), `LiveLeaf` (the tokens of the leaf
+being filled; `append`), `TreeStore` (the sealed summary tree; `insert`) and `TokenCache` (the
+exact tokens of sealed leaves; `write`).
+
 The tree is stored level-major: level l (leaves at l = 0) occupies flat node indices
 `[level_offset(l), level_offset(l) + N / 2**l)`, and node i of level l spans leaves
 `[i * 2**l, (i + 1) * 2**l)`. A node exists once every leaf under it is sealed; until then its
 slot holds zeros and its span is (-1, -1).
 
 The batch shares one position: `num_tokens` is a scalar, and the live-leaf fill and the number of
-sealed leaves are derived from it.
+sealed leaves are derived from it. Document streams are per row: the document of the last token,
+where the current document started, and the document of every sealed leaf.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.config import KernelConfig
-
-
-def level_offset(num_leaves: int, level: int) -> int:
-  """Flat index of the first node of `level` in the level-major store."""
-  return 2 * num_leaves - 2 * num_leaves // (1 << level)
+from memkernel.kernel.tree import level_offset  # pylint: disable=unused-import
 
 
 @flax.struct.dataclass
-class LayerMemory:
-  """Memory of one kernel layer.
+class TrunkState:
+  """The trunk's state after the last token.
 
   Attributes:
-    roots_BRD: trunk root states after the last token.
-    conv_BWD: the last W - 1 inputs of the causal convolution (W - 1 = conv_width - 1).
-    live_k_BLHE, live_v_BLHE: exact-read keys / values of the live leaf's tokens (zeros past fill).
-    live_rk_BLHP: routing keys of the live leaf's tokens.
-    live_pool_BLH: summary pooling logits of the live leaf's tokens.
-    node_keys_BSHP: routing key of every tree node (level-major).
-    node_vals_BSHE: summary value of every tree node (level-major).
-    node_sal_BSH: salience of every tree node: log of the pooling mass of the tokens under it.
-    cache_k_BNLHE, cache_v_BNLHE: the exact token cache of sealed leaves.
+    roots_BRD: root recurrence states.
+    conv_BWD: the last W - 1 normed inputs of the causal convolution (W = conv_width).
   """
 
   roots_BRD: jax.Array
   conv_BWD: jax.Array
-  live_k_BLHE: jax.Array
-  live_v_BLHE: jax.Array
-  live_rk_BLHP: jax.Array
-  live_pool_BLH: jax.Array
+
+
+@flax.struct.dataclass
+class LiveLeaf:
+  """The tokens of the leaf being filled (zeros past the fill).
+
+  Attributes:
+    k_BLHE, v_BLHE: exact-read keys / values.
+    rk_BLHP: routing keys.
+    pool_BLH: summary pooling logits.
+  """
+
+  k_BLHE: jax.Array
+  v_BLHE: jax.Array
+  rk_BLHP: jax.Array
+  pool_BLH: jax.Array
+
+  def append(self, new: "LiveLeaf", fill: jax.Array, seals: jax.Array):
+    """Writes C <= L new tokens at `fill`; at most one leaf completes.
+
+    Args:
+      new: the chunk's tokens, each field [B, C, ...].
+      fill: tokens already in the live leaf (traced scalar).
+      seals: whether the leaf completes inside the chunk (fill + C >= L).
+    Returns:
+      (the leaf holding the first L buffered tokens, which is the completed leaf when `seals`;
+      the live leaf after the chunk).
+    """
+    def buffer(live, x):
+      b, l = live.shape[:2]
+      pad = jnp.zeros((b, 2 * l - x.shape[1]) + live.shape[2:], live.dtype)
+      buf = jnp.concatenate([live, pad], axis=1)       # [B, 2L, ...]
+      return jax.lax.dynamic_update_slice_in_dim(buf, x.astype(live.dtype), fill, axis=1)
+
+    bufs = jax.tree.map(buffer, self, new)
+    l = self.k_BLHE.shape[1]
+    leaf = jax.tree.map(lambda y: y[:, :l], bufs)
+    live = jax.tree.map(
+        lambda y: jax.lax.dynamic_slice_in_dim(y, seals.astype(jnp.int32) * l, l, axis=1), bufs)
+    return leaf, live
+
+
+@flax.struct.dataclass
+class TreeStore:
+  """The sealed summary tree (level-major, see the module docstring).
+
+  Attributes:
+    node_keys_BSHP: routing key of every node.
+    node_vals_BSHE: summary value of every node.
+    node_sal_BSH: salience of every node: log of the pooling mass of the tokens under it.
+  """
+
   node_keys_BSHP: jax.Array
   node_vals_BSHE: jax.Array
   node_sal_BSH: jax.Array
-  cache_k_BNLHE: jax.Array
-  cache_v_BNLHE: jax.Array
+
+  def insert(self, node_span_S2, leaf_key_BHP, leaf_val_BHE, leaf_sal_BH, leaf_index, do_insert,
+             pooled: bool, leaf_doc_BN: Optional[jax.Array] = None):
+    """Seals one leaf summary (`tree.insert_leaf`); returns (TreeStore, node_span_S2)."""
+    keys, vals, sal, span = tree_lib.insert_leaf(
+        self.node_keys_BSHP, self.node_vals_BSHE, self.node_sal_BSH, node_span_S2, leaf_key_BHP,
+        leaf_val_BHE, leaf_sal_BH, leaf_index, do_insert, pooled=pooled, leaf_doc_BN=leaf_doc_BN)
+    return TreeStore(keys, vals, sal), span
+
+
+@flax.struct.dataclass
+class TokenCache:
+  """The exact keys and values of every sealed leaf's tokens.
+
+  Attributes:
+    k_BNLHE, v_BNLHE: per leaf slot, its L tokens' keys / values (zeros until sealed).
+  """
+
+  k_BNLHE: jax.Array
+  v_BNLHE: jax.Array
+
+  def write(self, leaf: LiveLeaf, index: jax.Array, cond: jax.Array) -> "TokenCache":
+    """Writes a completed leaf's keys and values into slot `index` when `cond`."""
+    return TokenCache(_write_slot(self.k_BNLHE, leaf.k_BLHE, index, cond),
+                      _write_slot(self.v_BNLHE, leaf.v_BLHE, index, cond))
+
+
+def _write_slot(store_BN, value_B, index, cond):
+  n = store_BN.shape[1]
+  safe = jnp.minimum(index, n - 1)
+  old = jax.lax.dynamic_index_in_dim(store_BN, safe, axis=1, keepdims=False)
+  new = jnp.where(cond & (index < n), value_B, old)
+  return jax.lax.dynamic_update_index_in_dim(store_BN, new, safe, axis=1)
+
+
+@flax.struct.dataclass
+class LayerMemory:
+  """Memory of one kernel layer, composed of its parts."""
+
+  trunk: TrunkState
+  live: LiveLeaf
+  tree: TreeStore
+  cache: TokenCache
 
 
 @flax.struct.dataclass
@@ -63,12 +151,19 @@ class Memory:
     num_tokens: int32 scalar, tokens consumed so far (the same for the whole batch).
     node_span_S2: int32 [S, 2], the leaf span [start, end) of every existing tree node, (-1, -1)
       for nodes not complete yet.
+    segment_B: int32 [B], the document of the last token consumed (-1 before any); a call
+      without `segments` continues it.
+    doc_start_B: int32 [B], the position where each row's current document started.
+    leaf_doc_BN: int32 [B, N], the document of every sealed leaf (-1 for unsealed slots).
     leaf_size: static L.
   """
 
   layers: tuple[LayerMemory, ...]
   num_tokens: jax.Array
   node_span_S2: jax.Array
+  segment_B: jax.Array
+  doc_start_B: jax.Array
+  leaf_doc_BN: jax.Array
   leaf_size: int = flax.struct.field(pytree_node=False, default=16)
 
   @property
@@ -82,23 +177,40 @@ class Memory:
     return self.num_tokens // self.leaf_size
 
 
-def init_layer_memory(config: KernelConfig, batch_size: int) -> LayerMemory:
+def init_trunk_state(config: KernelConfig, batch_size: int) -> TrunkState:
   c = config
-  f32 = jnp.float32
+  return TrunkState(roots_BRD=jnp.zeros((batch_size, c.num_roots, c.d_model), jnp.float32),
+                    conv_BWD=jnp.zeros((batch_size, c.conv_width - 1, c.d_model), jnp.float32))
+
+
+def init_live_leaf(config: KernelConfig, batch_size: int) -> LiveLeaf:
+  c = config
   b, l, h, e, p = batch_size, c.leaf_size, c.num_route_heads, c.read_dim, c.key_dim
-  return LayerMemory(
-      roots_BRD=jnp.zeros((b, c.num_roots, c.d_model), f32),
-      conv_BWD=jnp.zeros((b, c.conv_width - 1, c.d_model), f32),
-      live_k_BLHE=jnp.zeros((b, l, h, e), f32),
-      live_v_BLHE=jnp.zeros((b, l, h, e), f32),
-      live_rk_BLHP=jnp.zeros((b, l, h, p), f32),
-      live_pool_BLH=jnp.zeros((b, l, h), f32),
-      node_keys_BSHP=jnp.zeros((b, c.num_nodes, h, p), f32),
-      node_vals_BSHE=jnp.zeros((b, c.num_nodes, h, e), f32),
-      node_sal_BSH=jnp.zeros((b, c.num_nodes, h), f32),
-      cache_k_BNLHE=jnp.zeros((b, c.num_leaves, l, h, e), f32),
-      cache_v_BNLHE=jnp.zeros((b, c.num_leaves, l, h, e), f32),
-  )
+  return LiveLeaf(k_BLHE=jnp.zeros((b, l, h, e), jnp.float32),
+                  v_BLHE=jnp.zeros((b, l, h, e), jnp.float32),
+                  rk_BLHP=jnp.zeros((b, l, h, p), jnp.float32),
+                  pool_BLH=jnp.zeros((b, l, h), jnp.float32))
+
+
+def init_tree_store(config: KernelConfig, batch_size: int) -> TreeStore:
+  c = config
+  b, s, h = batch_size, c.num_nodes, c.num_route_heads
+  return TreeStore(node_keys_BSHP=jnp.zeros((b, s, h, c.key_dim), jnp.float32),
+                   node_vals_BSHE=jnp.zeros((b, s, h, c.read_dim), jnp.float32),
+                   node_sal_BSH=jnp.zeros((b, s, h), jnp.float32))
+
+
+def init_token_cache(config: KernelConfig, batch_size: int) -> TokenCache:
+  c = config
+  shape = (batch_size, c.num_leaves, c.leaf_size, c.num_route_heads, c.read_dim)
+  return TokenCache(k_BNLHE=jnp.zeros(shape, jnp.float32), v_BNLHE=jnp.zeros(shape, jnp.float32))
+
+
+def init_layer_memory(config: KernelConfig, batch_size: int) -> LayerMemory:
+  return LayerMemory(trunk=init_trunk_state(config, batch_size),
+                     live=init_live_leaf(config, batch_size),
+                     tree=init_tree_store(config, batch_size),
+                     cache=init_token_cache(config, batch_size))
 
 
 def init_memory(config: KernelConfig, batch_size: int) -> Memory:
@@ -109,6 +221,9 @@ def init_memory(config: KernelConfig, batch_size: int) -> Memory:
       layers=tuple(init_layer_memory(config, batch_size) for _ in range(config.num_layers)),
       num_tokens=jnp.zeros((), jnp.int32),
       node_span_S2=jnp.full((config.num_nodes, 2), -1, jnp.int32),
+      segment_B=jnp.full((batch_size,), -1, jnp.int32),
+      doc_start_B=jnp.zeros((batch_size,), jnp.int32),
+      leaf_doc_BN=jnp.full((batch_size, config.num_leaves), -1, jnp.int32),
       leaf_size=config.leaf_size,
   )
 

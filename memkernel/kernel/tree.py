@@ -8,6 +8,12 @@ the same merge to the same operands; with the mean merge they agree bitwise, wit
 to float32 rounding (XLA may vectorise the sigmoid differently for the two shapes). Nothing here is learned except through its inputs, so
 the batched build of the parallel form and the incremental insert of the recurrent forms produce the
 same store (the same float operations on the same operands).
+
+Document streams: given the document of every leaf, a node summarises only the leaves of the
+document of its last leaf. The merge rule says it: when the left child's last leaf belongs to
+another document than the right child's, the parent is the right child alone. A node that straddles
+a document start therefore holds only the new document's leaves, and the router hides the nodes
+that end before it (`routing.route_beam(first_leaf=...)`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memkernel.kernel.state import level_offset
+
+def level_offset(num_leaves: int, level: int) -> int:
+  """Flat index of the first node of `level` in the level-major store."""
+  return 2 * num_leaves - 2 * num_leaves // (1 << level)
 
 
 def summarize_leaf(rk_LHP: jax.Array, v_LHE: jax.Array, pool_LH: jax.Array):
@@ -55,6 +64,21 @@ def merge_nodes(left, right, pooled: bool):
   return w * k_l + (1 - w) * k_r, w * v_l + (1 - w) * v_r, jnp.logaddexp(s_l, s_r)
 
 
+def merge_in_document(left, right, same_doc, pooled: bool):
+  """`merge_nodes`, except that the parent is `right` alone where `same_doc` is False.
+
+  Args:
+    left, right: the children, as in `merge_nodes`, with a leading batch axis B.
+    same_doc: bool [B, ...] broadcastable to the children's leading axes (without H): whether the
+      left child's last leaf belongs to the document of the right child's last leaf.
+  """
+  merged = merge_nodes(left, right, pooled)
+  def pick(m, r):
+    cond = same_doc.reshape(same_doc.shape + (1,) * (m.ndim - same_doc.ndim))
+    return jnp.where(cond, m, r)
+  return tuple(pick(m, r) for m, r in zip(merged, right))
+
+
 def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
   """Reference span metadata: int32 [S, 2] of [start, end) leaves, (-1, -1) for absent nodes."""
   spans = []
@@ -68,7 +92,7 @@ def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
 
 
 def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BNH: jax.Array,
-               num_sealed: int, pooled: bool = True):
+               num_sealed: int, pooled: bool = True, leaf_doc_BN: jax.Array | None = None):
   """Builds the whole level-major store in one batched pass (the parallel form).
 
   Args:
@@ -77,6 +101,8 @@ def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BN
     leaf_sal_BNH: leaf saliences for all N leaf slots.
     num_sealed: static number of sealed leaves.
     pooled: the merge rule (`merge_nodes`).
+    leaf_doc_BN: optional int32 [B, N], the document of every leaf: a node then summarises only
+      the leaves of its last leaf's document (`merge_in_document`). None: one document.
   Returns:
     node_keys [B, S, H, P], node_vals [B, S, H, E], node_sal [B, S, H], node_span [S, 2].
   """
@@ -90,8 +116,14 @@ def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BN
       store.append(jnp.where(present.reshape((1, -1) + (1,) * (x.ndim - 2)), x, 0.0))
     if level_nodes[0].shape[1] == 1:
       break
-    level_nodes = merge_nodes(tuple(x[:, 0::2] for x in level_nodes),
-                              tuple(x[:, 1::2] for x in level_nodes), pooled)
+    left, right = (tuple(x[:, 0::2] for x in level_nodes),
+                   tuple(x[:, 1::2] for x in level_nodes))
+    if leaf_doc_BN is None:
+      level_nodes = merge_nodes(left, right, pooled)
+    else:  # Docs of each node's last leaf.
+      level_nodes = merge_in_document(left, right, leaf_doc_BN[:, 0::2] == leaf_doc_BN[:, 1::2],
+                                      pooled)
+      leaf_doc_BN = leaf_doc_BN[:, 1::2]
     level += 1
   span = jnp.asarray(node_spans(num_leaves, num_sealed))
   return tuple(jnp.concatenate(store, axis=1) for store in stores) + (span,)
@@ -100,11 +132,12 @@ def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BN
 def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_sal_BSH: jax.Array,
                 node_span_S2: jax.Array, leaf_key_BHP: jax.Array, leaf_val_BHE: jax.Array,
                 leaf_sal_BH: jax.Array, leaf_index: jax.Array, do_insert: jax.Array,
-                pooled: bool = True):
+                pooled: bool = True, leaf_doc_BN: jax.Array | None = None):
   """Seals one leaf into the store: writes level 0 and every ancestor it completes (a carry chain).
 
   Touches O(log N) nodes. `leaf_index` and `do_insert` may be traced; when `do_insert` is False the
-  store comes back unchanged.
+  store comes back unchanged. `leaf_doc_BN` (int32 [B, N], the document of every sealed leaf,
+  this one included) applies `build_tree`'s document rule.
 
   Returns:
     node_keys, node_vals, node_sal, node_span.
@@ -144,8 +177,15 @@ def insert_leaf(node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array, node_sal_B
       index = safe_leaf >> level
       child = level_offset(num_leaves, level - 1) + 2 * index
       parent = level_offset(num_leaves, level) + index
-      merged = merge_nodes(tuple(read(st, child) for st in stores),
-                           tuple(read(st, child + 1) for st in stores), pooled)
+      left = tuple(read(st, child) for st in stores)
+      right = tuple(read(st, child + 1) for st in stores)
+      if leaf_doc_BN is None:
+        merged = merge_nodes(left, right, pooled)
+      else:  # The left child's last leaf against this (the right child's last) leaf.
+        left_last = ((2 * index + 1) << (level - 1)) - 1
+        left_doc = jax.lax.dynamic_index_in_dim(leaf_doc_BN, left_last, axis=1, keepdims=False)
+        right_doc = jax.lax.dynamic_index_in_dim(leaf_doc_BN, safe_leaf, axis=1, keepdims=False)
+        merged = merge_in_document(left, right, left_doc == right_doc, pooled)
       stores = [write(st, parent, x) for st, x in zip(stores, merged)]
       return level + 1, stores, write_span(span, parent, level, index)
 

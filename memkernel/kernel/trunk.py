@@ -45,9 +45,14 @@ class LocalTrunk(nn.Module):
     self.in_w = self.param("in_w", nn.initializers.lecun_normal(), (r, d, d))
     self.out_w = self.param("out_w", nn.initializers.normal(d ** -0.5 / r), (r, d, d))
 
-  def conv(self, xn_BTD, conv_BWD):
+  def conv(self, xn_BTD, conv_BWD, lag_valid_BTW=None):
     """Causal conv over [previous W-1 inputs, xn].
 
+    Args:
+      xn_BTD: normed inputs.
+      conv_BWD: the W - 1 inputs before them.
+      lag_valid_BTW: optional bool [B, T, W]; lag j of token t reads zeros where False (a lag that
+        reaches before its document's start, `pos_in_doc < j`).
     Returns:
       u_BTD (the depthwise conv), the W lags [B, T, D] (xn_t, xn_{t-1}, ..., xn_{t-W+1}) and the
       new conv state.
@@ -56,14 +61,22 @@ class LocalTrunk(nn.Module):
     full = jnp.concatenate([conv_BWD, xn_BTD], axis=1)
     t = xn_BTD.shape[1]
     lags = [full[:, w - 1 - j: w - 1 - j + t] for j in range(w)]
+    if lag_valid_BTW is not None:
+      lags = [jnp.where(lag_valid_BTW[:, :, j, None], lag, 0.0) for j, lag in enumerate(lags)]
     u = self.conv_b + sum(lag * self.conv_w[j] for j, lag in enumerate(lags))
     return u, lags, full[:, t:]
 
-  def recur(self, u_BTD, roots_BRD, impl):
-    """All roots over the chunk; returns (per-root outputs [B, T, R, D], final states [B, R, D])."""
+  def recur(self, u_BTD, roots_BRD, impl, carry_scale_BT=None):
+    """All roots over the chunk; returns (per-root outputs [B, T, R, D], final states [B, R, D]).
+
+    `carry_scale_BT` (optional float [B, T]) multiplies the carried state at each token, in the
+    `a_t * h_{t-1}` term only: 0 restarts a root at a document start, a decay shrinks it.
+    """
     a = jax.nn.sigmoid(jnp.einsum("btd,rde->btre", u_BTD, self.gate_w) + self.gate_b)
     x = jnp.einsum("btd,rde->btre", u_BTD, self.in_w)
     b = jnp.sqrt(jnp.maximum(1.0 - a * a, 0.0)) * x
+    if carry_scale_BT is not None:
+      a = a * carry_scale_BT[:, :, None, None]
     bt, t, r, d = a.shape
     h = linear_recurrence(jnp.moveaxis(a, 2, 1).reshape(bt * r, t, d),
                           jnp.moveaxis(b, 2, 1).reshape(bt * r, t, d),

@@ -433,10 +433,16 @@ def parameter_budget(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]
 # State per token.
 
 
-_ALWAYS_READ = ("roots_BRD", "conv_BWD")
-_TREE_FIELDS = ("live_rk_BLHP", "live_pool_BLH", "node_keys_BSHP", "node_vals_BSHE",
-                "node_sal_BSH")
-_EXACT_FIELDS = ("live_k_BLHE", "live_v_BLHE", "cache_k_BNLHE", "cache_v_BNLHE")
+# Parts of a `LayerMemory` (part.field) each configuration reads.
+_ALWAYS_READ = ("trunk.roots_BRD", "trunk.conv_BWD")
+_TREE_FIELDS = ("live.rk_BLHP", "live.pool_BLH", "tree.node_keys_BSHP", "tree.node_vals_BSHE",
+                "tree.node_sal_BSH")
+_EXACT_FIELDS = ("live.k_BLHE", "live.v_BLHE", "cache.k_BNLHE", "cache.v_BNLHE")
+
+
+def _layer_field(layer, path: str):
+  part, field = path.split(".")
+  return getattr(getattr(layer, part), field)
 
 
 def state_bytes(model_config: Union[KernelConfig, peers_lib.PeerConfig], length: int,
@@ -463,17 +469,20 @@ def state_bytes(model_config: Union[KernelConfig, peers_lib.PeerConfig], length:
             "state_bytes_formula": "KV cache of the window: 2 * layers * d_model * 4 * "
                                    "min(window, T) / T"}
   memory = jax.eval_shape(functools.partial(init_memory, model_config, 1))
-  read = sum(x.size * x.dtype.itemsize for x in (memory.num_tokens,))
+  read = sum(x.size * x.dtype.itemsize
+             for x in (memory.num_tokens, memory.segment_B, memory.doc_start_B))
   fields = list(_ALWAYS_READ)
   tree_read = model_config.use_tree_read and not interventions.no_tree_read
   exact_read = model_config.use_exact_read and not interventions.no_exact_read
   if tree_read or exact_read:  # The exact read is routed through the tree.
     fields += _TREE_FIELDS
     read += memory.node_span_S2.size * memory.node_span_S2.dtype.itemsize
+    read += memory.leaf_doc_BN.size * memory.leaf_doc_BN.dtype.itemsize
   if exact_read:
     fields += _EXACT_FIELDS
   for layer in memory.layers:
-    read += sum(getattr(layer, f).size * getattr(layer, f).dtype.itemsize for f in fields)
+    read += sum(_layer_field(layer, f).size * _layer_field(layer, f).dtype.itemsize
+                for f in fields)
   return {"state_bytes_per_token": memory_bytes(memory) / length,
           "state_bytes_per_token_read": read / length,
           "state_bytes_formula": f"init_memory(capacity {model_config.max_seq_len}) / T"}

@@ -151,15 +151,15 @@ class SealingTest(parameterized.TestCase):
     sealed = n // 16
     assert int(memory.num_sealed) == sealed and int(memory.fill) == n % 16
     for layer, prev in zip(memory.layers, before.layers):
-      cache = np.asarray(layer.cache_k_BNLHE)
+      cache = np.asarray(layer.cache.k_BNLHE)
       assert np.all(cache[:, sealed:] == 0)          # nothing beyond the sealed leaves
       assert np.all(np.abs(cache[:, :sealed]).sum((2, 3, 4)) > 0)
-      live = np.asarray(layer.live_k_BLHE)
+      live = np.asarray(layer.live.k_BLHE)
       assert np.all(live[:, n % 16:] == 0) and np.all(np.abs(live[:, :n % 16]).sum((2, 3)) > 0)
       if n % 16 == 0:   # the token that completes a leaf moves the live buffer into the cache
-        np.testing.assert_array_equal(cache[:, sealed - 1, :15], np.asarray(prev.live_k_BLHE)[:, :15])
+        np.testing.assert_array_equal(cache[:, sealed - 1, :15], np.asarray(prev.live.k_BLHE)[:, :15])
       else:             # keys of sealed leaves never change afterwards
-        np.testing.assert_array_equal(layer.cache_k_BNLHE, prev.cache_k_BNLHE)
+        np.testing.assert_array_equal(layer.cache.k_BNLHE, prev.cache.k_BNLHE)
     spans = np.asarray(memory.node_span_S2)
     assert (spans[:, 0] >= 0).sum() == sum(sealed >> l for l in range(8))
 
