@@ -27,8 +27,9 @@ class RouteTrace:
     start_level: int32 [B, T, H], level of the best first-step candidate (-1: nothing visible).
     read_probs: float32 [B, T, H, K, L], the exact read's attention over the leaves' tokens.
     read_active: bool [B, T, H], whether the head read anything.
-    path: int32 [B, T, H, F], the node the head's best beam slot held after each descent step
-      (flat level-major index; -1 once the beam is at leaf depth or nothing is visible).
+    path: int32 [B, T, H, steps], the router's descent to its top leaf: the node that beam slot
+      held after each routing step (flat level-major index; -1 past leaf depth or when the router
+      selected nothing). An intervention or oracle that replaces `leaves` leaves it as routed.
   """
 
   leaves: jax.Array

@@ -16,11 +16,15 @@ Per intervention, over scored positions (delta = intervened - reference):
   kl                  mean KL(reference || intervened) of the next-token distributions.
   accuracy_delta      change of the argmax accuracy.
 
-Interventions (`memkernel.Interventions`, composable, shape-preserving):
-  no_tree_read        the routed tree value's contribution is zeroed in every layer.
-  no_exact_read       the exact token-level read's contribution is zeroed in every layer.
-  no_memory           both: the joint utility of the memory. Two redundant sources can each look
-                      useless alone while together they carry the task; this row shows it.
+Interventions (`memkernel.Interventions`, composable, shape-preserving), enumerated from the
+family's sources (`Family.sources(config)`: the trunk's "roots" and the memory reads the config
+enables):
+  no_<source>_read    `drop=(source,)` for each memory read: its contribution is zeroed in every
+                      layer (no_tree_read: the routed tree value; no_exact_read: the exact
+                      token-level read).
+  no_memory           every memory read dropped at once: the joint utility of the memory. Two
+                      redundant sources can each look useless alone while together they carry
+                      the task; this row shows it.
   next_best_span      each head reads its best *unselected* leaves (pruned by the beam at leaf
                       depth, always sealed) instead of its selected ones: the utility of the
                       router's choice, as opposed to the utility of reading at all.
@@ -43,10 +47,11 @@ Groupings of the scored positions (each intervention's deltas are reported per g
   yet (in the query's own, live leaf) as "unsealed". Depth and distance use answer slot 0 (for
   far_compare, the first and farther of the two numbers).
 
-Sources (`report["sources"]`): tree, exact, memory (both) and each root, with their fusion gate
-(the per-token `aux.gates` mean over scored positions, the largest over layers), their utility
-(the loss_delta of the intervention that removes them; `significant` when it is more than two
-standard errors from 0) and a verdict:
+Sources (`report["sources"]`): each memory read the kernel declares (tree, exact; one the config
+switches off is reported as disabled, with gate 0 and no utility), memory (all reads) and each
+root, with their fusion gate (the per-token `aux.gates` mean over scored positions, the largest
+over layers), their utility (the loss_delta of the intervention that removes them;
+`significant` when it is more than two standard errors from 0) and a verdict:
   disabled     switched off in the model config;
   inactive     gate mean <= `active_gate_threshold`;
   dead_weight  active, but |utility| < `dead_weight_threshold` nats per scored token: the model
@@ -55,13 +60,13 @@ standard errors from 0) and a verdict:
   useful       utility >= `dead_weight_threshold`.
 `report["dead_weight"]` lists the dead-weight sources.
 
-An intervention that cannot change the model (its source is switched off in the config) is not
-run (`effective_interventions`): its deltas are exactly zero.
+An intervention that cannot change the model (e.g. next_best_span with every read switched off)
+is not run (`effective_interventions`): its deltas are exactly zero.
 
-Cost: 1 + 4 + R forwards per batch (R roots), each intervention compiled once per model config and
-batch shape. `eval.audit_batches` in the experiment config sets how many eval batches the
-training harness audits at its final evaluation (0 disables it); `experiments/audit.py` audits a
-finished run.
+Cost: 1 + M + 2 + R forwards per batch (M enabled memory reads, R roots), each intervention
+compiled once per model config and batch shape. `eval.audit_batches` in the experiment config sets
+how many eval batches the training harness audits at its final evaluation (0 disables it);
+`experiments/audit.py` audits a finished run.
 
 Shape key in `memkernel.shapes`.
 """
@@ -80,10 +85,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memkernel import family as family_lib
 from memkernel import probes
 from memkernel import runs
+from memkernel.kernel import fusion
 from memkernel.kernel.config import KernelConfig
-from memkernel.kernel.interventions import NONE, SOURCES, Interventions
+from memkernel.kernel.interventions import NONE, Interventions
 from memkernel.kernel.model import KernelModel
 
 AUDIT_FILE = "audit.json"
@@ -104,14 +111,23 @@ _GROUP_NONE, _GROUP_UNSEALED = 0, 1
 # Interventions and forwards.
 
 
+def drop_name(source: str) -> str:
+  """The report's name of the intervention that drops one memory read."""
+  return f"no_{source}_read"
+
+
+def _memory_reads(config: KernelConfig) -> tuple[str, ...]:
+  """The family's sources that read the memory (all but the trunk's roots), in gate order."""
+  return tuple(s for s in family_lib.of_config(config).sources(config) if s != fusion.TRUNK)
+
+
 def standard_interventions(config: KernelConfig) -> dict[str, Interventions]:
-  """The audited interventions, by name (see the module docstring); root_drop_<r> for every root."""
-  ivs = {
-      "no_tree_read": Interventions(no_tree_read=True),
-      "no_exact_read": Interventions(no_exact_read=True),
-      "no_memory": Interventions(no_tree_read=True, no_exact_read=True),
-      "next_best_span": Interventions(next_best_span=True),
-  }
+  """The audited interventions, by name (see the module docstring): each memory read of the
+  family's sources dropped alone, all of them at once, next_best_span, root_drop_<r> per root."""
+  reads = _memory_reads(config)
+  ivs = {drop_name(s): Interventions(drop=(s,)) for s in reads}
+  ivs["no_memory"] = Interventions(drop=reads)
+  ivs["next_best_span"] = Interventions(next_best_span=True)
   for r in range(config.num_roots):
     ivs[f"root_drop_{r}"] = Interventions(root_drop=(r,))
   return ivs
@@ -131,12 +147,15 @@ def effective_interventions(config: KernelConfig, interventions: Interventions) 
   cannot matter once no read is fused. The auditor runs the effective intervention (so two that
   coincide share one compiled forward) and none at all when it is empty: its deltas are then
   exactly zero.
+
+  Raises:
+    ValueError: `drop` names a source the kernel does not have under any config.
   """
-  no_tree = interventions.no_tree_read and config.use_tree_read
-  no_exact = interventions.no_exact_read and config.use_exact_read
-  reads = (config.use_tree_read and not no_tree) or (config.use_exact_read and not no_exact)
-  return Interventions(no_tree_read=no_tree, no_exact_read=no_exact,
-                       next_best_span=interventions.next_best_span and reads,
+  interventions.check(fusion.SOURCES)
+  sources = family_lib.of_config(config).sources(config)
+  drop = tuple(s for s in sources if s in interventions.drop)
+  reads = any(s != fusion.TRUNK and s not in drop for s in sources)
+  return Interventions(drop=drop, next_best_span=interventions.next_best_span and reads,
                        root_drop=tuple(sorted(set(interventions.root_drop))))
 
 
@@ -241,7 +260,7 @@ def _target_stats(logits_BTV, targets_BT):
 
 @functools.partial(jax.jit, static_argnames=("leaf_size", "groups"))
 def _reference_sums(logits_BTV, gates, start_level_BTH, batch, *, leaf_size: int, groups: int):
-  """Group ids, [K, G, len(_REFERENCE_FIELDS)] sums and per-layer gate sums [layers, 3]."""
+  """Group ids, [K, G, len(_REFERENCE_FIELDS)] sums and per-layer gate sums [layers, S]."""
   ids = position_groups(batch["answer_leaves"], start_level_BTH, leaf_size, groups)
   mask = batch["mask"].astype(jnp.float32)
   _, nll, logit, correct = _target_stats(logits_BTV, batch["targets"])
@@ -273,7 +292,7 @@ def audit_batch(model: KernelModel, params, batch: Mapping[str, jax.Array],
     batch: `memkernel.probes.generate` output (tokens, targets, mask, answer_leaves).
     interventions: name -> `Interventions`.
   Returns:
-    {"reference": float64 [K, G, 4], "gates": float64 [layers, 3], name: float64 [K, G, 6]} with
+    {"reference": float64 [K, G, 4], "gates": float64 [layers, S], name: float64 [K, G, 6]} with
     K = len(GROUPINGS), G = `num_groups(model.config)`; fields `_REFERENCE_FIELDS` and
     `_DELTA_FIELDS`. Sums, so batches (and tasks) add up.
   """
@@ -377,7 +396,8 @@ def summarize(config: KernelConfig, sums_by_task: Mapping[str, Mapping[str, np.n
                            for t in tasks},
                **_grouped(total["reference"], _reference_summary)}
   count = ref_total[0]
-  gates = total["gates"] / max(count, 1.0)  # [layers, 3] mean gate over scored positions
+  gates = total["gates"] / max(count, 1.0)  # [layers, S] mean gate over scored positions
+  sources = family_lib.of_config(config).sources(config)  # the gates' order
 
   interventions = {}
   for name in names:
@@ -389,21 +409,20 @@ def summarize(config: KernelConfig, sums_by_task: Mapping[str, Mapping[str, np.n
   def utility(name, field="loss_delta"):
     return interventions[name][field] if name in interventions else None
 
-  gate_max = {s: float(np.max(gates[:, i])) for i, s in enumerate(SOURCES)}
-  candidates = {
-      "tree": (config.use_tree_read, gate_max["tree"], "no_tree_read"),
-      "exact": (config.use_exact_read, gate_max["exact"], "no_exact_read"),
-      "memory": (config.use_tree_read or config.use_exact_read,
-                 max(gate_max["tree"] if config.use_tree_read else 0.0,
-                     gate_max["exact"] if config.use_exact_read else 0.0), "no_memory"),
-  }
+  gate_max = {s: float(np.max(gates[:, i])) for i, s in enumerate(sources)}
+  # Every memory read the kernel declares, so a config's disabled reads keep their rows.
+  declared = [s for s in fusion.SOURCES if s != fusion.TRUNK]
+  candidates = {s: (s in sources, gate_max.get(s, 0.0), drop_name(s)) for s in declared}
+  reads = [s for s in declared if s in sources]
+  candidates["memory"] = (bool(reads), max((gate_max[s] for s in reads), default=0.0),
+                          "no_memory")
   for r in range(config.num_roots):
-    candidates[f"root_{r}"] = (True, gate_max["roots"], f"root_drop_{r}")
-  sources = {}
+    candidates[f"root_{r}"] = (True, gate_max[fusion.TRUNK], f"root_drop_{r}")
+  verdicts = {}
   for source, (enabled, gate, name) in candidates.items():
     verdict = _verdict(enabled, gate, utility(name), dead_weight_threshold, active_gate_threshold)
     u, se = utility(name), utility(name, "loss_delta_se")
-    sources[source] = {"enabled": bool(enabled), "gate_mean": gate,
+    verdicts[source] = {"enabled": bool(enabled), "gate_mean": gate,
                        "active": verdict not in ("disabled", "inactive"),
                        "intervention": name, "utility": u, "utility_se": se,
                        "significant": bool(u is not None and abs(u) > 2 * se),
@@ -412,12 +431,12 @@ def summarize(config: KernelConfig, sums_by_task: Mapping[str, Mapping[str, np.n
       "num_scored": int(round(count)),
       "thresholds": {"dead_weight": dead_weight_threshold, "active_gate": active_gate_threshold},
       "reference": reference,
-      "gates": {f"layer_{i}": dict(zip(SOURCES, map(float, g))) for i, g in enumerate(gates)},
+      "gates": {f"layer_{i}": dict(zip(sources, map(float, g))) for i, g in enumerate(gates)},
       "interventions": interventions,
       "by_root": {str(r): interventions.get(f"root_drop_{r}")
                   for r in range(config.num_roots)},
-      "sources": sources,
-      "dead_weight": [s for s, v in sources.items() if v["verdict"] == "dead_weight"],
+      "sources": verdicts,
+      "dead_weight": [s for s, v in verdicts.items() if v["verdict"] == "dead_weight"],
   }
 
 

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from memkernel import family as family_lib
 from memkernel.kernel.config import KernelConfig
-from memkernel.kernel.interventions import SOURCES
+from memkernel.kernel.fusion import source_names
 from memkernel.kernel.model import KernelModel
 from memkernel.kernel.state import init_memory
 
@@ -28,18 +28,13 @@ def _with_capacity(config: KernelConfig, seq_len: int) -> KernelConfig:
   return dataclasses.replace(config, max_seq_len=max(config.max_seq_len, needed))
 
 
-def _sources(config: KernelConfig) -> tuple[str, ...]:
-  del config
-  return SOURCES
-
-
 FAMILY = family_lib.Family(
     name="kernel",
     section="model",
     config_from_dict=_from_dict,
     build=KernelModel,
     init_memory=init_memory,
-    sources=_sources,
+    sources=source_names,
     with_capacity=_with_capacity,
     routes=True,
     segment_align=lambda config: config.leaf_size,

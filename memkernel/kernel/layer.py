@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memkernel.kernel.config import KernelConfig
-from memkernel.kernel.fusion import ReadFusion
+from memkernel.kernel.fusion import ReadFusion, source_names
 from memkernel.kernel.trunk import LocalTrunk
 
 
@@ -110,7 +110,10 @@ class KernelLayer(nn.Module):
     return feats, conv, root_state
 
   def finish(self, x_BTD, feats: Features, tree_BTHE, exact_BTHE, keep):
-    fused, gates = self.fusion(feats.xn, feats.trunk, tree_BTHE, exact_BTHE, keep)
+    """Fuses the sources the config enables (those in `keep` add) and applies the MLP."""
+    values = {"roots": feats.trunk, "tree": tree_BTHE, "exact": exact_BTHE}
+    values = {s: values[s] for s in source_names(self.config)}
+    fused, gates = self.fusion(feats.xn, values, keep)
     x = x_BTD + fused
     x = x + self.mlp_out(jax.nn.gelu(self.mlp_in(self.mlp_norm(x))))
     return x, gates

@@ -41,7 +41,8 @@ from memkernel.kernel import read as read_lib
 from memkernel.kernel import routing
 from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.config import KernelConfig
-from memkernel.kernel.interventions import NONE, SOURCES, Interventions
+from memkernel.kernel.fusion import source_names
+from memkernel.kernel.interventions import NONE, Interventions
 from memkernel.kernel.layer import Features, KernelLayer
 from memkernel.kernel.state import LayerMemory, LiveLeaf, Memory, TrunkState
 from memkernel.outputs import Outputs, RouteTrace
@@ -64,8 +65,9 @@ class KernelModel(nn.Module):
 
   def _keep(self, interventions: Interventions):
     c = self.config
-    keep_sources = (True, c.use_tree_read and not interventions.no_tree_read,
-                    c.use_exact_read and not interventions.no_exact_read)
+    sources = source_names(c)
+    interventions.check(sources)
+    keep_sources = tuple(s for s in sources if s not in interventions.drop)
     for r in interventions.root_drop:
       if not 0 <= r < c.num_roots:
         raise ValueError(f"Interventions.root_drop names root {r}, but the model has "
@@ -105,7 +107,7 @@ class KernelModel(nn.Module):
       read = read_fn(q, cache_k, cache_v, leaves, weights, read_sink)
       trace = RouteTrace(leaves=leaves, weights=weights, runner_up=route.runner_up,
                          entropy=route.entropy, start_level=route.start_level,
-                         read_probs=read.probs, read_active=read.active)
+                         read_probs=read.probs, read_active=read.active, path=route.path)
       return route.tree_value, read.value, trace
 
     block = c.query_block
@@ -184,8 +186,8 @@ class KernelModel(nn.Module):
       (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
       weights, runner_up [B, T, H, K], entropy, start_level, read_probs, read_active),
       aux["roots"] the per-layer root outputs [B, T, R, D], aux["gates"] the per-layer fusion
-      gates [B, T, 3], aux["losses"] extra weighted losses for training and aux["metrics"]
-      scalar diagnostics.
+      gates [B, T, S] (in `source_names(config)` order), aux["losses"] extra weighted losses
+      for training and aux["metrics"] scalar diagnostics.
     """
     c = self.config
     self._check_tokens(tokens, 2, "tokens")
@@ -265,7 +267,8 @@ class KernelModel(nn.Module):
     if salience:
       losses["salience"] = c.salience_weight * sum(salience) / len(salience)
     out = Outputs(losses=losses,
-                  metrics=metrics_lib.diagnostics(aux_route, aux_roots, aux_gates, SOURCES),
+                  metrics=metrics_lib.diagnostics(aux_route, aux_roots, aux_gates,
+                                                  source_names(c)),
                   routes=tuple(aux_route), gates=tuple(aux_gates), roots=tuple(aux_roots))
     return logits, out
 

@@ -36,6 +36,10 @@ class RouteResult(NamedTuple):
       over the descent (the "routed tree value").
     entropy: float32 [B, T, H], mean candidate entropy over the descent.
     start_level: int32 [B, T, H], level of the best first-step candidate (-1 when nothing visible).
+    path: int32 [B, T, H, steps] (steps = `num_expansions(N) + 1`), the descent that reached
+      leaves[..., 0]: the node its beam slot held after each step, flat level-major, -1 past leaf
+      depth or when nothing is selected (see `descent_path`). Summaries only: the best Fenwick
+      node, then -1.
   """
 
   leaves: jax.Array
@@ -44,6 +48,7 @@ class RouteResult(NamedTuple):
   tree_value: jax.Array
   entropy: jax.Array
   start_level: jax.Array
+  path: jax.Array
 
 
 def num_expansions(num_leaves: int) -> int:
@@ -71,6 +76,34 @@ def fenwick_candidates(query_leaf_T: jax.Array, num_leaves: int):
 def flat_index(level: jax.Array, index: jax.Array, num_leaves: int) -> jax.Array:
   """Level-major flat node index of (level, index)."""
   return 2 * num_leaves - ((2 * num_leaves) >> level) + index
+
+
+def descent_path(leaf_BTH: jax.Array, query_leaf_T: jax.Array, num_leaves: int) -> jax.Array:
+  """The nodes a beam slot held on its way down to `leaf`, one per routing step.
+
+  A query in leaf c starts from the Fenwick nodes tiling leaves [0, c), which are disjoint, and each
+  expansion replaces a node by its children: a slot that ends at leaf a < c held a's ancestor at
+  level l - s after step s, where l = bit_length(c ^ a) - 1 is the level of the Fenwick node over
+  a. The path is therefore read off the leaf instead of being carried through the beam.
+
+  Args:
+    leaf_BTH: int32 [B, T, H], the leaf reached (-1: none).
+    query_leaf_T: int32 [T], the leaf c of each query.
+    num_leaves: N.
+  Returns:
+    int32 [B, T, H, num_expansions(N) + 1], flat level-major node indices, -1 after the step that
+    reached leaf depth and everywhere for leaf -1.
+  """
+  steps = num_expansions(num_leaves) + 1
+  c = jnp.asarray(query_leaf_T, jnp.int32)[None, :, None]
+  has = leaf_BTH >= 0
+  leaf = jnp.where(has, leaf_BTH, 0).astype(jnp.int32)
+  start = 31 - jax.lax.clz(jnp.where(has, c ^ leaf, 1))      # bit_length(c ^ a) - 1
+  level = start[..., None] - jnp.arange(steps, dtype=jnp.int32)
+  valid = has[..., None] & (level >= 0)
+  level = jnp.maximum(level, 0)
+  path = flat_index(level, leaf[..., None] >> level, num_leaves)
+  return jnp.where(valid, path, -1).astype(jnp.int32)
 
 
 def gather_nodes(store_BSHX: jax.Array, flat_BTHC: jax.Array) -> jax.Array:
@@ -203,11 +236,15 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   if not descend:
     best = jnp.argmax(scores, axis=-1)[..., None]
     none = jnp.full((b, t, h, k), -1, jnp.int32)
+    seen = jnp.any(valid, -1)
+    path = jnp.full((b, t, h, num_expansions(num_leaves) + 1), -1, jnp.int32)
+    path = path.at[..., 0].set(jnp.where(seen, jnp.take_along_axis(flat, best, -1)[..., 0], -1))
     return RouteResult(
         leaves=none, weights=jnp.zeros((b, t, h, k)), runner_up=none,
         tree_value=weighted_value(_masked_softmax(scores, valid), flat), entropy=entropy,
-        start_level=jnp.where(jnp.any(valid, -1),
-                              jnp.take_along_axis(level, best, -1)[..., 0], -1).astype(jnp.int32))
+        start_level=jnp.where(seen, jnp.take_along_axis(level, best, -1)[..., 0],
+                              -1).astype(jnp.int32),
+        path=path)
   top, kv, level, index, flat = keep(scores, valid, level, index, flat, width=2 * k)
   start_level = jnp.where(kv[..., 0], level[..., 0], -1)
   pool = (jnp.full((b, t, h, 0), NEG_INF), jnp.full((b, t, h, 0), -1, jnp.int32))
@@ -254,6 +291,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
       tree_value=tree_value,
       entropy=entropy / (n_exp + 1),
       start_level=start_level.astype(jnp.int32),
+      path=descent_path(leaves[..., 0], query_leaf_T, num_leaves),
   )
 
 

@@ -17,7 +17,7 @@ with the sweep's overrides; it is then evaluated at `length_factors` x the train
   multi_root/summaries_only                     num_roots=R, route_descend=False, tree read only
   multi_root/sparse_retrieval                   num_roots=R, beam-routed tree read only
   multi_root/sparse_retrieval_without_exact_read  not trained: the full kernel's checkpoint,
-                                                evaluated with `Interventions(no_exact_read=True)`
+                                                evaluated with `Interventions(drop=("exact",))`
   multi_root/sparse_retrieval+exact_read        the full kernel (the probe default)
   dense, sliding_window                         the attention peers (same width and depth)
   oracle                                        the full kernel trained and evaluated with the true
@@ -78,6 +78,7 @@ from memkernel import probes
 from memkernel import peers as peers_lib
 from memkernel import runs as runs_lib
 from memkernel import train as train_lib
+from memkernel.kernel import fusion
 from memkernel.kernel.config import KernelConfig
 from memkernel.kernel.interventions import NONE, Interventions
 from memkernel.kernel.model import KernelModel
@@ -107,7 +108,7 @@ KERNEL_MODELS = (
 )
 MODELS = KERNEL_MODELS + PEERS + (ORACLE,)
 # Models evaluated from another model's checkpoint under an intervention: (source, intervention).
-EVAL_ONLY = {WITHOUT_EXACT_READ: (FULL_KERNEL, Interventions(no_exact_read=True))}
+EVAL_ONLY = {WITHOUT_EXACT_READ: (FULL_KERNEL, Interventions(drop=("exact",)))}
 
 _MEMORY = {
     "no_memory": dict(use_tree_read=False, use_exact_read=False, route_descend=True),
@@ -472,8 +473,9 @@ def state_bytes(model_config: Union[KernelConfig, peers_lib.PeerConfig], length:
   read = sum(x.size * x.dtype.itemsize
              for x in (memory.num_tokens, memory.segment_B, memory.doc_start_B))
   fields = list(_ALWAYS_READ)
-  tree_read = model_config.use_tree_read and not interventions.no_tree_read
-  exact_read = model_config.use_exact_read and not interventions.no_exact_read
+  kept = [s for s in family_lib.of_config(model_config).sources(model_config)
+          if s not in interventions.drop]
+  tree_read, exact_read = "tree" in kept, "exact" in kept
   if tree_read or exact_read:  # The exact read is routed through the tree.
     fields += _TREE_FIELDS
     read += memory.node_span_S2.size * memory.node_span_S2.dtype.itemsize
@@ -905,7 +907,7 @@ def markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     if audited:
       lines += ["Memory audit at the training length: utility = loss increase (nats per scored "
                 "token) when the source is removed, mean over seeds, and the verdicts:", ""]
-      sources = ["exact", "tree", "memory"]
+      sources = sorted(s for s in fusion.SOURCES if s != fusion.TRUNK) + ["memory"]
       header = ["model"] + sources + ["roots", "dead weight"]
       lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
       for model, rs in audited.items():

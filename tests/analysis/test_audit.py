@@ -101,11 +101,11 @@ def _max_diff(a, b):
 class InterventionTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("no_tree_read", Interventions(no_tree_read=True)),
-      ("no_exact_read", Interventions(no_exact_read=True)),
+      ("no_tree_read", Interventions(drop=("tree",))),
+      ("no_exact_read", Interventions(drop=("exact",))),
       ("next_best_span", Interventions(next_best_span=True)),
       ("root_drop", Interventions(root_drop=(1,))),
-      ("all", Interventions(True, True, True, (0, 1))))
+      ("all", Interventions(("tree", "exact"), True, (0, 1))))
   def test_shapes_are_preserved(self, iv):
     run = _trained()
     model, variables, tokens = run["model"], run["variables"], run["tokens"]
@@ -120,9 +120,9 @@ class InterventionTest(parameterized.TestCase):
       self.assertGreater(_max_diff(logits, _logits(Interventions())), 1e-3)
 
   @parameterized.named_parameters(
-      ("no_tree_read", Interventions(no_tree_read=True), [("fusion", "tree_proj", "kernel")]),
-      ("no_exact_read", Interventions(no_exact_read=True), [("fusion", "exact_proj", "kernel")]),
-      ("no_memory", Interventions(no_tree_read=True, no_exact_read=True),
+      ("no_tree_read", Interventions(drop=("tree",)), [("fusion", "tree_proj", "kernel")]),
+      ("no_exact_read", Interventions(drop=("exact",)), [("fusion", "exact_proj", "kernel")]),
+      ("no_memory", Interventions(drop=("tree", "exact")),
        [("fusion", "tree_proj", "kernel"), ("fusion", "exact_proj", "kernel")]),
       ("root_drop_0", Interventions(root_drop=(0,)), [("trunk", "out_w", 0)]),
       ("root_drop_1", Interventions(root_drop=(1,)), [("trunk", "out_w", 1)]))
@@ -312,23 +312,34 @@ class AuditTest(parameterized.TestCase):
     model, variables = KernelModel(config), run["variables"]
     batches = audit.eval_batches(run["experiment"].task, 1, 2, run["tokens"].shape[0])
     report = audit.audit(model, variables["params"], {"mqar": batches})
-    for name in ("no_tree_read", "no_exact_read", "no_memory", "next_best_span"):
+    # No read is a source of this model: only the joint and next-best rows remain, as no-ops.
+    self.assertNotIn("no_tree_read", report["interventions"])
+    self.assertNotIn("no_exact_read", report["interventions"])
+    for name in ("no_memory", "next_best_span"):
       row = report["interventions"][name]
       self.assertLess(abs(row["loss_delta"]), 1e-6, name)
       self.assertLess(row["kl"], 1e-6, name)
     for source in ("tree", "exact", "memory"):
       s = report["sources"][source]
       self.assertEqual((s["enabled"], s["active"], s["verdict"]), (False, False, "disabled"))
+      self.assertEqual(s["gate_mean"], 0.0)
       self.assertNotIn(source, report["dead_weight"])
     # Without its memory the trained model cannot retrieve; the roots are still audited.
     self.assertLess(report["reference"]["accuracy"], 0.5)
     self.assertGreater(report["interventions"]["root_drop_0"]["kl"], 1e-6)
     self.assertEqual(report["num_scored"], sum(int(b["mask"].sum()) for b in batches))
-    # The auditor skips the memory interventions here as no-ops; the model agrees.
+    self.assertEqual(list(report["gates"]["layer_0"]), ["roots"])
+    # The auditor skips the memory interventions here as no-ops; the model agrees, and rejects
+    # dropping a read it does not have.
     tokens = batches[0]["tokens"]
-    memory_off = Interventions(no_tree_read=True, no_exact_read=True, next_best_span=True)
+    memory_off = Interventions(drop=("tree", "exact"), next_best_span=True)
     self.assertEqual(audit.effective_interventions(config, memory_off), Interventions())
-    out = jax.jit(lambda v, t: model.apply(v, t, interventions=memory_off)[0])(variables, tokens)
+    with self.assertRaisesRegex(ValueError, "names source 'tree'"):
+      model.apply(variables, tokens, interventions=memory_off)
+    with self.assertRaisesRegex(ValueError, "names source 'exakt'"):
+      audit.effective_interventions(config, Interventions(drop=("exakt",)))
+    next_best = Interventions(next_best_span=True)
+    out = jax.jit(lambda v, t: model.apply(v, t, interventions=next_best)[0])(variables, tokens)
     ref, _ = audit.reference_forward(model, variables, tokens)
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=0)
 

@@ -37,16 +37,22 @@ def _tokens(seed, batch, length):
 
 
 def _run_steps(step, params, tokens, memory):
-  logits, leaves = [], []
+  """(logits, top leaves, memory, paths) of decoding `tokens` one step at a time."""
+  logits, leaves, paths = [], [], []
   for i in range(tokens.shape[1]):
     out, memory, aux = step(params, tokens[:, i], memory)
     logits.append(out)
     leaves.append(jnp.stack([a.leaves[:, 0] for a in aux.routes]))
-  return jnp.stack(logits, 1), jnp.stack(leaves, 2), memory
+    paths.append(jnp.stack([a.path[:, 0] for a in aux.routes]))
+  return jnp.stack(logits, 1), jnp.stack(leaves, 2), memory, jnp.stack(paths, 2)
 
 
 def _leaves_of(aux):
   return jnp.stack([a.leaves for a in aux.routes])
+
+
+def _paths_of(aux):
+  return jnp.stack([a.path for a in aux.routes])
 
 
 def _assert_forms_agree(config, tokens, check_step=True):
@@ -57,11 +63,13 @@ def _assert_forms_agree(config, tokens, check_step=True):
   # Selection mismatches are reported on their own: a flipped near-tie is not a logit bug.
   mismatch = int(jnp.sum(_leaves_of(aux_p) != _leaves_of(aux_s)))
   assert mismatch == 0, f"scan selected {mismatch} different leaves than parallel"
+  np.testing.assert_array_equal(_paths_of(aux_s), _paths_of(aux_p))
   np.testing.assert_allclose(logits_s, logits_p, atol=1e-4, rtol=0)
   if check_step:
-    logits_t, leaves_t, mem_t = _run_steps(step, params, tokens, init_memory(config, b))
+    logits_t, leaves_t, mem_t, paths_t = _run_steps(step, params, tokens, init_memory(config, b))
     mismatch = int(jnp.sum(leaves_t != _leaves_of(aux_p)))
     assert mismatch == 0, f"step selected {mismatch} different leaves than parallel"
+    np.testing.assert_array_equal(paths_t, _paths_of(aux_p))
     np.testing.assert_allclose(logits_t, logits_p, atol=1e-4, rtol=0)
     chex.assert_trees_all_close(mem_t, mem_s, atol=1e-4)
   return mem_s
@@ -103,7 +111,7 @@ class FormsTest(parameterized.TestCase):
     logits_p, _ = parallel(params, tokens)
     memory = init_memory(BASE, 2)
     a, memory, _ = scan(params, tokens[:, :21], memory)          # ends mid-leaf (fill 5)
-    b, _, memory = _run_steps(step, params, tokens[:, 21:30], memory)  # crosses into fill 14
+    b, _, memory, _ = _run_steps(step, params, tokens[:, 21:30], memory)  # crosses into fill 14
     c, memory, _ = scan(params, tokens[:, 30:], memory)          # chunks straddle leaf edges
     np.testing.assert_allclose(jnp.concatenate([a, b, c], 1), logits_p, atol=1e-4, rtol=0)
 
@@ -114,6 +122,52 @@ class FormsTest(parameterized.TestCase):
     memory = init_memory(BASE, 2)
     for i in range(20):  # crosses a seal
       _, memory = step(params, jnp.full((2,), i % V, jnp.int32), memory)
+
+
+def _node(flat, num_leaves):
+  """(level, index) of a flat level-major node index."""
+  level = 0
+  while flat >= (num_leaves >> level):
+    flat -= num_leaves >> level
+    level += 1
+  return level, flat
+
+
+class RoutePathTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("beam", dict()), ("rerank_beam4", dict(leaf_rerank=True, beam_width=4)),
+      ("summaries_only", dict(route_descend=False, use_exact_read=False)))
+  def test_path_descends_to_the_selected_leaf(self, overrides):
+    """Each layer's path starts at a Fenwick node of the query's leaf c, then steps to a child of
+    the node before, and its last node is an ancestor-or-self of the selected top leaf."""
+    config = dataclasses.replace(BASE, **overrides)
+    _, params, parallel, _, _ = _compiled(config)
+    _, aux = parallel(params, _tokens(24, 2, 128))
+    paths, top = np.asarray(_paths_of(aux)), np.asarray(_leaves_of(aux))[..., 0]
+    n = config.num_leaves
+    steps = paths.shape[-1]
+    qleaf = np.arange(128) // 16
+    for index in np.ndindex(*top.shape):
+      path, leaf, c = paths[index], top[index], qleaf[index[2]]
+      where = f"layer, row, position, head {index}: path {path}, leaf {leaf}"
+      length = int(np.sum(path >= 0))
+      np.testing.assert_array_equal(path[length:], -1, err_msg=where)
+      if c == 0:
+        assert length == 0, where
+        continue
+      assert length >= 1, where
+      nodes = [_node(f, n) for f in path[:length]]
+      level, i = nodes[0]
+      assert (c >> level) & 1 and i == (c >> (level + 1)) << 1, where  # a Fenwick node of c
+      for (parent_level, parent), (child_level, child) in zip(nodes, nodes[1:]):
+        assert child_level == parent_level - 1 and child >> 1 == parent, where
+      if config.route_descend:
+        last_level, last = nodes[-1]
+        assert last_level == 0 and last == leaf, where  # the top leaf itself
+      else:
+        assert length == 1 and leaf == -1, where
+    assert steps == max(n.bit_length() - 2, 0) + 1
 
 
 class CausalityTest(parameterized.TestCase):
@@ -194,7 +248,7 @@ class SourcesTest(parameterized.TestCase):
     _, params, parallel, _, _ = _compiled(config)
     tokens = _tokens(21, 2, 64)
     full, aux = parallel(params, tokens)
-    for iv in (Interventions(no_tree_read=True), Interventions(no_exact_read=True)):
+    for iv in (Interventions(drop=("tree",)), Interventions(drop=("exact",))):
       out, aux_i = parallel(params, tokens, interventions=iv)
       # Memory is empty in the first leaf: nothing changes there; later, logits change.
       np.testing.assert_array_equal(out[:, :16], full[:, :16])
@@ -210,9 +264,16 @@ class SourcesTest(parameterized.TestCase):
     _, params, parallel, _, _ = _compiled(BASE)
     _, _, parallel_off, _, _ = _compiled(config)
     tokens = _tokens(22, 2, 64)
-    a, _ = parallel(params, tokens, interventions=Interventions(no_exact_read=True))
-    b, _ = parallel_off(params, tokens)
+    a, _ = parallel(params, tokens, interventions=Interventions(drop=("exact",)))
+    b, aux_off = parallel_off(params, tokens)
     np.testing.assert_allclose(a, b, atol=1e-6)
+    # A switched-off source is no source of the model: no gate, no diagnostic, nothing to drop.
+    assert aux_off.gates[0].shape[-1] == 2
+    assert "layer_0/gate_exact" not in aux_off.metrics and "layer_0/gate_tree" in aux_off.metrics
+    with pytest.raises(ValueError, match="names source 'exact'"):
+      parallel_off(params, tokens, interventions=Interventions(drop=("exact",)))
+    with pytest.raises(ValueError, match="names source 'exakt'"):
+      parallel(params, tokens, interventions=Interventions(drop=("exakt",)))
 
   def test_no_memory_config_has_no_routing(self):
     config = dataclasses.replace(BASE, use_tree_read=False, use_exact_read=False)

@@ -58,6 +58,22 @@ def _reference_route(rq, node_keys, c, k, leaf_score=None):
   return leaves, w
 
 
+def _reference_path(rq, node_keys, c, k):
+  """Numpy beam search for one (batch, query, head) whose slots carry the flat nodes they took:
+  the nodes of the first slot at the end (one per step until it reached a leaf)."""
+  score = lambda level, i: float(node_keys[level_offset(N, level) + i] @ rq)
+  prune = lambda cands: sorted(cands, key=lambda c: -score(c[0], c[1]))[:k]
+  flat = lambda level, i: level_offset(N, level) + i
+  beam = prune([(l, (c >> (l + 1)) << 1, [flat(l, (c >> (l + 1)) << 1)])
+                for l in range(N.bit_length() - 1, -1, -1) if (c >> l) & 1])
+  while any(l > 0 for l, _, _ in beam):
+    lefts = [(l, i, h) if l == 0 else (l - 1, 2 * i, h + [flat(l - 1, 2 * i)])
+             for l, i, h in beam]
+    rights = [(l - 1, 2 * i + 1, h + [flat(l - 1, 2 * i + 1)]) for l, i, h in beam if l > 0]
+    beam = prune(lefts + rights)
+  return beam[0][2] if beam else []
+
+
 _route = jax.jit(routing.route_beam, static_argnums=4)
 
 
@@ -80,6 +96,25 @@ class RouteTest(parameterized.TestCase):
           np.testing.assert_array_equal(got[:len(leaves)], leaves)
           assert np.all(got[len(leaves):] == -1)
           np.testing.assert_allclose(res.weights[b, q, h, :len(leaves)], w, rtol=1e-5)
+
+  @parameterized.parameters(1, 2, 4)
+  def test_path_is_the_top_slots_descent(self, k):
+    """Against a numpy beam search whose slots carry the nodes they held: the path is the
+    history of the slot that ends first, -1 after it reaches leaf depth."""
+    node_k, node_v, _ = _tree(6)
+    t = N * L
+    rq = jax.random.normal(jax.random.PRNGKey(7), (B, t, H, P))
+    qleaf = jnp.arange(t) // L
+    res = _route(rq, node_k, node_v, qleaf, k)
+    steps = routing.num_expansions(N) + 1
+    chex.assert_shape(res.path, (B, t, H, steps))
+    for b in range(B):
+      for q in range(0, t, 5):
+        for h in range(H):
+          want = _reference_path(np.asarray(rq[b, q, h]), np.asarray(node_k[b, :, h]),
+                                 int(qleaf[q]), k)
+          np.testing.assert_array_equal(res.path[b, q, h], want + [-1] * (steps - len(want)),
+                                        err_msg=f"row {b}, position {q}, head {h}")
 
   def test_sealed_only_beam_enforced_deterministic(self):
     node_k, node_v, _ = _tree(2)
@@ -147,6 +182,10 @@ class RouteTest(parameterized.TestCase):
     res = jax.jit(routing.route_beam, static_argnums=(4, 6))(rq, node_k, node_v, qleaf, 2, None,
                                                             False)
     assert np.all(np.asarray(res.leaves) == -1) and np.all(np.asarray(res.weights) == 0)
+    # One step: the path holds the best Fenwick node, nothing below it.
+    path = np.asarray(res.path)
+    np.testing.assert_array_equal(path[..., 1:], -1)
+    np.testing.assert_array_equal(path[:, :L, :, 0], -1)
     for tq in (L, 5 * L + 3, 11 * L, t - 1):
       c = tq // L
       nodes = [(lv, (c >> (lv + 1)) << 1) for lv in range(4, -1, -1) if (c >> lv) & 1]
