@@ -137,13 +137,18 @@ class RoutePathTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       ("beam", dict()), ("rerank_beam4", dict(leaf_rerank=True, beam_width=4)),
-      ("summaries_only", dict(route_descend=False, use_exact_read=False)))
-  def test_path_descends_to_the_selected_leaf(self, overrides):
+      ("summaries_only", dict(route_descend=False, use_exact_read=False)),
+      ("documents", dict(), True))
+  def test_path_descends_to_the_selected_leaf(self, overrides, documents=False):
     """Each layer's path starts at a Fenwick node of the query's leaf c, then steps to a child of
-    the node before, and its last node is an ancestor-or-self of the selected top leaf."""
+    the node before, and its last node is an ancestor-or-self of the selected top leaf (also in
+    a stream whose second document starts at leaf 3, where the router hides the first)."""
     config = dataclasses.replace(BASE, **overrides)
     _, params, parallel, _, _ = _compiled(config)
-    _, aux = parallel(params, _tokens(24, 2, 128))
+    segments = None
+    if documents:
+      segments = jnp.broadcast_to((jnp.arange(128) >= 48).astype(jnp.int32), (2, 128))
+    _, aux = parallel(params, _tokens(24, 2, 128), segments=segments)
     paths, top = np.asarray(_paths_of(aux)), np.asarray(_leaves_of(aux))[..., 0]
     n = config.num_leaves
     steps = paths.shape[-1]
@@ -153,10 +158,15 @@ class RoutePathTest(parameterized.TestCase):
       where = f"layer, row, position, head {index}: path {path}, leaf {leaf}"
       length = int(np.sum(path >= 0))
       np.testing.assert_array_equal(path[length:], -1, err_msg=where)
-      if c == 0:
-        assert length == 0, where
+      # Nothing visible (the first leaf of the stream or of a document): no path, no leaf.
+      first = 3 if documents and c >= 3 else 0
+      assert (length == 0) == (c == first), where
+      if config.route_descend:
+        assert (leaf >= 0) == (length > 0), where
+      else:
+        assert length <= 1 and leaf == -1, where
+      if length == 0:
         continue
-      assert length >= 1, where
       nodes = [_node(f, n) for f in path[:length]]
       level, i = nodes[0]
       assert (c >> level) & 1 and i == (c >> (level + 1)) << 1, where  # a Fenwick node of c
@@ -165,8 +175,7 @@ class RoutePathTest(parameterized.TestCase):
       if config.route_descend:
         last_level, last = nodes[-1]
         assert last_level == 0 and last == leaf, where  # the top leaf itself
-      else:
-        assert length == 1 and leaf == -1, where
+        assert first <= leaf < c, where
     assert steps == max(n.bit_length() - 2, 0) + 1
 
 
