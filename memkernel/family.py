@@ -45,8 +45,9 @@ class Family:
       fields, raises `ValueError` naming the field).
     build: config -> the Flax module.
     init_memory: (config, batch_size) -> the empty memory pytree.
-    sources: config -> the names of the memory sources its fusion combines (the auditor and the
-      sweep enumerate them; an intervention drops them by name).
+    sources: config -> the names of the sources its fusion combines under that config (only
+      those it enables), in gate order: `Outputs.gates` and the gate diagnostics follow it, the
+      auditor and the sweep enumerate it, an intervention drops sources by these names.
     with_capacity: (config, seq_len) -> the config with room for `seq_len` tokens (same
       parameters).
     routes: whether the family routes over leaves (beam width, oracle routes, routing recall,
