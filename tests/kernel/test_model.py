@@ -348,8 +348,8 @@ class TrainingSignalTest(parameterized.TestCase):
     _, aux_train = parallel(params, tokens, train=True)
     assert aux_eval.routes[0].leaves.shape[-1] == 2
     assert aux_train.routes[0].leaves.shape[-1] == 4
-    assert "teacher" in aux_train["losses"] and float(aux_train["losses"]["teacher"]) > 0
-    assert not aux_eval["losses"]
+    assert "teacher" in aux_train.losses and float(aux_train.losses["teacher"]) > 0
+    assert not aux_eval.losses
 
   def test_teacher_trains_at_the_scored_positions(self):
     config = dataclasses.replace(BASE, train_beam_width=4)

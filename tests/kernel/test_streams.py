@@ -140,6 +140,20 @@ class BoundaryTest(parameterized.TestCase):
       np.testing.assert_allclose(out[:, :8], decay[:, :8], atol=1e-5, rtol=0)
       assert float(jnp.max(jnp.abs(out[:, 8:] - decay[:, 8:]))) > 1e-4, other.trunk_boundary
 
+  def test_training_on_a_stream(self):
+    """The teacher and the router train on a stream: finite losses, a gradient to the router."""
+    model, params, tokens, segments = KernelModel(RESET), _params(), _tokens(8), _segments()
+
+    def loss(p):
+      _, out = model.apply(p, tokens, segments, train=True)
+      return out.losses["teacher"]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(value)) and float(value) > 0
+    chex.assert_tree_all_finite(grads)
+    proj = grads["params"]["layer_0"]["memory_proj"]["kernel"]
+    assert float(jnp.max(jnp.abs(proj))) > 0
+
   def test_one_document_equals_no_segments(self):
     params, tokens = _params(), _tokens(6)
     parallel = _forms(RESET)[0]
