@@ -10,6 +10,7 @@ from memkernel import family
 from memkernel.kernel import Interventions, KernelConfig, KernelModel, Memory, init_memory
 from memkernel.outputs import Outputs, RouteTrace
 from memkernel.runs import load_run
+from memkernel.sampler import SampleResult, generate
 
 __all__ = [
     "Interventions",
@@ -18,7 +19,9 @@ __all__ = [
     "Memory",
     "Outputs",
     "RouteTrace",
+    "SampleResult",
     "family",
+    "generate",
     "init_memory",
     "load_run",
 ]
