@@ -7,7 +7,7 @@ evaluation beam and no teacher; the same batches for every call with the same se
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -25,41 +25,56 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-@functools.lru_cache(maxsize=16)
-def _eval_fn(model_config: Any, task: probes.TaskConfig, batch_size: int,
-             oracle: bool, mesh: Mesh):
-  """The jitted `eval_batch(params, key) -> metrics`; the batch is generated from `key`."""
+# Batches are generated outside the model's compiled step: generating a long batch compiles for
+# seconds, once per task and length, and the step is then shared by every task, seed and run of
+# one model configuration.
+_generate = jax.jit(probes.generate, static_argnums=(0, 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _metrics_fn(model_config: Any, oracle: bool, interventions: Any, mesh: Mesh):
+  """The jitted `metrics(params, batch)` of one model configuration."""
   model = family_lib.build(model_config)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  def eval_batch(params, key):
-    batch = probes.generate(task, key, batch_size)
-    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    return metrics_lib.forward_metrics(model, params, batch, train=False, oracle=oracle)[1]
+  def metrics(params, batch):
+    return metrics_lib.forward_metrics(model, params, batch, train=False, oracle=oracle,
+                                       interventions=interventions)[1]
 
-  return jax.jit(eval_batch, in_shardings=(replicated, replicated), out_shardings=replicated)
+  return jax.jit(metrics, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
 
-def evaluate(experiment: Experiment, params, *, lengths: Optional[tuple[int, ...]] = None,
-             mesh: Optional[Mesh] = None) -> dict[str, dict[str, float]]:
+def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]] = None,
+             interventions: Any = None, mesh: Optional[Mesh] = None) -> dict[str, dict[str, float]]:
   """Evaluates `params` on `eval.batches` fresh batches at each length (evaluation beam).
 
-  The eval batches come from their own seed stream, so they are never training batches; the same
-  batches are used for every call with the same seed.
+  The batches come from the evaluation seed stream (`experiment.eval_key`, batch i from
+  `fold_in(key, i)`), so they are never training batches and every call with the same seed sees
+  the same ones.
+
+  Args:
+    experiment: the run's experiment (its model at each length, task, eval settings and seed).
+    params: the parameters.
+    lengths: sequence lengths (default `eval.lengths`).
+    interventions: the family's run-time ablations (e.g. `memkernel.Interventions`; None: none).
+    mesh: the devices the batch is sharded over (default: every local device).
 
   Returns:
     {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`.
   """
+  if interventions is not None and not experiment.family.sources(experiment.model):
+    raise ValueError(f"interventions drop memory sources; the {experiment.model_type!r} family "
+                     "declares none")
   mesh = mesh or make_mesh()
   ev = experiment.eval
+  key = experiment_lib.eval_key(experiment.train.seed)
   results = {}
   for length in lengths or ev.lengths:
-    step = _eval_fn(experiment.model_for_length(length), experiment.task_for_length(length),
-                    ev.batch_size, ev.oracle, mesh)
-    key = experiment_lib.eval_key(experiment.train.seed)
-    per_batch = jax.device_get([step(params, jax.random.fold_in(key, i))
-                                for i in range(ev.batches)])
+    step = _metrics_fn(experiment.model_for_length(length), ev.oracle, interventions, mesh)
+    task = experiment.task_for_length(length)
+    per_batch = jax.device_get([
+        step(params, _generate(task, jax.random.fold_in(key, i), ev.batch_size))
+        for i in range(ev.batches)])
     results[str(length)] = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
   return results
-

@@ -158,12 +158,6 @@ class EvalConfig:
 
 
 
-def capacity(seq_len: int, leaf_size: int) -> int:
-  """The smallest memory capacity >= seq_len holding a power-of-two number of leaves."""
-  leaves = -(-seq_len // leaf_size)
-  return leaf_size * (1 << max(leaves - 1, 0).bit_length())
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   """A validated experiment config.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 
 class Boundary(str, enum.Enum):
@@ -41,7 +41,7 @@ class Family:
   Attributes:
     name: the registry name (`config.model_type`).
     section: the experiment-config section holding its model config.
-    config_from_dict: builds the frozen, validated config from that section (rejects unknown
+    config_from_dict: (section values, name) -> the frozen, validated config (rejects unknown
       fields, raises `ValueError` naming the field).
     build: config -> the Flax module.
     init_memory: (config, batch_size) -> the empty memory pytree.
@@ -56,11 +56,18 @@ class Family:
     resumable_fields: model-config fields that may change when a run resumes (curricula,
       capacity, implementation); every other field is architecture.
     boundaries: config -> {memory name: Boundary} the config sets.
+    flops_by_part: (config, num_tokens, *, form='parallel'|'recurrent', train=False) ->
+      {part: matmul FLOPs} of one sequence (`memkernel.costs`).
+    state_bytes_read: (config, memory shapes, kept source names) -> the bytes of the memory a
+      configuration reads; None: all of it.
+    activation_bytes: (config, num_tokens, batch_size, *, train=False) -> an estimate of the
+      largest buffers a parallel call holds, for families where they grow faster than the
+      memory (dense attention's scores); None: no such buffer.
   """
 
   name: str
   section: str
-  config_from_dict: Callable[[Mapping[str, Any]], Any]
+  config_from_dict: Callable[[Mapping[str, Any], str], Any]
   build: Callable[[Any], Any]
   init_memory: Callable[[Any, int], Any]
   sources: Callable[[Any], tuple[str, ...]]
@@ -69,6 +76,9 @@ class Family:
   segment_align: Callable[[Any], int] = lambda config: 1
   resumable_fields: tuple[str, ...] = ("max_seq_len",)
   boundaries: Callable[[Any], Mapping[str, Boundary]] = lambda config: {}
+  flops_by_part: Optional[Callable[..., Mapping[str, int]]] = None
+  state_bytes_read: Optional[Callable[[Any, Any, Sequence[str]], int]] = None
+  activation_bytes: Optional[Callable[..., int]] = None
 
 
 # name -> "module:attribute" of its `Family`. Adding a family is one line here.

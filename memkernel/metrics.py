@@ -54,8 +54,10 @@ def routing_metrics(routes: Optional[Sequence[Optional[RouteTrace]]], batch: Map
 
 
 def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *, train: bool,
-                    oracle: bool) -> tuple[jax.Array, dict]:
+                    oracle: bool, interventions: Any = None) -> tuple[jax.Array, dict]:
   """(objective, metrics) of one batch: masked cross entropy + the model's auxiliary losses.
+
+  `interventions` (a family's, e.g. `memkernel.Interventions`; None: none) go to the model.
 
   Returns:
     objective: scalar, the task loss plus the model's `Outputs.losses` when training.
@@ -65,7 +67,8 @@ def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *,
   """
   logits, out = model.apply({"params": params}, batch["tokens"], batch.get("segments"),
                             oracle_leaves=batch["answer_leaves"] if oracle else None, train=train,
-                            loss_mask=batch["mask"] if train else None)
+                            loss_mask=batch["mask"] if train else None,
+                            interventions=interventions)
   mask = batch["mask"]
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   logp = jax.nn.log_softmax(logits, axis=-1)
@@ -80,7 +83,6 @@ def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *,
   if out.routes is not None:
     metrics.update(routing_metrics(out.routes, batch, model.config.leaf_size))
   return objective, metrics
-
 
 
 def root_similarity(roots_BTRD: jax.Array) -> jax.Array:

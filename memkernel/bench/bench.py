@@ -8,10 +8,9 @@ width and depth:
 * models: `kernel` (`KernelModel`), `dense` and `sliding_window` (`memkernel.peers`), and `scan`
   (the kernel with its memory off: `use_tree_read=False, use_exact_read=False`, the trunk alone);
 * modes: `forward` (the parallel form), `train` (forward + backward + the project's AdamW update,
-  jitted, state donated), `scan` (the kernel's recurrent form `model.scan` from an empty memory)
-  and `decode` (`model.step` latency per token at a context of `length` tokens, the memory
-  prefilled with `model.scan`). The peers have no recurrent form and no KV cache: their `scan` and
-  `decode` points are recorded as skipped with that reason;
+  jitted, state donated), `scan` (the recurrent form `model.scan` from an empty memory: the
+  kernel's tree, the dense peer's KV cache, the window's ring buffer) and `decode` (`model.step`
+  latency per token at a context of `length` tokens, the memory prefilled with `model.scan`);
 * components of the kernel, one layer, timed as standalone jitted functions on random inputs of the
   model's shapes: the parallel form's `summarize` (every leaf's summary), `tree_build`, `route`
   (`routing.route_beam` for every query) and `exact_read` (`read.exact_read` for every query), and
@@ -23,24 +22,22 @@ width and depth:
 
 Per point: tokens/s, the median / min / max wall time of `repeats` timed calls after `warmup`
 calls, compile time (ahead-of-time `lower().compile()`, kept out of the timed calls), the analytic
-matmul FLOPs (`kernel_flops`, `peers.peer_flops`) and the achieved GFLOP/s against the machine's
+matmul FLOPs (`memkernel.costs`) and the achieved GFLOP/s against the machine's
 own f32 matmul GFLOP/s, measured in the same run (`matmul_gflops`).
 
 Peak memory. `peak_mem_bytes` is XLA's buffer assignment for the compiled call (`xla_memory`:
 arguments + outputs - donated + temporaries, so the parameters, the optimiser state and the memory
 pytree are included). It is per point, deterministic, known before the call runs (points over the
-budget are skipped, not run) and the same on every backend; on the CPU it matched the process's
-measured resident peak within 15% (dense and kernel, forward and train, d 64, T 2048, default
-allocator). Beside it, `measured_peak_bytes` is what the process actually used, with its source in
+budget are skipped, not run) and the same on every backend (docs/bench/README.md compares it with
+the measured peak). Beside it, `measured_peak_bytes` is what the process actually used, with its source in
 `measured_peak_source`: on a GPU/TPU the device allocator's `peak_bytes_in_use` minus `bytes_in_use`
 before the point (the allocator's peak is a process-wide high-water mark, so it only counts when
 the point raised it); on the CPU the rise of the process's resident high-water mark (`VmHWM`, reset
 through `/proc/self/clear_refs` before the timed calls) over the resident size before them. With
 the recommended `GLIBC_TUNABLES` freed memory stays resident: reuse of it hides a point's memory
-(often 0 is measured) and heap fragmentation inflates it (up to 2x XLA's total was measured for a
-train step), so read the CPU measurement as a cross-check only.
+and heap fragmentation inflates it, so read the CPU measurement as a cross-check only.
 
-Budget: a point whose estimated peak memory (analytic for dense attention before compiling, then
+Budget: a point whose estimated peak memory (`costs.activation_bytes` before compiling, then
 XLA's after compiling) exceeds `max_memory_gb`, or whose predicted or first-call time would take it
 past `max_point_s`, is recorded with `status: "skipped"` and the reason; so are the longer lengths
 of a model and mode already over budget. Any other exception is recorded as `status: "error"`.
@@ -65,21 +62,20 @@ import ml_collections
 import numpy as np
 import optax
 
+from memkernel import costs
+from memkernel import experiment as experiment_lib
+from memkernel import family as family_lib
+from memkernel import metrics as metrics_lib
+from memkernel import optim
+from memkernel import runs as runs_lib
 from memkernel.bench import report as bench_report
-from memkernel import peers as peers_lib
+from memkernel.kernel import family as kernel_family
 from memkernel.kernel import read as read_lib
 from memkernel.kernel import routing
-from memkernel import runs as runs_lib
 from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.config import KernelConfig
 from memkernel.kernel.model import KernelModel
 from memkernel.peers import PeerConfig
-from memkernel.kernel.state import init_memory
-from memkernel import optim
-from memkernel import metrics as metrics_lib
-from memkernel.kernel import family as kernel_family
-from memkernel import family as family_lib
-from memkernel import experiment as experiment_lib
 
 MODELS = ("kernel", "dense", "sliding_window", "scan")
 MODES = ("forward", "train", "scan", "decode")
@@ -87,7 +83,7 @@ MODES = ("forward", "train", "scan", "decode")
 SEQUENCE_COMPONENTS = bench_report.SEQUENCE_COMPONENTS
 EVENT_COMPONENTS = bench_report.EVENT_COMPONENTS
 COMPONENTS = SEQUENCE_COMPONENTS + EVENT_COMPONENTS
-RECURRENT_MODELS = ("kernel", "scan")
+KERNEL_VARIANTS = ("kernel", "scan")  # the kernel, and the kernel with its memory off
 QUADRATIC_MODELS = ("dense",)
 JSON_FILE, META_FILE, MD_FILE = "bench.json", "bench_meta.json", "bench.md"
 PLOT_FILES = bench_report.PLOT_FILES
@@ -193,7 +189,7 @@ class BenchConfig:
 
   def model_config(self, model: str, length: int):
     """The config of `model` with a capacity of at least `length` tokens."""
-    if model in RECURRENT_MODELS:
+    if model in KERNEL_VARIANTS:
       config = dataclasses.replace(self.kernel,
                                    max_seq_len=kernel_family.capacity(length, self.kernel.leaf_size))
       if model == "scan":
@@ -281,102 +277,29 @@ def _auto_memory_budget() -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# Analytic FLOP counts.
-
-
-def kernel_flops_by_part(config: KernelConfig, num_tokens: int, *, form: str = "parallel",
-                         train: bool = False) -> dict[str, int]:
-  """Matmul FLOPs (2 per multiply-add) of one pass of `KernelModel(config)` over one sequence.
-
-  Counted as the model computes them: trunk (R roots' gate, input and output projections), the
-  memory projections, leaf summaries (attention pooling), routing scores of every candidate the
-  beam scores (log2(N) + 1 Fenwick nodes, then 2K children per expansion, N = capacity in leaves;
-  with `route_descend=False` the Fenwick nodes only) with the routed tree value, the exact read
-  (logits and values over K * L tokens), the fusion projections, the MLP and the LM head.
-  Element-wise work (norms, gates, tree merges, the recurrence) is left out, as
-  `peers.peer_flops` leaves it out. Per token this is a + b * log2(N): O(T log T) for a sequence,
-  O(log n) per decoded token.
-
-  Args:
-    config: the model config (its `max_seq_len` sets the tree the router descends).
-    num_tokens: T.
-    form: 'parallel' (leaf summaries over all N leaf slots, as the parallel form pads them) or
-      'recurrent' (`scan` / `step`: one live-leaf summary per chunk of <= L tokens, 1-token chunks
-      for T = 1).
-    train: the forward + backward of a training step (3x the forward), with the training beam and,
-      if `teacher_weight > 0`, the dense routing teacher (O(T^2): a full attention over all tokens).
-  Returns:
-    {part: FLOPs}; `kernel_flops` is their sum.
-  """
-  if not isinstance(num_tokens, int) or num_tokens <= 0:
-    raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
-  if form not in ("parallel", "recurrent"):
-    raise ValueError(f"form must be 'parallel' or 'recurrent', got {form!r}")
-  c, t = config, num_tokens
-  d, r, v = c.d_model, c.num_roots, c.vocab_size
-  h, e, p, l, n = c.num_route_heads, c.read_dim, c.key_dim, c.leaf_size, c.num_leaves
-  k = c.effective_train_beam if train else c.beam_width
-  routed = c.use_tree_read or c.use_exact_read
-  parts = {"trunk": 3 * 2 * t * r * d * d, "mlp": 2 * 2 * t * d * c.mlp_hidden,
-           "fusion": 2 * t * d * 3 + 2 * t * h * e * d * (c.use_tree_read + c.use_exact_read)}
-  if routed:
-    parts["memory_proj"] = 2 * t * (c.proj_lags + 1) * d * h * (3 * e + 2 * p + 1)
-    summaries = n if form == "parallel" else -(-t // l)
-    parts["summarize"] = 2 * summaries * l * h * (p + e)
-    candidates = n.bit_length()
-    if c.route_descend:
-      steps = routing.num_expansions(n)
-      route = 2 * h * p * (candidates + steps * 2 * k) + (steps + 1) * 2 * h * k * e
-      if c.leaf_rerank:
-        route += 2 * h * 2 * k * l * e
-    else:  # Summaries only: one softmax-weighted read of every Fenwick node.
-      route = 2 * h * candidates * (p + e)
-    parts["route"] = t * route
-    if c.use_exact_read:
-      parts["exact_read"] = t * 2 * 2 * h * k * l * e
-  parts = {name: c.num_layers * f for name, f in parts.items()}
-  parts["head"] = 2 * t * d * v
-  if train:
-    parts = {name: 3 * f for name, f in parts.items()}
-    if c.teacher_weight > 0 and c.use_exact_read:
-      sealed = (t // l) * l
-      levels = sum(n >> lv for lv in range(n.bit_length()) if (n >> lv) >= 2)
-      parts["teacher"] = c.num_layers * (2 * t * sealed * h * e + 3 * 2 * t * h * p * levels)
-  return parts
-
-
-def kernel_flops(config: KernelConfig, num_tokens: int, *, form: str = "parallel",
-                 train: bool = False) -> int:
-  """Total of `kernel_flops_by_part` (one sequence; multiply by the batch size)."""
-  return sum(kernel_flops_by_part(config, num_tokens, form=form, train=train).values())
+# Analytic costs (`memkernel.costs`).
 
 
 def per_token_costs(bench: BenchConfig, lengths: Sequence[int]) -> list[dict]:
   """Analytic cost of one decoded token at each context length n: kernel vs dense attention.
 
-  Kernel: `kernel_flops` of a one-token `step` (recurrent form) at capacity n, its routing part
-  (O(log n): log2(N) + 1 Fenwick nodes, then 2K children per level) and everything else
-  (O(1)); memory = the `init_memory` pytree at capacity n (shapes only), per token of context.
-  Dense attention: a one-token decode over an n-token KV cache (projections, MLP, head, and QK/PV
-  against n keys per layer) and its KV cache per token. One sequence; float32.
+  FLOPs of a one-token `step` (recurrent form) at capacity n (`memkernel.costs`): the kernel's
+  routing part is O(log n) (log2(N) + 1 Fenwick nodes, then 2K children per level), the rest O(1);
+  dense attention scores its n-slot KV cache. State: the `init_memory` pytree at capacity n (shapes
+  only), per token of context. One sequence; float32.
   """
   rows = []
   for n in lengths:
     config = bench.model_config("kernel", n)
-    parts = kernel_flops_by_part(config, 1, form="recurrent")
-    memory = jax.eval_shape(lambda c=config: init_memory(c, 1))
-    state = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(memory))
+    parts = costs.flops_by_part(config, 1, form="recurrent")
     peer = bench.model_config("dense", n)
-    d = peer.d_model
-    dense = peers_lib.peer_flops(peer, 1) - peer.num_layers * 2 * 2 * d + \
-        peer.num_layers * 2 * 2 * n * d
     rows.append({
         "length": n, "tree_levels": config.num_leaves.bit_length(),
         "kernel_flops_per_token": sum(parts.values()),
         "kernel_route_flops_per_token": parts.get("route", 0),
-        "kernel_state_bytes_per_token": state / n,
-        "dense_flops_per_token": dense,
-        "dense_kv_bytes_per_token": 2 * peer.num_layers * d * 4,
+        "kernel_state_bytes_per_token": costs.state_bytes(config) / n,
+        "dense_flops_per_token": costs.flops(peer, 1, form="recurrent"),
+        "dense_kv_bytes_per_token": costs.state_bytes(peer) / n,
     })
   return rows
 
@@ -398,25 +321,22 @@ def per_token_costs_markdown(rows: Sequence[dict]) -> str:
 def point_flops(bench: BenchConfig, model: str, mode: str, length: int) -> int:
   """Analytic FLOPs of one call of a point (batch included)."""
   config = bench.model_config(model, length)
-  b = bench.batch_size
-  if model in RECURRENT_MODELS:
-    if mode == "decode":
-      return b * kernel_flops(config, 1, form="recurrent")
-    form = "recurrent" if mode == "scan" else "parallel"
-    return b * kernel_flops(config, length, form=form, train=mode == "train")
-  return b * peers_lib.peer_flops(config, length) * (3 if mode == "train" else 1)
+  if mode == "decode":
+    return bench.batch_size * costs.flops(config, 1, form="recurrent")
+  form = "recurrent" if mode == "scan" else "parallel"
+  return bench.batch_size * costs.flops(config, length, form=form, train=mode == "train")
 
 
 def component_flops(config: KernelConfig, name: str, length: int, batch_size: int) -> int:
   """Analytic FLOPs of one call of a kernel component (one layer)."""
   one_layer = dataclasses.replace(config, num_layers=1)
   if name in ("route", "exact_read", "summarize"):
-    return batch_size * kernel_flops_by_part(one_layer, length).get(name, 0)
+    return batch_size * costs.flops_by_part(one_layer, length).get(name, 0)
   if name in ("route_token", "read_token"):
     part = {"route_token": "route", "read_token": "exact_read"}[name]
-    return batch_size * kernel_flops_by_part(one_layer, 1).get(part, 0)
+    return batch_size * costs.flops_by_part(one_layer, 1).get(part, 0)
   if name == "seal":
-    return batch_size * kernel_flops_by_part(one_layer, 1, form="recurrent").get("summarize", 0)
+    return batch_size * costs.flops_by_part(one_layer, 1, form="recurrent").get("summarize", 0)
   return 0
 
 
@@ -491,21 +411,15 @@ class _MemoryProbe:
 
 
 def estimate_peak_bytes(bench: BenchConfig, model: str, mode: str, length: int) -> Optional[int]:
-  """A pre-compile estimate for dense attention's O(T^2) score buffers; None for the others.
+  """A pre-compile estimate of a parallel point's largest buffers (`costs.activation_bytes`:
+  dense attention's O(T^2) scores); None for the recurrent modes and the families without one.
 
-  `jax.nn.dot_product_attention` materialises [B, heads, T, T] float32 scores on CPU (logits,
-  mask, probabilities: ~3 live in a forward); a training step keeps each layer's for the
-  backward pass (measured: ~17.5 GB for d 256, 4 layers, 4 heads at 8k). With the peer's
-  `query_block` only one block's [B, heads, block, T] scores are live, forward or backward
-  (counted as ~4 such buffers: logits, mask, probabilities and their gradient).
+  (Measured on the CPU: a dense training step at d 256, 4 layers, 4 heads, 8k keeps ~17.5 GB.)
   """
-  if model not in QUADRATIC_MODELS:
+  if mode not in ("forward", "train"):
     return None
   config = bench.model_config(model, length)
-  if config.query_block and config.query_block < length:
-    return bench.batch_size * config.num_heads * config.query_block * length * 4 * 4
-  scores = bench.batch_size * config.num_heads * length * length * 4
-  return scores * (4 * config.num_layers if mode == "train" else 3)
+  return costs.activation_bytes(config, length, bench.batch_size, train=mode == "train")
 
 
 def xla_memory(compiled) -> Optional[dict[str, int]]:
@@ -595,9 +509,6 @@ def _prepare_model_point(models: _Models, model: str, mode: str, length: int) ->
   bench = models.bench
   b = bench.batch_size
   module, config = models.module(model, length)
-  if model not in RECURRENT_MODELS and mode in ("scan", "decode"):
-    raise Skip("attention peers have no recurrent form" if mode == "scan" else
-               "attention peers have no KV-cache decode form (a step would recompute the prefix)")
   params = models.params(model)
   tokens = models.tokens(length)
 
@@ -627,17 +538,18 @@ def _prepare_model_point(models: _Models, model: str, mode: str, length: int) ->
   scan = jax.jit(lambda p, x, mem: module.apply({"params": p}, x, mem, method=module.scan),
                  donate_argnums=2)
   if mode == "scan":
-    fresh = lambda: init_memory(config, b)
+    fresh = lambda: family_lib.init_memory(config, b)
     return _Prepared(scan, (params, tokens, fresh()),
                      lambda out, a: (a[0], a[1], fresh()), b * length, {})
 
-  # decode: prefill a whole number of leaves, then time steps that end at `length` tokens.
+  # decode: prefill a whole number of the family's alignment units (the kernel's leaves), then time
+  # steps that end at `length` tokens.
   steps = bench.warmup + bench.decode_steps
-  leaf = config.leaf_size
-  prefill = length - leaf * -(-steps // leaf)
+  align = family_lib.of_config(config).segment_align(config)
+  prefill = length - align * -(-steps // align)
   if prefill < 0:
     raise Skip(f"context {length} is shorter than the {steps} warm-up + timed decode steps")
-  memory = init_memory(config, b)
+  memory = family_lib.init_memory(config, b)
   # Tokens in the memory when each timed step starts: within one leaf (or so) below `length`.
   extra = {"context": length, "prefill_tokens": prefill,
            "context_timed": [prefill + bench.warmup, prefill + steps - 1]}
@@ -933,7 +845,8 @@ def _run_point(point: _Point, bench: BenchConfig, models: _Models, history: dict
                  f"{bench.quadratic_max_length}")
     estimate = estimate_peak_bytes(bench, point.model, point.mode, point.length)
     if estimate is not None and estimate > bench.max_memory_bytes:
-      raise Skip(f"estimated {estimate / 2**30:.2f} GiB of attention scores > memory budget "
+      raise Skip(f"estimated {estimate / 2**30:.2f} GiB of attention scores "
+                 f"(costs.activation_bytes) > memory budget "
                  f"{bench.max_memory_bytes / 2**30:.2f} GiB")
     repeats = bench.repeats
     if point.component in EVENT_COMPONENTS:

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from memkernel import family as family_lib
+from memkernel.kernel import costs
 from memkernel.kernel.config import KernelConfig
 from memkernel.kernel.fusion import source_names
 from memkernel.kernel.model import KernelModel
@@ -37,6 +38,8 @@ FAMILY = family_lib.Family(
     sources=source_names,
     with_capacity=_with_capacity,
     routes=True,
+    flops_by_part=costs.flops_by_part,
+    state_bytes_read=costs.state_bytes_read,
     segment_align=lambda config: config.leaf_size,
     boundaries=lambda c: {"trunk": family_lib.Boundary(c.trunk_boundary),
                           "tree": family_lib.Boundary(c.tree_boundary)},

@@ -167,7 +167,7 @@ class KernelModel(nn.Module):
   # Parallel form.
 
   def __call__(self, tokens, segments=None, *, oracle_leaves=None, train: bool = False,
-               interventions: Interventions = NONE, loss_mask=None):
+               interventions: Optional[Interventions] = NONE, loss_mask=None):
     """Parallel form.
 
     Args:
@@ -178,7 +178,7 @@ class KernelModel(nn.Module):
       oracle_leaves: optional int32 [B, T, A]; where a row holds a leaf >= 0, every head reads
         those leaves (the answer leaves of a probe) instead of its routed ones.
       train: use the training beam width and add the routing teacher loss.
-      interventions: run-time ablations.
+      interventions: run-time ablations (None: none).
       loss_mask: optional [B, T] weights of the positions the task loss scores; with
         `teacher_positions='scored'` the routing teacher trains the router at those positions
         only (training only; None: `teacher_queries` positions spread over the sequence).
@@ -187,9 +187,10 @@ class KernelModel(nn.Module):
       weights, runner_up [B, T, H, K], entropy, start_level, read_probs, read_active),
       aux["roots"] the per-layer root outputs [B, T, R, D], aux["gates"] the per-layer fusion
       gates [B, T, S] (in `source_names(config)` order), aux["losses"] extra weighted losses
-      for training and aux["metrics"] scalar diagnostics.
+      for training and `metrics` scalar diagnostics.
     """
     c = self.config
+    interventions = NONE if interventions is None else interventions
     self._check_tokens(tokens, 2, "tokens")
     family_lib.check_segments(segments, tokens.shape, c.leaf_size)
     b, t = tokens.shape

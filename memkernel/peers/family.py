@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from memkernel import family as family_lib
+from memkernel.peers import costs
 from memkernel.peers.config import PeerConfig
 from memkernel.peers.memory import init_memory
 from memkernel.peers.model import build_peer
@@ -32,6 +33,8 @@ def _family(name: str) -> family_lib.Family:
       with_capacity=_with_capacity,
       resumable_fields=("max_seq_len", "query_block"),
       boundaries=lambda config: {"attention": family_lib.Boundary(config.boundary)},
+      flops_by_part=costs.flops_by_part,
+      activation_bytes=costs.attention_bytes,
   )
 
 

@@ -309,26 +309,3 @@ def build_peer(config: PeerConfig) -> _PeerLM:
     return DenseTransformer(config)
   return SlidingWindowTransformer(config)
 
-
-def peer_flops(config: PeerConfig, seq_len: int) -> int:
-  """Matmul FLOPs (2*m*n*k each) of one forward pass of `build_peer(config)` on one sequence.
-
-  Counts the Q/K/V/output projections, the MLP, the attention scores (QK) and the weighted values
-  (PV) as actually computed, and the LM head; norms, softmax, RoPE and the embedding gather are
-  excluded. Dense attention computes every one of the T^2 scores (no causal savings on CPU); the
-  blockwise sliding window computes S keys for each of C*W padded queries (see
-  `sliding_window_blocking`). Multiply by the batch size for a batch.
-  """
-  if not isinstance(seq_len, int) or seq_len <= 0:
-    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-  d, t = config.d_model, seq_len
-  projections = 2 * t * d * (3 * d) + 2 * t * d * d
-  mlp = 2 * (2 * t * d * config.mlp_ratio * d)
-  if config.kind == "dense":
-    queries, keys_per_query = t, t
-  else:
-    block, num_blocks, keys_per_query = attention.sliding_window_blocking(t, config.window)
-    queries = block * num_blocks
-  attention_flops = 2 * (2 * queries * keys_per_query * d)  # QK and PV over all heads (N * H = D)
-  head = 2 * t * d * config.vocab_size
-  return config.num_layers * (projections + mlp + attention_flops) + head

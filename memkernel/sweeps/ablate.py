@@ -35,16 +35,17 @@ The memory state each configuration carries is reported per token: `state_bytes_
 the recurrent form's memory pytree (`init_memory` at the evaluation length's capacity, divided by
 the length; the same for every kernel configuration of one width), `state_bytes_per_token_read`
 counts only the fields the configuration reads (roots and conv always; the tree store when a read
-is on; the token cache with the exact read). The peers carry a KV cache: dense 2 * layers *
-d_model * 4 bytes per token, sliding window that times min(window, T) / T.
+is on; the token cache with the exact read). The peers carry their KV cache (dense: every
+position; sliding window: a ring of `window` positions). Both come from `memkernel.costs`.
 
 Evaluation: every length of a cell is evaluated on `eval.batches` batches of the harness's own
 evaluation stream (`fold_in(fold_in(key(seed), 2), batch)`, the batches `train.evaluate` uses) with
 the evaluation beam and no teacher. The training length comes from `train_and_evaluate` (which
-also runs the memory auditor on every trained kernel); the longer lengths from `evaluate` here,
-whose compiled step takes the batch key as an argument, so the seeds of one configuration share it.
-A peer whose attention would need more than `max_eval_memory_gb` at a length (dense: the
-[B, heads, T, T] scores) is recorded as skipped there, with the reason.
+also runs the memory auditor on every trained kernel); the longer lengths from
+`memkernel.evaluate`, whose compiled step takes the batch as an argument, so the seeds of one
+configuration share it. A model whose largest buffers would need more than `max_eval_memory_gb`
+at a length (`costs.activation_bytes`; dense attention's [B, heads, T, T] scores) is recorded as
+skipped there, with the reason.
 
 Outputs: `OUT/results.jsonl` (one row per task x model x length x seed), `OUT/results.md` (per
 task: accuracy by model and length, mean +- half the range over seeds; routing recall; the
@@ -58,7 +59,6 @@ checkpoint, so the sweep resumes after an interruption. Results cover every fini
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib
 import json
@@ -68,27 +68,20 @@ import time
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from memkernel import costs
+from memkernel import evaluate as evaluate_lib
+from memkernel import experiment as experiment_lib
 from memkernel import probes
-from memkernel import peers as peers_lib
 from memkernel import runs as runs_lib
 from memkernel import train as train_lib
+from memkernel.kernel import family as kernel_family
 from memkernel.kernel import fusion
 from memkernel.kernel.config import KernelConfig
 from memkernel.kernel.interventions import NONE, Interventions
-from memkernel.kernel.model import KernelModel
-from memkernel.kernel.state import init_memory, memory_bytes
-from memkernel import optim
-from memkernel import metrics as metrics_lib
-from memkernel.kernel import family as kernel_family
-from memkernel import family as family_lib
-from memkernel import experiment as experiment_lib
-from memkernel import evaluate as evaluate_lib
 
 FULL_KERNEL = "multi_root/sparse_retrieval+exact_read"
 WITHOUT_EXACT_READ = "multi_root/sparse_retrieval_without_exact_read"
@@ -136,7 +129,6 @@ RESULTS_FILE = "results.jsonl"
 TABLES_FILE = "results.md"
 ACCURACY_PLOT = "accuracy_vs_length.png"
 CURVES_PLOT = "learning_curves.png"
-_FLOAT_BYTES = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,15 +148,6 @@ def kernel_overrides(model: str, num_roots: int) -> dict[str, Any]:
   return dict(num_roots=1 if roots == "single_root" else num_roots, **_MEMORY[memory])
 
 
-@functools.lru_cache(maxsize=256)
-def count_kernel_params(config: KernelConfig) -> int:
-  """Parameters of `KernelModel(config)` (shapes only: `jax.eval_shape`, nothing compiled)."""
-  model = KernelModel(config)
-  tokens = jax.ShapeDtypeStruct((1, min(config.leaf_size, config.max_seq_len)), jnp.int32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)
-  return optim.count_params(shapes["params"])
-
-
 def match_mlp_dim(config: KernelConfig, target: int) -> KernelConfig:
   """`config` with the MLP width whose parameter count is closest to `target`.
 
@@ -172,8 +155,8 @@ def match_mlp_dim(config: KernelConfig, target: int) -> KernelConfig:
   parameters), so the counts at two widths give it everywhere.
   """
   width = config.mlp_hidden
-  base = count_kernel_params(dataclasses.replace(config, mlp_dim=width))
-  slope = count_kernel_params(dataclasses.replace(config, mlp_dim=width + 1)) - base
+  base = costs.num_params(dataclasses.replace(config, mlp_dim=width))
+  slope = costs.num_params(dataclasses.replace(config, mlp_dim=width + 1)) - base
   return dataclasses.replace(config, mlp_dim=max(1, width + round((target - base) / slope)))
 
 
@@ -268,28 +251,15 @@ def _config_hash(config: Mapping[str, Any], extra: Any = None) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def peer_eval_bytes(peer: peers_lib.PeerConfig, length: int, batch_size: int) -> int:
-  """Bytes of one attention layer's float32 scores and probabilities at `length` (the peers'
-  evaluation memory, which dense attention makes quadratic)."""
-  if peer.kind == "dense":
-    queries, keys = length, length
-  else:
-    block, blocks, keys = peers_lib.sliding_window_blocking(length, peer.window)
-    queries = block * blocks
-  return 2 * batch_size * peer.num_heads * queries * keys * _FLOAT_BYTES
-
-
 def _skip_reason(experiment: experiment_lib.Experiment, length: int, budget_gb: float) -> Optional[str]:
-  if experiment.family.routes:
+  """Why a length is not evaluated: the family's largest buffers (`costs.activation_bytes`, e.g.
+  dense attention's [B, heads, T, T] scores) over `max_eval_memory_gb`; None if it fits."""
+  model = experiment.model_for_length(length)
+  need = costs.activation_bytes(model, length, experiment.eval.batch_size)
+  if need is None or need <= budget_gb * 2**30:
     return None
-  peer = experiment.model_for_length(length)
-  need = peer_eval_bytes(peer, length, experiment.eval.batch_size)
-  if need <= budget_gb * 2**30:
-    return None
-  what = ("[B, heads, T, T] attention scores" if peer.kind == "dense"
-          else "blockwise attention scores")
-  return (f"{peer.kind} attention at T={length} needs ~{need / 2**30:.1f} GB for its float32 "
-          f"{what} (eval.batch_size={experiment.eval.batch_size}, {peer.num_heads} heads), over "
+  return (f"{experiment.model_type} at T={length} needs ~{need / 2**30:.1f} GB for its largest "
+          f"buffers (eval.batch_size={experiment.eval.batch_size}), over "
           f"max_eval_memory_gb={budget_gb:g}")
 
 
@@ -382,7 +352,7 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
           raise ValueError(f"{task} / {model}: {e}") from e
         if match and model not in PEERS + (ORACLE, FULL_KERNEL):
           if full is None:  # The budget: the full multi-root kernel's parameter count.
-            full = count_kernel_params(
+            full = costs.num_params(
                 experiment_lib.parse_config(cell_config(config, task, FULL_KERNEL, seed)).model)
           raw.model.mlp_dim = match_mlp_dim(experiment.model, full).mlp_dim
         train_len = experiment.task.seq_len
@@ -425,7 +395,7 @@ def parameter_budget(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]
   out = {}
   for cell in sweep.cells:
     model_config = KernelConfig.from_dict(cell.config["model"])
-    out[cell.model] = {"params": count_kernel_params(model_config),
+    out[cell.model] = {"params": costs.num_params(model_config),
                        "mlp_dim": model_config.mlp_hidden}
   return {model: out[model] for model in KERNEL_MODELS}
 
@@ -434,59 +404,23 @@ def parameter_budget(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]
 # State per token.
 
 
-# Parts of a `LayerMemory` (part.field) each configuration reads.
-_ALWAYS_READ = ("trunk.roots_BRD", "trunk.conv_BWD")
-_TREE_FIELDS = ("live.rk_BLHP", "live.pool_BLH", "tree.node_keys_BSHP", "tree.node_vals_BSHE",
-                "tree.node_sal_BSH")
-_EXACT_FIELDS = ("live.k_BLHE", "live.v_BLHE", "cache.k_BNLHE", "cache.v_BNLHE")
-
-
-def _layer_field(layer, path: str):
-  part, field = path.split(".")
-  return getattr(getattr(layer, part), field)
-
-
-def state_bytes(model_config: Union[KernelConfig, peers_lib.PeerConfig], length: int,
+def state_bytes(model_config: Any, length: int,
                 interventions: Interventions = NONE) -> dict[str, Any]:
-  """Memory-state bytes per token of one sequence of `length` tokens.
+  """Memory-state bytes per token of one sequence of `length` tokens, for any family.
 
   Args:
     model_config: the model at `length` (its capacity).
     length: tokens in the sequence.
-    interventions: a read they switch off is not counted as read.
+    interventions: a source they drop is not counted as read.
 
   Returns:
-    {"state_bytes_per_token": the state the model carries, "state_bytes_per_token_read": the part
-    its configuration reads, "state_bytes_formula": how they are computed}. Kernel: the
-    `init_memory` pytree at `model_config`'s capacity (shapes only) / length. Peers: the KV cache.
+    {"state_bytes_per_token": the recurrent form's memory (`init_memory` at the capacity, shapes
+    only) / length, "state_bytes_per_token_read": the part its configuration reads
+    (`costs.state_bytes_read`), "state_bytes_formula": how they are computed}.
   """
-  if isinstance(model_config, peers_lib.PeerConfig):
-    per_token = 2 * model_config.num_layers * model_config.d_model * _FLOAT_BYTES
-    if model_config.kind == "dense":
-      return {"state_bytes_per_token": per_token, "state_bytes_per_token_read": per_token,
-              "state_bytes_formula": "KV cache: 2 * layers * d_model * 4"}
-    held = per_token * min(model_config.window, length) / length
-    return {"state_bytes_per_token": held, "state_bytes_per_token_read": held,
-            "state_bytes_formula": "KV cache of the window: 2 * layers * d_model * 4 * "
-                                   "min(window, T) / T"}
-  memory = jax.eval_shape(functools.partial(init_memory, model_config, 1))
-  read = sum(x.size * x.dtype.itemsize
-             for x in (memory.num_tokens, memory.segment_B, memory.doc_start_B))
-  fields = list(_ALWAYS_READ)
-  kept = [s for s in family_lib.of_config(model_config).sources(model_config)
-          if s not in interventions.drop]
-  tree_read, exact_read = "tree" in kept, "exact" in kept
-  if tree_read or exact_read:  # The exact read is routed through the tree.
-    fields += _TREE_FIELDS
-    read += memory.node_span_S2.size * memory.node_span_S2.dtype.itemsize
-    read += memory.leaf_doc_BN.size * memory.leaf_doc_BN.dtype.itemsize
-  if exact_read:
-    fields += _EXACT_FIELDS
-  for layer in memory.layers:
-    read += sum(_layer_field(layer, f).size * _layer_field(layer, f).dtype.itemsize
-                for f in fields)
-  return {"state_bytes_per_token": memory_bytes(memory) / length,
-          "state_bytes_per_token_read": read / length,
+  return {"state_bytes_per_token": costs.state_bytes(model_config) / length,
+          "state_bytes_per_token_read":
+              costs.state_bytes_read(model_config, interventions.drop) / length,
           "state_bytes_formula": f"init_memory(capacity {model_config.max_seq_len}) / T"}
 
 
@@ -494,67 +428,13 @@ def state_bytes(model_config: Union[KernelConfig, peers_lib.PeerConfig], length:
 # Evaluation.
 
 
-@dataclasses.dataclass(frozen=True)
-class _WithInterventions:
-  """A kernel whose `apply` runs under fixed interventions (for `train.forward_metrics`)."""
-
-  model: KernelModel
-  interventions: Interventions
-
-  @property
-  def config(self) -> KernelConfig:
-    return self.model.config
-
-  def apply(self, variables, *args, **kwargs):
-    return self.model.apply(variables, *args, interventions=self.interventions, **kwargs)
-
-
-# Batches are generated outside the model's compiled step: generating a long batch compiles for
-# seconds, once per task and length, and the step is then shared by every task and seed.
-_generate = jax.jit(probes.generate, static_argnums=(0, 2))
-
-
-@functools.lru_cache(maxsize=64)
-def _metrics_fn(model_config: Any, oracle: bool,
-                interventions: Interventions, mesh: Mesh):
-  model = family_lib.build(model_config)
-  if interventions != NONE:
-    model = _WithInterventions(model, interventions)
-  batch_sharding = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
-
-  def metrics(params, batch):
-    return metrics_lib.forward_metrics(model, params, batch, train=False, oracle=oracle)[1]
-
-  return jax.jit(metrics, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
-
-
 def evaluate(experiment: experiment_lib.Experiment, params, lengths: Sequence[int], *,
              interventions: Interventions = NONE,
              mesh: Optional[Mesh] = None) -> dict[str, dict[str, float]]:
-  """`train.evaluate` (the same batches and metrics), optionally under `interventions`.
-
-  The batches are generated apart from the model's compiled step, which takes them as an
-  argument, so every task and seed of one model configuration shares one compilation per length.
-
-  Returns:
-    {str(length): {metric: mean over batches}}.
-  """
-  if interventions != NONE and not experiment.family.routes:
-    raise ValueError(f"interventions need a memory-kernel model, not {experiment.model_type!r}")
-  mesh = mesh or evaluate_lib.make_mesh()
-  ev = experiment.eval
-  # The harness's evaluation stream, so these are the batches `train.evaluate` draws.
-  eval_key = experiment_lib.eval_key(experiment.train.seed)
-  results = {}
-  for length in lengths:
-    step = _metrics_fn(experiment.model_for_length(length), ev.oracle, interventions, mesh)
-    task = experiment.task_for_length(length)
-    per_batch = jax.device_get([
-        step(params, _generate(task, jax.random.fold_in(eval_key, i), ev.batch_size))
-        for i in range(ev.batches)])
-    results[str(length)] = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
-  return results
+  """`evaluate.evaluate` (the harness's batches and metrics) under the cell's `interventions`."""
+  return evaluate_lib.evaluate(experiment, params, lengths=lengths,
+                               interventions=None if interventions == NONE else interventions,
+                               mesh=mesh)
 
 
 def _is_out_of_memory(error: Exception) -> bool:
@@ -659,8 +539,7 @@ def _run_cell(cell: Cell, out_dir: str, command: str, mesh: Mesh) -> dict:
                                 f"{experiment_lib.EVAL_FILE} yet")
       summary = {"failed": f"{cell.source}: {failed}"}
   if "failed" in summary:
-    summary.update(step=None, num_params=optim.count_params(
-        jax.eval_shape(functools.partial(optim.init_state, experiment)).params))
+    summary.update(step=None, num_params=costs.num_params(experiment.model))
   lengths = {}
   todo = [length for length in cell.lengths
           if length not in cell.skipped and "failed" not in summary]

@@ -176,11 +176,14 @@ class SweepConfigTest(parameterized.TestCase):
       ablate_config.get_config("big")
 
   def test_state_bytes(self):
-    dense = PeerConfig(kind="dense", d_model=64, num_layers=2)
-    self.assertEqual(ablate.state_bytes(dense, 1024)["state_bytes_per_token"], 2 * 2 * 64 * 4)
-    window = PeerConfig(kind="sliding_window", d_model=64, num_layers=2, window=64)
+    # The KV cache (K and V per layer), each slot's document, the current document and position.
+    dense = PeerConfig(kind="dense", d_model=64, num_layers=2, max_seq_len=1024)
+    self.assertEqual(ablate.state_bytes(dense, 1024)["state_bytes_per_token"],
+                     (1024 * (2 * 2 * 64 * 4 + 4) + 4 + 4) / 1024)
+    window = PeerConfig(kind="sliding_window", d_model=64, num_layers=2, window=64,
+                        max_seq_len=256)
     self.assertEqual(ablate.state_bytes(window, 256)["state_bytes_per_token"],
-                     2 * 2 * 64 * 4 * 64 / 256)
+                     (64 * (2 * 2 * 64 * 4 + 4) + 4 + 4) / 256)
     config = ablate.parse_config(ablate_config.get_config("smoke")).cells[0].config
     full = experiment_lib.parse_config(config).model
     no_memory = full.__class__(**{**full.to_dict(), "use_tree_read": False,
@@ -329,7 +332,8 @@ class SmokeSweepTest(absltest.TestCase):
         self.assertIsNone(ablated["audit"])
         self.assertIsNone(dense["routing_recall"])
         self.assertIsNone(dense["audit"])
-        self.assertEqual(dense["state_bytes_per_token"], 2 * 1 * 16 * 4)  # dense KV cache
+        # The dense KV cache: K and V, and each slot's document.
+        self.assertAlmostEqual(dense["state_bytes_per_token"], 2 * 1 * 16 * 4 + 4, delta=1)
         audit = full["audit"]
         self.assertEqual(audit["length"], 64)
         self.assertContainsSubset(("exact", "tree", "memory", "root_0", "root_1"),
