@@ -9,13 +9,13 @@ is traced; every invalid value raises `ValueError` naming its section, field and
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Optional, Union
 
 import jax
 import ml_collections
 
 from memkernel import family as family_lib
+from memkernel import fields
 from memkernel import probes
 
 SCHEDULES = ("cosine", "constant")
@@ -25,33 +25,6 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 # Independent random streams derived from train.seed.
 INIT_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2
-
-
-def check_int(section: str, name: str, value: Any, minimum: Optional[int]) -> None:
-  if not isinstance(value, int) or isinstance(value, bool):
-    raise ValueError(f"{section}.{name} must be an integer, got {value!r}")
-  if minimum is not None and value < minimum:
-    raise ValueError(f"{section}.{name} must be >= {minimum}, got {value!r}")
-
-
-def check_number(section: str, name: str, value: Any, minimum: float, strict: bool) -> None:
-  if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-    raise ValueError(f"{section}.{name} must be a finite number, got {value!r}")
-  if value < minimum or (strict and value == minimum):
-    raise ValueError(f"{section}.{name} must be {'>' if strict else '>='} {minimum}, got {value!r}")
-
-
-def from_mapping(cls, section: str, values: Mapping[str, Any]):
-  if hasattr(values, "to_dict"):
-    values = values.to_dict()
-  if not isinstance(values, Mapping):
-    raise ValueError(f"config.{section} must be a mapping, got {type(values).__name__}")
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"config.{section} got unknown field(s) {unknown}; known fields: "
-                     f"{sorted(known)}")
-  return cls(**dict(values))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,14 +73,14 @@ class TrainConfig:
 
   def __post_init__(self):
     s = "train"
-    check_int(s, "seed", self.seed, 0)
+    fields.check_int(s, "seed", self.seed, 0)
     for name in ("steps", "warmup_steps", "decay_steps", "eval_every", "narrow_beam_at"):
-      check_int(s, name, getattr(self, name), 0)
+      fields.check_int(s, name, getattr(self, name), 0)
     for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints", "max_nonfinite"):
-      check_int(s, name, getattr(self, name), 1)
-    check_number(s, "lr", self.lr, 0.0, strict=True)
-    check_number(s, "weight_decay", self.weight_decay, 0.0, strict=False)
-    check_number(s, "clip_norm", self.clip_norm, 0.0, strict=False)
+      fields.check_int(s, name, getattr(self, name), 1)
+    fields.check_number(s, "lr", self.lr, 0.0, strict=True)
+    fields.check_number(s, "weight_decay", self.weight_decay, 0.0, strict=False)
+    fields.check_number(s, "clip_norm", self.clip_norm, 0.0, strict=False)
     if self.schedule not in SCHEDULES:
       raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if not isinstance(self.oracle, bool):
@@ -115,7 +88,7 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-    return from_mapping(cls, "train", values)
+    return fields.from_mapping(cls, values, "config.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,22 +112,22 @@ class EvalConfig:
   audit_batches: int = 0
 
   def __post_init__(self):
-    check_int("eval", "batches", self.batches, 1)
-    check_int("eval", "audit_batches", self.audit_batches, 0)
-    check_int("eval", "batch_size", self.batch_size, 1)
+    fields.check_int("eval", "batches", self.batches, 1)
+    fields.check_int("eval", "audit_batches", self.audit_batches, 0)
+    fields.check_int("eval", "batch_size", self.batch_size, 1)
     if isinstance(self.lengths, int) or not isinstance(self.lengths, (tuple, list)) or not (
         self.lengths):
       raise ValueError(f"eval.lengths must be a non-empty tuple of sequence lengths, "
                        f"got {self.lengths!r}")
     for length in self.lengths:
-      check_int("eval", "lengths", length, 1)
+      fields.check_int("eval", "lengths", length, 1)
     object.__setattr__(self, "lengths", tuple(self.lengths))
     if not isinstance(self.oracle, bool):
       raise ValueError(f"eval.oracle must be a bool, got {self.oracle!r}")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "EvalConfig":
-    return from_mapping(cls, "eval", values)
+    return fields.from_mapping(cls, values, "config.eval")
 
 
 

@@ -71,6 +71,8 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from memkernel import fields
+
 TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare")
 DISTANCES = ("power_law", "uniform")
 COMPARE_TARGETS = ("max", "order")
@@ -245,13 +247,7 @@ class TaskConfig:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TaskConfig":
     """Builds a config from a mapping (e.g. a `ConfigDict`), rejecting unknown fields."""
-    if hasattr(values, "to_dict"):
-      values = values.to_dict()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"TaskConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**dict(values))
+    return fields.from_mapping(cls, values)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from memkernel import family as family_lib
+from memkernel import fields
 from memkernel.outputs import Outputs
 
 
@@ -108,11 +109,7 @@ class ToyModel(nn.Module):
 
 def _from_dict(values: Mapping[str, Any], name: str) -> ToyConfig:
   del name
-  known = {f.name for f in dataclasses.fields(ToyConfig)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    raise ValueError(f"ToyConfig got unknown field(s) {unknown}")
-  return ToyConfig(**values)
+  return fields.from_mapping(ToyConfig, values)
 
 
 FAMILY = family_lib.Family(

@@ -65,6 +65,7 @@ import optax
 from memkernel import costs
 from memkernel import experiment as experiment_lib
 from memkernel import family as family_lib
+from memkernel import fields
 from memkernel import metrics as metrics_lib
 from memkernel import optim
 from memkernel import runs as runs_lib
@@ -217,11 +218,11 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Bench
     raise ValueError(f"bench config fields must be {list(_FIELDS)}; unknown: {unknown}, "
                      f"missing: {missing}")
   for name in ("batch_size", "warmup", "repeats", "decode_steps", "ceiling_size"):
-    experiment_lib.check_int("config", name, config[name], 1)
+    fields.check_int("config", name, config[name], 1)
   for name in ("seed", "quadratic_max_length"):
-    experiment_lib.check_int("config", name, config[name], 0)
-  experiment_lib.check_number("config", "max_point_s", config["max_point_s"], 0.0, strict=True)
-  experiment_lib.check_number("config", "max_memory_gb", config["max_memory_gb"], 0.0, strict=False)
+    fields.check_int("config", name, config[name], 0)
+  fields.check_number("config", "max_point_s", config["max_point_s"], 0.0, strict=True)
+  fields.check_number("config", "max_memory_gb", config["max_memory_gb"], 0.0, strict=False)
   for name in ("components", "observability"):
     if not isinstance(config[name], bool):
       raise ValueError(f"config.{name} must be a bool, got {config[name]!r}")
@@ -242,9 +243,9 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Bench
     if peer.get(name) != getattr(kernel, name):
       raise ValueError(f"config.peer.{name}={peer.get(name)!r} must equal config.model.{name}="
                        f"{getattr(kernel, name)!r}: peers are measured at the kernel's size")
-  targets = experiment_lib.from_mapping(Targets, "targets", config["targets"])
+  targets = fields.from_mapping(Targets, config["targets"], "config.targets")
   for f in dataclasses.fields(Targets):
-    experiment_lib.check_int("targets", f.name, getattr(targets, f.name), 1)
+    fields.check_int("targets", f.name, getattr(targets, f.name), 1)
   return BenchConfig(
       models=_parse_names("models", config["models"], MODELS),
       modes=_parse_names("modes", config["modes"], MODES),

@@ -14,6 +14,8 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from memkernel import fields
+
 _SCAN_IMPLS = ("associative", "linear")
 _TEACHER_POSITIONS = ("scored", "all")
 _TREE_MERGES = ("pooled", "mean")
@@ -263,13 +265,7 @@ class KernelConfig:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "KernelConfig":
     """Builds a config from a mapping (e.g. a `ConfigDict`), rejecting unknown fields."""
-    if hasattr(values, "to_dict"):
-      values = values.to_dict()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"KernelConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**dict(values))
+    return fields.from_mapping(cls, values)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from memkernel import fields
+
 KINDS = ("dense", "sliding_window")
 BOUNDARIES = ("reset", "carry")
 
@@ -87,13 +89,7 @@ class PeerConfig:
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "PeerConfig":
     """Builds a config from a mapping (e.g. a `ConfigDict`), rejecting unknown fields."""
-    if hasattr(values, "to_dict"):
-      values = values.to_dict()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"PeerConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**dict(values))
+    return fields.from_mapping(cls, values)
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
