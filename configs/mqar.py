@@ -7,6 +7,10 @@ Run (minutes on a 2-core CPU, docs/results/mqar_main/; add `:smoke` for a second
   python -m experiments.train --config=configs/mqar.py:oracle --workdir=/tmp/mqar_oracle
   python -m experiments.train --config=configs/mqar.py \\
       --config.eval.lengths='(512, 2048, 8192)' --workdir=/tmp/mqar_long
+
+`--config.task.layout=scattered` puts the pairs at random places of the first half and the
+queries in the second, so the answer leaf moves (`memkernel.probes`); the Zoology layout keeps
+every answer in the first 2 * 32 / 16 = 4 leaves.
 """
 
 from configs import common

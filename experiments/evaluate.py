@@ -50,7 +50,8 @@ def main(argv):
   for length, metrics in result["lengths"].items():
     print(f"length {length}{beam}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in sorted(metrics.items())
-        if k in ("accuracy", "loss") or k.endswith("routing_recall")))
+        if k in ("accuracy", "accuracy_se", "queries", "loss") or k.endswith("routing_recall")
+        or k.endswith("routing_recall_blind")))
   result["command"] = "python -m experiments.evaluate " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   runs.write_json(out, result)

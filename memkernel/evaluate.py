@@ -61,7 +61,8 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     mesh: the devices the batch is sharded over (default: every local device).
 
   Returns:
-    {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`.
+    {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`; `queries`
+    is the number of scored positions and `accuracy_se` the accuracy's standard error over them.
   """
   if interventions is not None and not experiment.family.sources(experiment.model):
     raise ValueError(f"interventions drop memory sources; the {experiment.model_type!r} family "
@@ -76,5 +77,15 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     per_batch = jax.device_get([
         step(params, _generate(task, jax.random.fold_in(key, i), ev.batch_size))
         for i in range(ev.batches)])
-    results[str(length)] = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
+    results[str(length)] = _summary(per_batch)
   return results
+
+
+def _summary(per_batch: Sequence[dict]) -> dict[str, float]:
+  """Means over batches; `queries` summed, and the accuracy's binomial standard error over them."""
+  out = {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
+  queries = float(np.sum([m["queries"] for m in per_batch]))
+  out["queries"] = queries
+  p = out["accuracy"]
+  out["accuracy_se"] = float(np.sqrt(p * (1.0 - p) / max(queries, 1.0)))
+  return out

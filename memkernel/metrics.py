@@ -25,11 +25,30 @@ def routing_recall(leaves_BTHK: jax.Array, answer_leaves_BTA: jax.Array,
   return jnp.sum(hit & want) / jnp.maximum(jnp.sum(want), 1)
 
 
-def routing_metrics(routes: Optional[Sequence[Optional[RouteTrace]]], batch: Mapping[str, jax.Array], leaf_size: int) -> dict:
-  """Per-layer routing recall, distinct leaves read per token and routing sparsity.
+def query_blind_recall(answer_leaves_BTA: jax.Array, mask_BT: jax.Array, slots: int,
+                       num_leaves: int) -> jax.Array:
+  """The routing recall of the best router that ignores the query: one fixed set of `slots`
+  leaves for every scored position, the `slots` most frequent answer leaves of this batch.
 
-  Sparsity is (distinct leaves read) / (leaves sealed) per token, averaged over tokens that see at
-  least one sealed leaf.
+  An upper bound for any query-blind router with that many slots (it knows the batch's answers'
+  distribution), so recall above it is finding. On Zoology's MQAR layout, whose answers sit in
+  the first leaves, it is ~1; where the answer moves it falls with the number of leaves.
+  """
+  want = (answer_leaves_BTA >= 0) & (mask_BT[..., None] > 0)
+  ids = jnp.where(want, answer_leaves_BTA, num_leaves).reshape(-1)
+  counts = jnp.zeros((num_leaves + 1,), jnp.float32).at[ids].add(1.0)[:num_leaves]
+  best = jax.lax.top_k(counts, min(slots, num_leaves))[0]
+  return jnp.sum(best) / jnp.maximum(jnp.sum(want), 1)
+
+
+def routing_metrics(routes: Optional[Sequence[Optional[RouteTrace]]], batch: Mapping[str, jax.Array], leaf_size: int) -> dict:
+  """Per-layer routing recall (all heads, each head), its query-blind baseline, distinct leaves
+  read per token and routing sparsity.
+
+  `routing_recall/head_h` counts head h's own K slots; `routing_recall_blind` is
+  `query_blind_recall` with the layer's H * K slots and `routing_recall_blind/head` with K, the
+  baselines of the two. Sparsity is (distinct leaves read) / (leaves sealed) per token, averaged
+  over tokens that see at least one sealed leaf.
   """
   metrics = {}
   t = batch["tokens"].shape[1]
@@ -40,8 +59,17 @@ def routing_metrics(routes: Optional[Sequence[Optional[RouteTrace]]], batch: Map
     if layer is None:
       continue
     leaves = layer.leaves
-    metrics[f"layer_{i}/routing_recall"] = routing_recall(
-        leaves, batch["answer_leaves"], batch["mask"])
+    answers, mask = batch["answer_leaves"], batch["mask"]
+    metrics[f"layer_{i}/routing_recall"] = routing_recall(leaves, answers, mask)
+    heads, slots = leaves.shape[2], leaves.shape[3]
+    for h in range(heads):
+      metrics[f"layer_{i}/routing_recall/head_{h}"] = routing_recall(
+          leaves[:, :, h:h + 1], answers, mask)
+    num_leaves = -(-t // leaf_size)
+    metrics[f"layer_{i}/routing_recall_blind"] = query_blind_recall(
+        answers, mask, heads * slots, num_leaves)
+    metrics[f"layer_{i}/routing_recall_blind/head"] = query_blind_recall(
+        answers, mask, slots, num_leaves)
     flat = jnp.sort(leaves.reshape(leaves.shape[:2] + (-1,)), axis=-1)
     new = jnp.concatenate([jnp.ones_like(flat[..., :1], bool), flat[..., 1:] != flat[..., :-1]],
                           axis=-1)
@@ -77,7 +105,7 @@ def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *,
   accuracy = jnp.sum((jnp.argmax(logits, -1) == batch["targets"]) * mask) / denom
   losses = out.losses if train else {}
   objective = loss + sum(losses.values())
-  metrics = {"loss": loss, "accuracy": accuracy}
+  metrics = {"loss": loss, "accuracy": accuracy, "queries": jnp.sum(mask)}
   metrics.update({f"loss/{k}": v for k, v in losses.items()})
   metrics.update(out.metrics)
   if out.routes is not None:

@@ -27,7 +27,7 @@ Token layout. Tokens [0, NUM_SPECIAL) are reserved and never used as content or 
 `noisy_retrieval` and `far_compare`:
   0 PAD, 1 SEP (copy separator), 2 MARKER (noisy_retrieval, far_compare), 3 LESS and 4 GREATER
   (far_compare's 'order' answers); the rest of the block is unused.
-`mqar` follows Zoology exactly and ignores the block; `copy` uses only PAD and SEP.
+`mqar` follows Zoology exactly and ignores the block; `passkey` uses MARKER; `copy` uses only PAD and SEP.
 
 Tasks (V = vocab_size, n = num_pairs):
   mqar             (Zoology multi-query associative recall) k1 v1 ... kn vn with keys drawn without
@@ -38,7 +38,12 @@ Tasks (V = vocab_size, n = num_pairs):
                    replacement with p(g) ∝ a (g + 1)^(a - 1) ('power_law', a = power_a) or uniformly
                    ('uniform'); as in Zoology, the j-th draw queries key j. Target at a query: the key's
                    value. Answer leaf: the leaf of the value token, (2i + 1) // leaf_size. Filler re-uses
-                   keys and values (distractors grow with T, on purpose).
+                   keys and values (distractors grow with T, on purpose). With layout 'scattered'
+                   the answer moves: the n pairs "k v" sit at random non-overlapping places of the
+                   leaf-aligned first half (keys from [1, V/2), values from [V/2, V), as in
+                   Zoology), filler comes from [V/2, V) only (a key appears in its pair and at its
+                   query alone), and n queries sit at random places of the second half, in an
+                   order independent of the pairs'. Answer leaf: the leaf of the value token.
   copy             a segment of c = copy_len tokens from [2, V), SEP, the segment again, PAD to T.
                    Position c + j (SEP for j = 0, else the (j-1)-th copied token) must output segment
                    token j; all c copied positions are scored. Answer leaf: j // leaf_size.
@@ -60,6 +65,10 @@ Tasks (V = vocab_size, n = num_pairs):
                    max(a_k, b_k) by token id (compare_target 'max'), or GREATER if a_k > b_k else
                    LESS ('order', one bit per query). a_k != b_k. Answer leaves: (leaf of a_k, leaf
                    of b_k).
+  passkey          one fact in long filler: filler from [NUM_SPECIAL, V); "MARKER v" (v from the
+                   same range) at a uniformly random place before the last leaf; the last token is
+                   MARKER, whose target is v. One scored position per sequence. Answer leaf: the
+                   leaf of v.
 """
 
 from __future__ import annotations
@@ -73,8 +82,9 @@ import jax.numpy as jnp
 
 from memkernel import fields
 
-TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare")
+TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare", "passkey")
 DISTANCES = ("power_law", "uniform")
+LAYOUTS = ("zoology", "scattered")
 COMPARE_TARGETS = ("max", "order")
 
 PAD = 0
@@ -103,7 +113,11 @@ class TaskConfig:
     seq_len: tokens per sequence (T).
     num_pairs: key-value pairs (mqar, noisy_retrieval) or trigger bigrams (induction, capped by what
       fits in the first half).
-    distance: how mqar query gaps are drawn: 'power_law' (Zoology) or 'uniform'.
+    distance: how mqar query gaps are drawn: 'power_law' (Zoology) or 'uniform' (the Zoology
+      layout only).
+    layout: mqar's layout: 'zoology' (the pairs first, queries after them) or 'scattered' (the
+      pairs at random places in the first half, the queries at random places in the second, so
+      the answer leaf moves; keys appear only in their pair and at their query).
     power_a: Zoology's power-law exponent a, p(gap index g) ∝ a (g + 1)^(a - 1); must be > 0.
     leaf_size: tokens per memory leaf; answer leaves are position // leaf_size, and query regions start
       on leaf boundaries.
@@ -118,6 +132,7 @@ class TaskConfig:
   seq_len: int = 512
   num_pairs: int = 32
   distance: str = "power_law"
+  layout: str = "zoology"
   power_a: float = 0.01
   leaf_size: int = 16
   copy_len: int = 0
@@ -135,6 +150,11 @@ class TaskConfig:
       raise ValueError(f"TaskConfig.copy_len must be a non-negative integer, got {self.copy_len!r}")
     if self.distance not in DISTANCES:
       raise ValueError(f"TaskConfig.distance must be one of {DISTANCES}, got {self.distance!r}")
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"TaskConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+    if self.layout != "zoology" and self.name != "mqar":
+      raise ValueError(f"TaskConfig.layout={self.layout!r} applies to mqar only, not "
+                       f"{self.name!r}")
     if (not isinstance(self.power_a, (int, float)) or isinstance(self.power_a, bool)
         or not self.power_a > 0):
       raise ValueError(f"TaskConfig.power_a must be a number > 0, got {self.power_a!r}")
@@ -151,6 +171,13 @@ class TaskConfig:
     n, V = self.num_pairs, self.vocab_size
     if V // 2 - 1 < n:
       raise self._too_small("vocab_size", f"{n} distinct keys need V // 2 - 1 >= num_pairs")
+    if self.layout == "scattered":
+      split = self.scattered_split
+      if split < 2 * n or self.seq_len - split < n:
+        raise self._too_small(
+            "seq_len", f"{n} pairs need {2 * n} tokens in the leaf-aligned first half ({split}) "
+            f"and {n} queries {n} tokens in the rest ({self.seq_len - split})")
+      return
     if self.mqar_gap_slots < n:
       raise self._too_small(
           "seq_len", f"the kv block ends at {2 * n}, queries start at leaf boundary "
@@ -185,6 +212,13 @@ class TaskConfig:
           "seq_len", f"{n} triples need {3 * n} tokens in the leaf-aligned first 3/4 "
           f"({context}) and {n} queries {2 * n} tokens in the rest ({self.seq_len - context})")
 
+  def _validate_passkey(self):
+    if self.vocab_size < NUM_SPECIAL + 2:
+      raise self._too_small("vocab_size", f"the filler and the key come from [{NUM_SPECIAL}, V)")
+    if self.passkey_query_start < 2:
+      raise self._too_small("seq_len", f"the fact (2 tokens) must fit before the query's leaf "
+                            f"(leaf_size={self.leaf_size})")
+
   def _validate_far_compare(self):
     n = self.num_compares
     if self.vocab_size - NUM_SPECIAL < max(n, 2):
@@ -207,6 +241,16 @@ class TaskConfig:
   def mqar_gap_slots(self) -> int:
     """Number of stride-2 query slots after `mqar_query_start`."""
     return (self.seq_len - self.mqar_query_start) // 2
+
+  @property
+  def scattered_split(self) -> int:
+    """Scattered mqar: where the query half starts, the leaf boundary at or before seq_len / 2."""
+    return _leaf_floor(self.seq_len // 2, self.leaf_size)
+
+  @property
+  def passkey_query_start(self) -> int:
+    """Passkey: the start of the last leaf, which holds the query; the fact lies before it."""
+    return _leaf_floor(self.seq_len - 1, self.leaf_size)
 
   @property
   def effective_copy_len(self) -> int:
@@ -242,6 +286,7 @@ class TaskConfig:
         "induction": self.induction_pairs,
         "noisy_retrieval": self.num_pairs,
         "far_compare": self.num_compares,
+        "passkey": 1,
     }[self.name]
 
   @classmethod
@@ -280,6 +325,8 @@ def _scored(task: TaskConfig, positions: jax.Array, answers: jax.Array, leaf_a: 
 
 
 def _mqar(task: TaskConfig, key: jax.Array):
+  if task.layout == "scattered":
+    return _mqar_scattered(task, key)
   n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
   k_keys, k_values, k_gaps, k_fill = jax.random.split(key, 4)
   keys = jax.random.choice(k_keys, jnp.arange(1, V // 2), (n,), replace=False)
@@ -298,6 +345,34 @@ def _mqar(task: TaskConfig, key: jax.Array):
   tokens = jax.random.randint(k_fill, (T,), 0, V, jnp.int32)
   tokens = tokens.at[:2 * n].set(kv).at[query_pos].set(keys)
   return (tokens, *_scored(task, query_pos, values, (2 * jnp.arange(n) + 1) // L))
+
+
+def _mqar_scattered(task: TaskConfig, key: jax.Array):
+  n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  split = task.scattered_split
+  k_keys, k_values, k_pairs, k_order, k_queries, k_fill = jax.random.split(key, 6)
+  keys = jax.random.choice(k_keys, jnp.arange(1, V // 2), (n,), replace=False)
+  values = jax.random.choice(k_values, jnp.arange(V // 2, V), (n,), replace=False)
+  # Pair i at a random place of the first half; query j (a random place of the second half, in
+  # draw order) asks for pair j, so query order and pair order are independent.
+  starts = jax.random.permutation(k_order, _non_overlapping_starts(k_pairs, split, n, 2))
+  query_pos = split + jax.random.choice(k_queries, T - split, (n,), replace=False)
+  # Filler from the value range only: a key token appears in its pair and at its query alone.
+  tokens = jax.random.randint(k_fill, (T,), V // 2, V, jnp.int32)
+  tokens = tokens.at[starts].set(keys).at[starts + 1].set(values).at[query_pos].set(keys)
+  return (tokens, *_scored(task, query_pos, values, (starts + 1) // L))
+
+
+def _passkey(task: TaskConfig, key: jax.Array):
+  V, T, L = task.vocab_size, task.seq_len, task.leaf_size
+  k_pos, k_value, k_fill = jax.random.split(key, 3)
+  # The fact `MARKER v` anywhere before the query's leaf (uniform), the query `MARKER` last.
+  start = jax.random.randint(k_pos, (), 0, task.passkey_query_start - 1)
+  value = jax.random.randint(k_value, (), NUM_SPECIAL, V, jnp.int32)
+  tokens = jax.random.randint(k_fill, (T,), NUM_SPECIAL, V, jnp.int32)
+  tokens = tokens.at[start].set(MARKER).at[start + 1].set(value).at[T - 1].set(MARKER)
+  query = jnp.full((1,), T - 1)
+  return (tokens, *_scored(task, query, value[None], ((start + 1) // L)[None]))
 
 
 def _copy(task: TaskConfig, key: jax.Array):
@@ -374,6 +449,7 @@ _GENERATORS: dict[str, Callable[[TaskConfig, jax.Array], tuple[jax.Array, ...]]]
     "induction": _induction,
     "noisy_retrieval": _noisy_retrieval,
     "far_compare": _far_compare,
+    "passkey": _passkey,
 }
 
 

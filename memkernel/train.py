@@ -198,12 +198,16 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   """A readable table of an `eval.json` summary."""
   lines = [f"{summary['model_type']} on {summary['task']['name']} after {summary['step']} steps "
            f"({summary['num_params']:,} parameters):"]
-  lines.append(f"  {'length':>8} {'accuracy':>9} {'loss':>8}  routing recall / sparsity per layer")
+  lines.append(f"  {'length':>8} {'queries':>8} {'accuracy ± se':>16} {'loss':>8}  "
+               "routing recall (query-blind baseline) / sparsity per layer")
   for length, m in summary["lengths"].items():
     layers = sorted({k.split("/")[0] for k in m if k.endswith("/routing_recall")})
-    routes = "  ".join(f"{layer}: {m[layer + '/routing_recall']:.3f} / "
+    routes = "  ".join(f"{layer}: {m[layer + '/routing_recall']:.3f} "
+                       f"({m.get(layer + '/routing_recall_blind', float('nan')):.3f}) / "
                        f"{m[layer + '/routing_sparsity']:.3f}" for layer in layers)
-    lines.append(f"  {length:>8} {m['accuracy']:>9.4f} {m['loss']:>8.4f}  {routes or '-'}")
+    accuracy = f"{m['accuracy']:.4f} ± {m.get('accuracy_se', float('nan')):.4f}"
+    lines.append(f"  {length:>8} {int(m.get('queries', 0)):>8} {accuracy:>16} "
+                 f"{m['loss']:>8.4f}  {routes or '-'}")
   return "\n".join(lines)
 
 

@@ -39,6 +39,13 @@ def _solve(task: probes.TaskConfig, tokens: np.ndarray, position: int):
   """Reference solver: the answer at `position` and the positions it is read from, from tokens alone."""
   n = task.num_pairs
   earlier = tokens[:position]
+  if task.name == "mqar" and task.layout == "scattered":
+    (j,) = np.flatnonzero(earlier == tokens[position])  # a key occurs once before its query
+    return tokens[j + 1], (j + 1,)
+  if task.name == "passkey":
+    assert tokens[position] == probes.MARKER
+    (j,) = np.flatnonzero(earlier == probes.MARKER)  # the one fact
+    return tokens[j + 1], (j + 1,)
   if task.name == "mqar":
     keys = list(tokens[0:2 * n:2])
     i = keys.index(tokens[position])
@@ -149,6 +156,34 @@ class GenerateTest(parameterized.TestCase):
 
 class TaskLayoutTest(parameterized.TestCase):
 
+  def test_scattered_mqar_moves_the_answer(self):
+    task = _small("mqar", layout="scattered", seq_len=512)
+    batch = _batch(task)
+    _check_solver(self, task, batch)
+    n, V = task.num_pairs, task.vocab_size
+    tokens, scored = batch["tokens"], batch["mask"] > 0
+    for row in tokens:  # every key twice (its pair, its query), filler from the value range
+      keys = row[row < V // 2]
+      self.assertEqual(sorted(collections.Counter(keys.tolist()).values()), [2] * n)
+      self.assertTrue((keys >= 1).all())
+    self.assertTrue((np.flatnonzero(scored.any(0)) >= task.scattered_split).all())
+    # The answers spread over the whole first half (the Zoology layout keeps them in its first
+    # 2n / L leaves).
+    leaves = batch["answer_leaves"][..., 0][scored]
+    self.assertGreater(len(set(leaves.tolist())), 3 * 2 * n // task.leaf_size)
+    self.assertLess(leaves.max(), task.scattered_split // task.leaf_size)
+    zoology = _batch(_small("mqar", seq_len=512))
+    self.assertLessEqual(zoology["answer_leaves"][..., 0].max(), 2 * n // task.leaf_size)
+
+  def test_passkey_fact_sits_anywhere_before_the_query(self):
+    task = _small("passkey", seq_len=512)
+    batch = _batch(task, batch_size=64)
+    np.testing.assert_array_equal(batch["mask"][:, -1], 1.0)
+    self.assertTrue(((batch["tokens"] == probes.MARKER).sum(1) == 2).all())
+    leaves = batch["answer_leaves"][:, -1, 0]
+    self.assertGreater(len(set(leaves.tolist())), 20)  # of 31 possible leaves
+    self.assertLess(leaves.max(), task.seq_len // task.leaf_size - 1)
+
   def test_mqar_layout(self):
     task = _small("mqar")
     batch = _batch(task)
@@ -228,6 +263,11 @@ class TaskConfigTest(parameterized.TestCase):
       (dict(name="mqar", vocab_size=64), "vocab_size"),
       (dict(name="mqar", seq_len=100), "seq_len"),
       (dict(name="mqar", distance="gaussian"), "distance"),
+      (dict(name="mqar", layout="random"), "layout"),
+      (dict(name="copy", layout="scattered"), "layout"),
+      (dict(name="mqar", layout="scattered", seq_len=80), "seq_len"),
+      (dict(name="passkey", seq_len=16), "seq_len"),
+      (dict(name="passkey", vocab_size=33), "vocab_size"),
       (dict(name="mqar", power_a=0.0), "power_a"),
       (dict(name="mqar", num_pairs=True), "num_pairs"),
       (dict(name="copy", vocab_size=2), "vocab_size"),
