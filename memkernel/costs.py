@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from memkernel import family as family_lib
+from memkernel import optim
 
 
 def _family(config: Any) -> family_lib.Family:
@@ -53,8 +54,7 @@ def num_params(config: Any) -> int:
   model = family_lib.build(config)
   align = family_lib.of_config(config).segment_align(config)
   tokens = jax.ShapeDtypeStruct((1, min(align, config.max_seq_len)), jnp.int32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-  return sum(x.size for x in jax.tree_util.tree_leaves(shapes))
+  return optim.count_params(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
 
 
 def memory_shapes(config: Any, batch_size: int = 1) -> Any:
