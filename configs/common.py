@@ -149,6 +149,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       lengths=(seq_len,),     # A tuple so `--config.eval.lengths='(512, 2048)'` works.
       oracle=False,
       audit_batches=2,        # Batches the memory auditor runs on at the final eval; 0: off.
+      stream="test",          # 'test' (report) or 'validation' (tune): disjoint eval streams.
   ))
 
   for model_type in ("kernel", "dense", "sliding_window"):

@@ -19,6 +19,6 @@ from configs import common
 def get_config(arg=None):
   return common.get_config(
       dict(name="mqar", vocab_size=256, seq_len=512, num_pairs=32, distance="power_law",
-           power_a=0.01),
+           power_a=0.01, layout="zoology"),
       arg,
       smoke_task=dict(vocab_size=64, seq_len=64, num_pairs=4))

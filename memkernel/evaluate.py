@@ -49,8 +49,9 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
              interventions: Any = None, mesh: Optional[Mesh] = None) -> dict[str, dict[str, float]]:
   """Evaluates `params` on `eval.batches` fresh batches at each length (evaluation beam).
 
-  The batches come from the evaluation seed stream (`experiment.eval_key`, batch i from
-  `fold_in(key, i)`), so they are never training batches and every call with the same seed sees
+  The batches come from the evaluation seed stream `eval.stream` ('test' or 'validation';
+  `experiment.eval_key`, batch i from `fold_in(key, i)`), so they are never training batches and
+  every call with the same seed and stream sees
   the same ones.
 
   Args:
@@ -69,7 +70,7 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
                      "declares none")
   mesh = mesh or make_mesh()
   ev = experiment.eval
-  key = experiment_lib.eval_key(experiment.train.seed)
+  key = experiment_lib.eval_key(experiment.train.seed, ev.stream)
   results = {}
   for length in lengths or ev.lengths:
     step = _metrics_fn(experiment.model_for_length(length), ev.oracle, interventions, mesh)

@@ -24,7 +24,10 @@ COMMON_SECTIONS = ("model_type", "task", "train", "eval")
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 # Independent random streams derived from train.seed.
-INIT_STREAM, DATA_STREAM, EVAL_STREAM = 0, 1, 2
+INIT_STREAM, DATA_STREAM, EVAL_STREAM, VALIDATION_STREAM = 0, 1, 2, 3
+# Evaluation streams: choices (steps, widths, curricula) are tuned on 'validation' and reported
+# on 'test' (the default), so no reported number is one the choice was fitted to.
+EVAL_STREAMS = {"test": EVAL_STREAM, "validation": VALIDATION_STREAM}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,8 @@ class EvalConfig:
     oracle: feed the answer leaves to the exact read during evaluation.
     audit_batches: fresh batches the causal memory auditor (`memkernel.analysis.audit`) runs on at the
       final evaluation, at the training length (kernel only); 0 disables it.
+    stream: which evaluation stream the batches come from: 'test' (report) or 'validation'
+      (tune); disjoint random streams of the seed, neither ever a training batch.
   """
 
   batches: int = 8
@@ -110,8 +115,11 @@ class EvalConfig:
   lengths: tuple[int, ...] = ()
   oracle: bool = False
   audit_batches: int = 0
+  stream: str = "test"
 
   def __post_init__(self):
+    if self.stream not in EVAL_STREAMS:
+      raise ValueError(f"eval.stream must be one of {sorted(EVAL_STREAMS)}, got {self.stream!r}")
     fields.check_int("eval", "batches", self.batches, 1)
     fields.check_int("eval", "audit_batches", self.audit_batches, 0)
     fields.check_int("eval", "batch_size", self.batch_size, 1)
@@ -231,6 +239,9 @@ def data_key(seed: int) -> jax.Array:
   return root_key(seed, DATA_STREAM)
 
 
-def eval_key(seed: int) -> jax.Array:
-  """The key the evaluation batches of `seed` derive from (batch i: `fold_in(key, i)`)."""
-  return root_key(seed, EVAL_STREAM)
+def eval_key(seed: int, stream: str = "test") -> jax.Array:
+  """The key the evaluation batches of `seed` derive from (batch i: `fold_in(key, i)`), on the
+  'test' or the 'validation' stream (`EVAL_STREAMS`)."""
+  if stream not in EVAL_STREAMS:
+    raise ValueError(f"evaluation stream must be one of {sorted(EVAL_STREAMS)}, got {stream!r}")
+  return root_key(seed, EVAL_STREAMS[stream])

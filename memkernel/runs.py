@@ -130,7 +130,8 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[Any, Any]:
 
 def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  task: Optional[Mapping[str, Any]] = None, batches: Optional[int] = None,
-                 step: Optional[int] = None, beam_width: Optional[int] = None) -> dict[str, Any]:
+                 step: Optional[int] = None, beam_width: Optional[int] = None,
+                 stream: Optional[str] = None) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -148,9 +149,10 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     step: the checkpoint step (default: the newest).
     beam_width: leaves each routing head selects (K; default: the run's `model.beam_width`).
       Kernel runs only.
+    stream: the evaluation stream, 'test' or 'validation' (default: the run's `eval.stream`).
 
   Returns:
-    {"step", "task", "beam_width" (None for a peer), "lengths": {str(length): {metric: mean
+    {"step", "task", "beam_width" (None for a peer), "stream", "lengths": {str(length): {metric: mean
     over batches}}}.
 
   Raises:
@@ -170,6 +172,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     if not isinstance(batches, int) or isinstance(batches, bool) or batches <= 0:
       raise ValueError(f"batches must be a positive integer, got {batches!r}")
     ev = dataclasses.replace(ev, batches=batches)
+  if stream is not None:
+    ev = dataclasses.replace(ev, stream=stream)  # Validated by EvalConfig.
   lengths = ev.lengths if lengths is None else tuple(lengths)
   if not lengths or any(not isinstance(n, numbers.Integral) or isinstance(n, bool) or n <= 0
                         for n in lengths):
@@ -182,4 +186,4 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   _, params = load_run(workdir, step)
   beam = experiment.model.beam_width if experiment.family.routes else None
   return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
-          "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}
+          "stream": ev.stream, "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}

@@ -221,6 +221,18 @@ class TrainTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "seq_len"):
       runs.evaluate_run(self.ref_dir, task={"seq_len": 128})
 
+  def test_evaluate_run_on_the_validation_stream(self):
+    """The validation stream is other batches than the test stream (the run's default), and the
+    same ones every time; an unknown stream is named."""
+    test = runs.evaluate_run(self.ref_dir, lengths=(64,), batches=1)
+    validation = runs.evaluate_run(self.ref_dir, lengths=(64,), batches=1, stream="validation")
+    self.assertEqual((test["stream"], validation["stream"]), ("test", "validation"))
+    self.assertNotEqual(validation["lengths"]["64"], test["lengths"]["64"])
+    again = runs.evaluate_run(self.ref_dir, lengths=(64,), batches=1, stream="validation")
+    self.assertEqual(again["lengths"]["64"], validation["lengths"]["64"])
+    with self.assertRaisesRegex(ValueError, "eval.stream must be one of.*'tset'"):
+      runs.evaluate_run(self.ref_dir, stream="tset")
+
   def test_evaluate_run_with_another_beam(self):
     """The run's own beam reproduces its eval; a beam as wide as the 8 leaves of 128 tokens reads
     every sealed leaf, so the answer leaf is always among them (recall 1)."""
