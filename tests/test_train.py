@@ -42,7 +42,7 @@ from memkernel import experiment as experiment_lib
 from memkernel import evaluate as evaluate_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare")
+TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare", "passkey")
 # Fields that differ between two runs of the same steps.
 TIME_FIELDS = ("time", "steps_per_s")
 # The reference run: shared by the resume, SIGKILL and data-parallel tests (one compiled step).
@@ -359,12 +359,15 @@ class TrainTest(parameterized.TestCase):
   # -- validation --------------------------------------------------------------------------------
 
   def test_every_config_and_variant_validates(self):
-    for task in TASKS:
-      module = importlib.import_module(f"configs.{task}")
+    for name, task in [(t, t) for t in TASKS] + [("mqar_scattered", "mqar")]:
+      module = importlib.import_module(f"configs.{name}")
       for arg in (None, "smoke", "dense", "sliding_window", "oracle", "smoke,oracle,dense"):
         config = module.get_config(arg)
         experiment = experiment_lib.parse_config(config)
         self.assertEqual(experiment.task.name, task)
+        if name.startswith("mqar"):
+          self.assertEqual(experiment.task.layout,
+                           "scattered" if name == "mqar_scattered" else "zoology")
         self.assertEqual(config.model.d_model, config.peer.d_model)
         self.assertEqual(config.task.vocab_size, config.model.vocab_size)
         self.assertIn("python -m experiments.train", module.__doc__)
