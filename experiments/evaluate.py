@@ -4,12 +4,15 @@ r"""Evaluates a trained run again: other lengths, another setting of its task; `
   python -m experiments.evaluate --workdir=runs/mqar --lengths=32768 --batches=2
   python -m experiments.evaluate --workdir=runs/induction --lengths=2048,8192 --beam_width=8
   python -m experiments.evaluate --workdir=runs/mqar --stream=validation
+  python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --search_width=8
 
 Uses the run's own evaluation (eval seed stream, batch size, evaluation beam). Prints one line per
 length and writes the result, with the command, to --out (default WORKDIR/eval_<tag>.json, where
 the tag names the task changes and the beam; an existing file is never overwritten). With
 --beam_width a kernel run routes with another beam: at lengths beyond training, a wider beam that
 recovers the routing recall says the answer leaf was ranked just outside the trained beam.
+--search_width searches with a wider beam and reads the same number of leaves (the re-rank
+picks them), so it separates a search that loses the answer from a read that cannot use more.
 --stream=validation draws the batches from the validation stream, on which choices (steps,
 widths, curricula) are tuned; the default 'test' stream is the one results are reported on.
 """
@@ -32,6 +35,9 @@ _BATCHES = flags.DEFINE_integer("batches", None, "Batches per length (default: t
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _BEAM = flags.DEFINE_integer("beam_width", None, "Leaves each routing head selects (kernel runs; "
                              "default: the run's model.beam_width).")
+_SEARCH = flags.DEFINE_integer("search_width", None, "Nodes each head's beam keeps per routing "
+                               "step (kernel runs with the leaf re-rank; >= the beam width, the "
+                               "same leaves read; default: the run's model.search_width).")
 _STREAM = flags.DEFINE_enum("stream", None, ["test", "validation"], "Evaluation stream: tune "
                             "choices on 'validation', report 'test' (default: the run's, 'test').")
 _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
@@ -44,6 +50,7 @@ def main(argv):
   lengths = _cli.parse_lengths(_LENGTHS.value)
   task = runs.parse_task_overrides(_TASK.value)
   changes = (sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
+             + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
@@ -52,8 +59,9 @@ def main(argv):
   _cli.quiet_orbax()
   result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task, batches=_BATCHES.value,
                              step=_STEP.value, beam_width=_BEAM.value,
-                             stream=_STREAM.value)
-  beam = f" (beam {result['beam_width']})" if result["beam_width"] is not None else ""
+                             stream=_STREAM.value, search_width=_SEARCH.value)
+  beam = (f" (beam {result['beam_width']}, search {result['search_width']})"
+          if result["beam_width"] is not None else "")
   for length, metrics in result["lengths"].items():
     print(f"length {length}{beam}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in sorted(metrics.items())

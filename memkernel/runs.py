@@ -131,7 +131,8 @@ def load_run(workdir: str, step: Optional[int] = None) -> tuple[Any, Any]:
 def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  task: Optional[Mapping[str, Any]] = None, batches: Optional[int] = None,
                  step: Optional[int] = None, beam_width: Optional[int] = None,
-                 stream: Optional[str] = None) -> dict[str, Any]:
+                 stream: Optional[str] = None,
+                 search_width: Optional[int] = None) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -150,6 +151,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     beam_width: leaves each routing head selects (K; default: the run's `model.beam_width`).
       Kernel runs only.
     stream: the evaluation stream, 'test' or 'validation' (default: the run's `eval.stream`).
+    search_width: nodes each head's beam keeps per routing step (S >= K, the same K leaves
+      read; default: the run's `model.search_width`). Kernel runs with the leaf re-rank only.
 
   Returns:
     {"step", "task", "beam_width" (None for a peer), "stream", "lengths": {str(length): {metric: mean
@@ -159,14 +162,16 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     ValueError: an unknown or fixed task field, an invalid value, or a beam for a peer (named).
   """
   experiment = with_task(load_experiment(workdir, step), task)
-  if beam_width is not None:
+  for name, value in (("beam_width", beam_width), ("search_width", search_width)):
+    if value is None:
+      continue
     if not experiment.family.routes:
-      raise ValueError(f"beam_width applies to kernel runs; {workdir} is a "
+      raise ValueError(f"{name} applies to kernel runs; {workdir} is a "
                        f"{experiment.model_type} run")
-    if not isinstance(beam_width, int) or isinstance(beam_width, bool) or beam_width <= 0:
-      raise ValueError(f"beam_width must be a positive integer, got {beam_width!r}")
-    experiment = dataclasses.replace(
-        experiment, model=dataclasses.replace(experiment.model, beam_width=beam_width))
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    experiment = dataclasses.replace(   # KernelConfig validates the combination.
+        experiment, model=dataclasses.replace(experiment.model, **{name: value}))
   ev = experiment.eval
   if batches is not None:
     if not isinstance(batches, int) or isinstance(batches, bool) or batches <= 0:
@@ -185,5 +190,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     step = latest_step(workdir)
   _, params = load_run(workdir, step)
   beam = experiment.model.beam_width if experiment.family.routes else None
+  search = experiment.model.search(beam) if experiment.family.routes else None
   return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
+          "search_width": search,
           "stream": ev.stream, "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}

@@ -41,6 +41,9 @@ class KernelConfig:
     beam_width: leaves each head selects at evaluation (K).
     train_beam_width: beam used while training (a wide beam breaks the find/read deadlock);
       0 means `beam_width`. Evaluation always uses `beam_width`.
+    search_width: nodes each head's beam keeps at every routing step (S); 0 means the beam
+      width. S > K searches wider for the same read: the leaf re-rank (required) picks the K
+      leaves read among the S the beam ends with and the S best it pruned.
     max_seq_len: capacity of the memory in tokens; a power-of-two number of leaves.
     use_tree_read: fuse the routed summary value into the residual stream.
     use_exact_read: fuse the token-level read of the routed leaves into the residual stream.
@@ -121,6 +124,7 @@ class KernelConfig:
   num_route_heads: int = 4
   beam_width: int = 2
   train_beam_width: int = 0
+  search_width: int = 0
   max_seq_len: int = 512
   use_tree_read: bool = True
   use_exact_read: bool = True
@@ -155,8 +159,8 @@ class KernelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"KernelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("head_dim", "route_dim", "train_beam_width", "mlp_dim", "query_block",
-                 "memory_lags"):
+    for name in ("head_dim", "route_dim", "train_beam_width", "search_width", "mlp_dim",
+                 "query_block", "memory_lags"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"KernelConfig.{name} must be a non-negative integer, got {value!r}")
@@ -193,6 +197,9 @@ class KernelConfig:
                  "read_sink", "route_descend", "remat", "teacher_cross_level"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"KernelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.search_width and not self.leaf_rerank:
+      raise ValueError("KernelConfig.search_width chooses the leaves read by the leaf re-rank, "
+                       f"so it needs leaf_rerank=True, got search_width={self.search_width!r}")
     if not self.route_descend and self.use_exact_read:
       raise ValueError("KernelConfig.route_descend=False selects no leaves, so it needs "
                        "use_exact_read=False")
@@ -257,6 +264,10 @@ class KernelConfig:
   @property
   def mlp_hidden(self) -> int:
     return self.mlp_dim or self.mlp_ratio * self.d_model
+
+  def search(self, beam: int) -> int:
+    """The nodes the beam keeps per routing step when `beam` leaves are read."""
+    return max(self.search_width, beam)
 
   @property
   def effective_train_beam(self) -> int:

@@ -56,9 +56,10 @@ def flops_by_part(config: KernelConfig, num_tokens: int, *, form: str = "paralle
     candidates = n.bit_length()
     if c.route_descend:
       steps = routing.num_expansions(n)
-      route = 2 * h * p * (candidates + steps * 2 * k) + (steps + 1) * 2 * h * k * e
+      s = c.search(k)
+      route = 2 * h * p * (candidates + steps * 2 * s) + (steps + 1) * 2 * h * s * e
       if c.leaf_rerank:
-        route += 2 * h * 2 * k * l * e
+        route += 2 * h * 2 * s * l * e
     else:  # Summaries only: one softmax-weighted read of every Fenwick node.
       route = 2 * h * candidates * (p + e)
     parts["route"] = t * route

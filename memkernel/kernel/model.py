@@ -93,7 +93,8 @@ class KernelModel(nn.Module):
       return zeros, zeros, None
     def route_and_read(rq, q, query_leaf, oracle, first_leaf, remat):
       rerank = (q, cache_k) if c.leaf_rerank else None
-      route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend)
+      route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend,
+                                   search_width=c.search(beam))
       read_fn = read_lib.exact_read
       if remat:
         route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)

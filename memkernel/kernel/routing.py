@@ -164,7 +164,8 @@ def _entropy(scores, valid):
 def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: jax.Array,
                query_leaf_T: jax.Array, beam_width: int,
                rerank: Optional[tuple[jax.Array, jax.Array]] = None,
-               descend: bool = True, first_leaf: Optional[jax.Array] = None) -> RouteResult:
+               descend: bool = True, first_leaf: Optional[jax.Array] = None,
+               search_width: int = 0) -> RouteResult:
   """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
 
   Args:
@@ -184,13 +185,21 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
       with a reset boundary): a node is a candidate only if it ends after that leaf, so nothing
       of an earlier document is scored, kept, re-ranked or read (a node straddling the start
       summarises the current document only, `tree.build_tree`). None: everything is visible.
+    search_width: S, the nodes the beam keeps at every step (0 or <= K: K). With S > K the
+      descent searches S paths and the re-rank (required) picks the K leaves read among its S
+      leaves and S runner-ups: a wider search for the same read. With S at least the number of
+      visible leaves it is the brute-force choice (the best K leaves by their tokens).
   Returns:
     A `RouteResult`.
   """
   b, t, h, p = rq_BTHP.shape
   num_leaves = (node_keys_BSHP.shape[1] + 1) // 2
   scale = p ** -0.5
-  k = beam_width
+  if search_width > beam_width and rerank is None:
+    raise ValueError(f"search_width {search_width} > beam_width {beam_width} needs the leaf "
+                     "re-rank to choose the leaves read")
+  read_k = beam_width
+  k = max(search_width, beam_width)
 
   def in_document(level, index, valid):
     if first_leaf is None:
@@ -235,12 +244,12 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   entropy = _entropy(scores, valid)
   if not descend:
     best = jnp.argmax(scores, axis=-1)[..., None]
-    none = jnp.full((b, t, h, k), -1, jnp.int32)
+    none = jnp.full((b, t, h, read_k), -1, jnp.int32)
     seen = jnp.any(valid, -1)
     path = jnp.full((b, t, h, num_expansions(num_leaves) + 1), -1, jnp.int32)
     path = path.at[..., 0].set(jnp.where(seen, jnp.take_along_axis(flat, best, -1)[..., 0], -1))
     return RouteResult(
-        leaves=none, weights=jnp.zeros((b, t, h, k)), runner_up=none,
+        leaves=none, weights=jnp.zeros((b, t, h, read_k)), runner_up=none,
         tree_value=weighted_value(_masked_softmax(scores, valid), flat), entropy=entropy,
         start_level=jnp.where(seen, jnp.take_along_axis(level, best, -1)[..., 0],
                               -1).astype(jnp.int32),
@@ -277,13 +286,14 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
   weights = pad_to(w, k, 0.0)
   runner_up = pad_to(pool[1], k, -1)
   if rerank is not None:
-    # The K leaves the beam ended with and the K best leaves it pruned, chosen by their tokens.
+    # The S leaves the beam ended with and the S best leaves it pruned, chosen by their tokens:
+    # the best K are read, the next K are the runner-ups.
     cand = jnp.concatenate([leaves, runner_up], axis=-1)
     exact = jnp.where(cand >= 0, exact_leaf_scores(*rerank, cand), NEG_INF)
-    top, kept, cand = keep(exact, cand >= 0, cand, width=2 * k)
-    leaves = jnp.where(kept[..., :k], cand[..., :k], -1)
-    weights = _masked_softmax(top[..., :k], kept[..., :k])
-    runner_up = jnp.where(kept[..., k:], cand[..., k:], -1)
+    top, kept, cand = keep(exact, cand >= 0, cand, width=2 * read_k)
+    leaves = jnp.where(kept[..., :read_k], cand[..., :read_k], -1)
+    weights = _masked_softmax(top[..., :read_k], kept[..., :read_k])
+    runner_up = jnp.where(kept[..., read_k:], cand[..., read_k:], -1)
   return RouteResult(
       leaves=leaves.astype(jnp.int32),
       weights=weights,

@@ -31,6 +31,8 @@ class ConfigTest(parameterized.TestCase):
       ("memory_lags", 5, "conv_width"),
       ("memory_lags", -1, "non-negative"),
       ("memory_lags", 1, "previous token"),
+      ("search_width", -1, "search_width"),
+      ("search_width", 4, "needs leaf_rerank=True"),
   )
   def test_invalid_value_names_field(self, field, value, message):
     with pytest.raises(ValueError, match=message) as err:

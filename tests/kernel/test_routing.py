@@ -24,10 +24,11 @@ def _tree(seed=0, n=N):
   return node_k, node_v, span
 
 
-def _reference_route(rq, node_keys, c, k, leaf_score=None):
+def _reference_route(rq, node_keys, c, k, leaf_score=None, read_k=None):
   """Numpy beam search for one (batch, query, head): returns (leaves, weights).
 
-  With `leaf_score` (leaf index -> exact score), the last candidates are re-ranked by it.
+  With `leaf_score` (leaf index -> exact score), the last candidates are re-ranked by it and the
+  best `read_k` (default k) of them are returned.
   """
   scale = len(rq) ** -0.5
 
@@ -51,7 +52,7 @@ def _reference_route(rq, node_keys, c, k, leaf_score=None):
   if leaf_score is not None:
     final_score = leaf_score
     pool = sorted(set(pruned), key=lambda li: -score(*li))[:k]
-    beam = sorted(beam + pool, key=lambda li: -leaf_score(li[1]))[:k]
+    beam = sorted(beam + pool, key=lambda li: -leaf_score(li[1]))[:read_k or k]
   leaves = [i for _, i in beam]
   s = np.array([final_score(i) for i in leaves])
   w = np.exp(s - s.max()) / np.exp(s - s.max()).sum() if len(s) else s
@@ -173,6 +174,43 @@ class RouteTest(parameterized.TestCase):
           np.testing.assert_array_equal(got[:len(leaves)], leaves)
           np.testing.assert_allclose(res.weights[b, tq, h, :len(leaves)], w, rtol=1e-5)
           assert np.all(got < tq // L)
+
+  @parameterized.parameters(4, N)
+  def test_wider_search_reads_the_best_of_its_leaves(self, search):
+    """search_width S > K: the beam keeps S nodes per step and the re-rank reads the best K of the
+    S leaves it ends with and the S it pruned (numpy beam search); with S >= the leaves there
+    are, that is the best K visible leaves by their tokens (brute force)."""
+    node_k, node_v, _ = _tree(8)
+    t, k = N * L, 2
+    kq, kk, kr = jax.random.split(jax.random.PRNGKey(9), 3)
+    rq = jax.random.normal(kr, (B, t, H, P))
+    q = jax.random.normal(kq, (B, t, H, E))
+    cache_k = jax.random.normal(kk, (B, N, L, H, E))
+    qleaf = jnp.arange(t) // L
+    route = jax.jit(routing.route_beam, static_argnums=4, static_argnames="search_width")
+    res = route(rq, node_k, node_v, qleaf, k, (q, cache_k), search_width=search)
+    narrow = route(rq, node_k, node_v, qleaf, k, (q, cache_k))
+    self.assertEqual(res.leaves.shape, narrow.leaves.shape)
+    every_leaf = jnp.broadcast_to(jnp.arange(N), (B, t, H, N))
+    exact = np.asarray(routing.exact_leaf_scores(q, cache_k, every_leaf))
+    differs = 0
+    for b in range(B):
+      for tq in range(L, t, 5):
+        c = tq // L
+        for h in range(H):
+          leaves, w = _reference_route(np.asarray(rq[b, tq, h]), np.asarray(node_k[b, :, h]),
+                                       c, search, leaf_score=lambda i: exact[b, tq, h, i],
+                                       read_k=k)
+          got = np.asarray(res.leaves[b, tq, h])
+          np.testing.assert_array_equal(got[:len(leaves)], leaves)
+          np.testing.assert_allclose(res.weights[b, tq, h, :len(leaves)], w, rtol=1e-5)
+          if search >= N:
+            best = np.argsort(-exact[b, tq, h, :c], kind="stable")[:k]
+            np.testing.assert_array_equal(got[:len(best)], best)
+          differs += not np.array_equal(got, np.asarray(narrow.leaves[b, tq, h]))
+    self.assertGreater(differs, 0)   # The wider search finds leaves the narrow one missed.
+    with self.assertRaisesRegex(ValueError, "search_width 4 > beam_width 2 needs the leaf"):
+      routing.route_beam(rq, node_k, node_v, qleaf, k, None, search_width=4)
 
   def test_summaries_only_reads_every_fenwick_node_and_no_leaf(self):
     node_k, node_v, _ = _tree(10)
