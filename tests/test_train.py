@@ -477,7 +477,7 @@ class TrainTest(parameterized.TestCase):
     result = evaluate("--lengths=64", "--task=distance=uniform", "--batches=1", "--beam_width=3",
                       f"--out={out}")
     self.assertEqual(result.returncode, 0, result.stdout)
-    self.assertIn("length 64 (beam 3): accuracy", result.stdout)
+    self.assertIn("length 64 (beam 3, search 3): accuracy", result.stdout)
     with open(out) as f:
       written = json.load(f)
     self.assertEqual(written["task"]["distance"], "uniform")
