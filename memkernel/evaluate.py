@@ -51,8 +51,7 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
 
   The batches come from the evaluation seed stream `eval.stream` ('test' or 'validation';
   `experiment.eval_key`, batch i from `fold_in(key, i)`), so they are never training batches and
-  every call with the same seed and stream sees
-  the same ones.
+  every call with the same seed and stream sees the same ones.
 
   Args:
     experiment: the run's experiment (its model at each length, task, eval settings and seed).

@@ -155,8 +155,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
       read; default: the run's `model.search_width`). Kernel runs with the leaf re-rank only.
 
   Returns:
-    {"step", "task", "beam_width" (None for a peer), "stream", "lengths": {str(length): {metric: mean
-    over batches}}}.
+    {"step", "task", "beam_width" and "search_width" (None for a peer), "stream", "lengths":
+    {str(length): {metric: mean over batches}}}.
 
   Raises:
     ValueError: an unknown or fixed task field, an invalid value, or a beam for a peer (named).
@@ -192,5 +192,5 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   beam = experiment.model.beam_width if experiment.family.routes else None
   search = experiment.model.search(beam) if experiment.family.routes else None
   return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
-          "search_width": search,
-          "stream": ev.stream, "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}
+          "search_width": search, "stream": ev.stream,
+          "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}

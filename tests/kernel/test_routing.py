@@ -24,6 +24,13 @@ def _tree(seed=0, n=N):
   return node_k, node_v, span
 
 
+def _rerank_inputs(t, seed=9):
+  """Routing queries, read queries and a token key cache for re-rank tests: (rq, q, cache_k)."""
+  kq, kk, kr = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(kr, (B, t, H, P)), jax.random.normal(kq, (B, t, H, E)),
+          jax.random.normal(kk, (B, N, L, H, E)))
+
+
 def _reference_route(rq, node_keys, c, k, leaf_score=None, read_k=None):
   """Numpy beam search for one (batch, query, head): returns (leaves, weights).
 
@@ -156,10 +163,7 @@ class RouteTest(parameterized.TestCase):
     their tokens' read logits (against a numpy beam search); never an unsealed leaf."""
     node_k, node_v, _ = _tree(8)
     t, k = N * L, 2
-    kq, kk, kr = jax.random.split(jax.random.PRNGKey(9), 3)
-    rq = jax.random.normal(kr, (B, t, H, P))
-    q = jax.random.normal(kq, (B, t, H, E))
-    cache_k = jax.random.normal(kk, (B, N, L, H, E))
+    rq, q, cache_k = _rerank_inputs(t)
     qleaf = jnp.arange(t) // L
     res = jax.jit(routing.route_beam, static_argnums=4)(rq, node_k, node_v, qleaf, k,
                                                        (q, cache_k))
@@ -182,10 +186,7 @@ class RouteTest(parameterized.TestCase):
     are, that is the best K visible leaves by their tokens (brute force)."""
     node_k, node_v, _ = _tree(8)
     t, k = N * L, 2
-    kq, kk, kr = jax.random.split(jax.random.PRNGKey(9), 3)
-    rq = jax.random.normal(kr, (B, t, H, P))
-    q = jax.random.normal(kq, (B, t, H, E))
-    cache_k = jax.random.normal(kk, (B, N, L, H, E))
+    rq, q, cache_k = _rerank_inputs(t)
     qleaf = jnp.arange(t) // L
     route = jax.jit(routing.route_beam, static_argnums=4, static_argnames="search_width")
     res = route(rq, node_k, node_v, qleaf, k, (q, cache_k), search_width=search)
