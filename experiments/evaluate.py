@@ -5,6 +5,7 @@ r"""Evaluates a trained run again: other lengths, another setting of its task; `
   python -m experiments.evaluate --workdir=runs/induction --lengths=2048,8192 --beam_width=8
   python -m experiments.evaluate --workdir=runs/mqar --stream=validation
   python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --search_width=8
+  python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --node_reps=8
 
 Uses the run's own evaluation (eval seed stream, batch size, evaluation beam). Prints one line per
 length and writes the result, with the command, to --out (default WORKDIR/eval_<tag>.json, where
@@ -13,6 +14,8 @@ the tag names the task changes and the beam; an existing file is never overwritt
 recovers the routing recall says the answer leaf was ranked just outside the trained beam.
 --search_width searches with a wider beam and reads the same number of leaves (the re-rank
 picks them), so it separates a search that loses the answer from a read that cannot use more.
+--node_reps=M routes by every tree node's M most salient tokens' keys (the best of them scores
+the node) instead of its pooled summary key; no parameter changes, so any trained run takes it.
 --stream=validation draws the batches from the validation stream, on which choices (steps,
 widths, curricula) are tuned; the default 'test' stream is the one results are reported on.
 """
@@ -38,6 +41,9 @@ _BEAM = flags.DEFINE_integer("beam_width", None, "Leaves each routing head selec
 _SEARCH = flags.DEFINE_integer("search_width", None, "Nodes each head's beam keeps per routing "
                                "step (kernel runs with the leaf re-rank; >= the beam width, the "
                                "same leaves read; default: the run's model.search_width).")
+_REPS = flags.DEFINE_integer("node_reps", None, "Representative keys per tree node the router "
+                             "scores nodes by (kernel runs; 0: the pooled summary keys; default: "
+                             "the run's model.node_reps).")
 _STREAM = flags.DEFINE_enum("stream", None, ["test", "validation"], "Evaluation stream: tune "
                             "choices on 'validation', report 'test' (default: the run's, 'test').")
 _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
@@ -51,6 +57,7 @@ def main(argv):
   task = runs.parse_task_overrides(_TASK.value)
   changes = (sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
+             + ([("reps", _REPS.value)] if _REPS.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
@@ -59,8 +66,10 @@ def main(argv):
   _cli.quiet_orbax()
   result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task, batches=_BATCHES.value,
                              step=_STEP.value, beam_width=_BEAM.value,
-                             stream=_STREAM.value, search_width=_SEARCH.value)
-  beam = (f" (beam {result['beam_width']}, search {result['search_width']})"
+                             stream=_STREAM.value, search_width=_SEARCH.value,
+                             node_reps=_REPS.value)
+  beam = (f" (beam {result['beam_width']}, search {result['search_width']}, "
+          f"reps {result['node_reps']})"
           if result["beam_width"] is not None else "")
   for length, metrics in result["lengths"].items():
     print(f"length {length}{beam}: " + ", ".join(

@@ -132,7 +132,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  task: Optional[Mapping[str, Any]] = None, batches: Optional[int] = None,
                  step: Optional[int] = None, beam_width: Optional[int] = None,
                  stream: Optional[str] = None,
-                 search_width: Optional[int] = None) -> dict[str, Any]:
+                 search_width: Optional[int] = None,
+                 node_reps: Optional[int] = None) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -153,23 +154,28 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     stream: the evaluation stream, 'test' or 'validation' (default: the run's `eval.stream`).
     search_width: nodes each head's beam keeps per routing step (S >= K, the same K leaves
       read; default: the run's `model.search_width`). Kernel runs with the leaf re-rank only.
+    node_reps: representative keys per tree node the router scores nodes by (M; 0: the pooled
+      summary keys; default: the run's `model.node_reps`). Kernel runs only.
 
   Returns:
-    {"step", "task", "beam_width" and "search_width" (None for a peer), "stream", "lengths":
+    {"step", "task", "beam_width", "search_width" and "node_reps" (None for a peer), "stream",
+    "lengths":
     {str(length): {metric: mean over batches}}}.
 
   Raises:
     ValueError: an unknown or fixed task field, an invalid value, or a beam for a peer (named).
   """
   experiment = with_task(load_experiment(workdir, step), task)
-  for name, value in (("beam_width", beam_width), ("search_width", search_width)):
+  for name, value, least in (("beam_width", beam_width, 1), ("search_width", search_width, 1),
+                             ("node_reps", node_reps, 0)):
     if value is None:
       continue
     if not experiment.family.routes:
       raise ValueError(f"{name} applies to kernel runs; {workdir} is a "
                        f"{experiment.model_type} run")
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      kind = "a positive" if least else "a non-negative"
+      raise ValueError(f"{name} must be {kind} integer, got {value!r}")
     experiment = dataclasses.replace(   # KernelConfig validates the combination.
         experiment, model=dataclasses.replace(experiment.model, **{name: value}))
   ev = experiment.eval
@@ -191,6 +197,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   _, params = load_run(workdir, step)
   beam = experiment.model.beam_width if experiment.family.routes else None
   search = experiment.model.search(beam) if experiment.family.routes else None
+  reps = experiment.model.node_reps if experiment.family.routes else None
   return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
-          "search_width": search, "stream": ev.stream,
+          "search_width": search, "node_reps": reps, "stream": ev.stream,
           "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}

@@ -243,6 +243,12 @@ class TrainTest(parameterized.TestCase):
     wide = runs.evaluate_run(self.ref_dir, lengths=(128,), beam_width=8, batches=1)
     self.assertEqual(wide["beam_width"], 8)
     self.assertEqual(wide["lengths"]["128"]["layer_0/routing_recall"], 1.0)
+    # Representative keys change how nodes are scored, not the parameters: any run takes them.
+    reps = runs.evaluate_run(self.ref_dir, lengths=(128,), node_reps=4, batches=1)
+    self.assertEqual((reps["node_reps"], same["node_reps"]), (4, 0))
+    self.assertTrue(0.0 <= reps["lengths"]["128"]["accuracy"] <= 1.0)
+    with self.assertRaisesRegex(ValueError, "node_reps must be a non-negative integer, got -1"):
+      runs.evaluate_run(self.ref_dir, node_reps=-1)
     for bad in (0, -2, 1.5, True):
       with self.assertRaisesRegex(ValueError, "beam_width must be a positive integer"):
         runs.evaluate_run(self.ref_dir, beam_width=bad)
@@ -477,7 +483,7 @@ class TrainTest(parameterized.TestCase):
     result = evaluate("--lengths=64", "--task=distance=uniform", "--batches=1", "--beam_width=3",
                       f"--out={out}")
     self.assertEqual(result.returncode, 0, result.stdout)
-    self.assertIn("length 64 (beam 3, search 3): accuracy", result.stdout)
+    self.assertIn("length 64 (beam 3, search 3, reps 0): accuracy", result.stdout)
     with open(out) as f:
       written = json.load(f)
     self.assertEqual(written["task"]["distance"], "uniform")

@@ -44,6 +44,12 @@ class KernelConfig:
     search_width: nodes each head's beam keeps at every routing step (S); 0 means the beam
       width. S > K searches wider for the same read: the leaf re-rank (required) picks the K
       leaves read among the S the beam ends with and the S best it pruned.
+    node_reps: representative keys per tree node (M); 0 scores a node by its pooled summary key.
+      M > 0: every node also keeps the routing keys of its M most salient tokens (largest
+      pooling logit) and the router scores it by the best of them, max_m q . rk_m, which does
+      not shrink as the node grows (`tree.leaf_reps`). Costs M times the routing dot products
+      and M times the tree's key state; the parameters do not change, so a trained run can be
+      evaluated with any M (`experiments.evaluate --node_reps`).
     max_seq_len: capacity of the memory in tokens; a power-of-two number of leaves.
     use_tree_read: fuse the routed summary value into the residual stream.
     use_exact_read: fuse the token-level read of the routed leaves into the residual stream.
@@ -125,6 +131,7 @@ class KernelConfig:
   beam_width: int = 2
   train_beam_width: int = 0
   search_width: int = 0
+  node_reps: int = 0
   max_seq_len: int = 512
   use_tree_read: bool = True
   use_exact_read: bool = True
@@ -159,7 +166,8 @@ class KernelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"KernelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("head_dim", "route_dim", "train_beam_width", "search_width", "mlp_dim",
+    for name in ("head_dim", "route_dim", "train_beam_width", "search_width", "node_reps",
+                 "mlp_dim",
                  "query_block", "memory_lags"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -20,8 +20,9 @@ def flops_by_part(config: KernelConfig, num_tokens: int, *, form: str = "paralle
 
   Counted as the model computes them: trunk (R roots' gate, input and output projections), the
   memory projections, leaf summaries (attention pooling), routing scores of every candidate the
-  beam scores (log2(N) + 1 Fenwick nodes, then 2K children per expansion, N = capacity in leaves;
-  with `route_descend=False` the Fenwick nodes only) with the routed tree value, the exact read
+  beam scores (log2(N) + 1 Fenwick nodes, then 2S children per expansion, N = capacity in leaves;
+  with `route_descend=False` the Fenwick nodes only; M keys per candidate with `node_reps` M)
+  with the routed tree value, the exact read
   (logits and values over K * L tokens), the fusion projections, the MLP and the LM head.
   Element-wise work (norms, gates, tree merges, the recurrence) is left out, as
   the peers' count leaves it out. Per token this is a + b * log2(N): O(T log T) for a sequence,
@@ -57,7 +58,9 @@ def flops_by_part(config: KernelConfig, num_tokens: int, *, form: str = "paralle
     if c.route_descend:
       steps = routing.num_expansions(n)
       s = c.search(k)
-      route = 2 * h * p * (candidates + steps * 2 * s) + (steps + 1) * 2 * h * s * e
+      keys = max(c.node_reps, 1)   # keys scored per candidate
+      route = (2 * h * p * keys * (candidates + steps * 2 * s)
+               + (steps + 1) * 2 * h * s * e)
       if c.leaf_rerank:
         route += 2 * h * 2 * s * l * e
     else:  # Summaries only: one softmax-weighted read of every Fenwick node.
@@ -85,7 +88,7 @@ def flops(config: KernelConfig, num_tokens: int, *, form: str = "parallel",
 # Parts of a `LayerMemory` (part.field) each configuration reads.
 _ALWAYS_READ = ("trunk.roots_BRD", "trunk.conv_BWD")
 _TREE_FIELDS = ("live.rk_BLHP", "live.pool_BLH", "tree.node_keys_BSHP", "tree.node_vals_BSHE",
-                "tree.node_sal_BSH")
+                "tree.node_sal_BSH", "tree.rep_keys_BSHMP", "tree.rep_sal_BSHM")
 _EXACT_FIELDS = ("live.k_BLHE", "live.v_BLHE", "cache.k_BNLHE", "cache.v_BNLHE")
 
 
@@ -96,8 +99,8 @@ def _nbytes(x: Any) -> int:
 def state_bytes_read(config: KernelConfig, memory: Memory, kept: Sequence[str]) -> int:
   """Bytes of `memory` (shapes suffice) that a model reading the sources `kept` reads.
 
-  Roots and the convolution window always; the tree store (live leaf summaries, nodes) when the
-  tree or the exact read is kept (the exact read is routed through the tree); the token cache
+  Roots and the convolution window always; the tree store (live leaf summaries, nodes, and the
+  nodes' representatives where the config keeps them) when the tree or the exact read is kept (the exact read is routed through the tree); the token cache
   with the exact read.
   """
   del config
@@ -111,5 +114,6 @@ def state_bytes_read(config: KernelConfig, memory: Memory, kept: Sequence[str]) 
   for layer in memory.layers:
     for path in fields:
       part, field = path.split(".")
-      read += _nbytes(getattr(getattr(layer, part), field))
+      value = getattr(getattr(layer, part), field)
+      read += 0 if value is None else _nbytes(value)
   return read

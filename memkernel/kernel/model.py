@@ -80,11 +80,13 @@ class KernelModel(nn.Module):
     return self.config.use_tree_read or self.config.use_exact_read
 
   def _read_memory(self, feats: Features, node_keys, node_vals, cache_k, cache_v, query_leaf_T,
-                   beam, oracle_leaves, interventions, read_sink, first_leaf_BT=None):
+                   beam, oracle_leaves, interventions, read_sink, first_leaf_BT=None,
+                   node_reps=None):
     """Routes and reads for every token of `feats`; returns (tree value, read value, aux).
 
     `first_leaf_BT` (document streams with tree_boundary='reset'): the first leaf of each
-    query's document; nothing before it is routed to or read.
+    query's document; nothing before it is routed to or read. `node_reps`: the tree's
+    representative keys (config `node_reps` > 0), which the router then scores nodes by.
     """
     c = self.config
     b, t, h, e = feats.q.shape
@@ -94,7 +96,7 @@ class KernelModel(nn.Module):
     def route_and_read(rq, q, query_leaf, oracle, first_leaf, remat):
       rerank = (q, cache_k) if c.leaf_rerank else None
       route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend,
-                                   search_width=c.search(beam))
+                                   search_width=c.search(beam), node_reps=node_reps)
       read_fn = read_lib.exact_read
       if remat:
         route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)
@@ -234,14 +236,19 @@ class KernelModel(nn.Module):
       node_keys, node_vals, node_sal, _ = tree_lib.build_tree(
           leaf_key, leaf_val, leaf_sal, n_full, pooled=c.tree_merge == "pooled",
           leaf_doc_BN=leaf_doc)
+      node_reps = None
+      if c.node_reps:
+        node_reps = tree_lib.build_reps(
+            *tree_lib.leaf_reps(leaf_major(feats.rk), leaf_major(feats.pool), c.node_reps),
+            n_full, leaf_doc)
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
-          oracle_leaves, interventions, layer.read_sink, first_leaf)
+          oracle_leaves, interventions, layer.read_sink, first_leaf, node_reps)
       if self._uses_routing():
         # For `memkernel.analysis.diagnose` (apply with mutable=["intermediates"]); a no-op otherwise.
         self.sow("intermediates", "route_inputs",
-                 {"rq": feats.rq, "q": feats.q, "k": feats.k, "node_keys": node_keys,
-                  "node_sal": node_sal})
+                 {"rq": feats.rq, "q": feats.q, "k": feats.k, "rk": feats.rk,
+                  "pool": feats.pool, "node_keys": node_keys, "node_sal": node_sal})
       if train and c.teacher_weight > 0 and c.use_exact_read:
         pos, weight = teacher_pos
         take = lambda y: jnp.take_along_axis(y, pos.reshape(pos.shape + (1,) * (y.ndim - 2)),
@@ -310,15 +317,17 @@ class KernelModel(nn.Module):
       leaf, live = mem.live.append(LiveLeaf(k_BLHE=feats.k, v_BLHE=feats.v, rk_BLHP=feats.rk,
                                             pool_BLH=feats.pool), fill, seals)
       key, val, sal = tree_lib.summarize_leaf(leaf.rk_BLHP, leaf.v_BLHE, leaf.pool_BLH)
+      reps = (tree_lib.leaf_reps(leaf.rk_BLHP, leaf.pool_BLH, c.node_reps) if c.node_reps
+              else None)
       tree, new_span = mem.tree.insert(
           node_span, key, val, sal, sealed_count, seals, pooled=c.tree_merge == "pooled",
-          leaf_doc_BN=leaf_doc if first_leaf is not None else None)
+          leaf_doc_BN=leaf_doc if first_leaf is not None else None, leaf_reps=reps)
       cache = mem.cache.write(leaf, sealed_count, seals)
       new_layers.append(LayerMemory(trunk=TrunkState(roots_BRD=roots, conv_BWD=conv), live=live,
                                     tree=tree, cache=cache))
       tree_val, exact_val, route_aux = self._read_memory(
           feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
-          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf)
+          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf, tree.reps)
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_gates.append(gates)

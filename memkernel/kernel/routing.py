@@ -107,7 +107,7 @@ def descent_path(leaf_BTH: jax.Array, query_leaf_T: jax.Array, num_leaves: int) 
 
 
 def gather_nodes(store_BSHX: jax.Array, flat_BTHC: jax.Array) -> jax.Array:
-  """store[b, flat[b, t, h, c], h] -> [B, T, H, C, X]."""
+  """store[b, flat[b, t, h, c], h] -> [B, T, H, C, X...] (any trailing axes X)."""
   heads = jnp.arange(store_BSHX.shape[2])[None, :, None]
   return jax.vmap(lambda s, i: s[i, heads])(store_BSHX, flat_BTHC)
 
@@ -132,6 +132,17 @@ def exact_leaf_scores(q_BTHE: jax.Array, cache_k_BNLHE: jax.Array,
   b, t, h, c, l, _ = keys.shape
   logits = matvec(keys.reshape(b, t, h, c * l, e), q_BTHE).reshape(b, t, h, c, l) * e ** -0.5
   return jax.nn.logsumexp(logits, axis=-1)
+
+
+def rep_scores(rq_BTHP: jax.Array, rep_keys_BSHMP: jax.Array, rep_sal_BSHM: jax.Array,
+               flat_BTHC: jax.Array) -> jax.Array:
+  """Scores nodes by their representatives: max_m q . rk_m / sqrt(P) over each node's filled
+  slots (`tree.leaf_reps`). Returns float32 [B, T, H, C]."""
+  keys = gather_nodes(rep_keys_BSHMP, flat_BTHC)                  # [B, T, H, C, M, P]
+  b, t, h, c, m, p = keys.shape
+  s = matvec(keys.reshape(b, t, h, c * m, p), rq_BTHP).reshape(b, t, h, c, m) * p ** -0.5
+  filled = gather_nodes(rep_sal_BSHM, flat_BTHC) > NEG_INF / 2
+  return jnp.max(jnp.where(filled, s, NEG_INF), axis=-1)
 
 
 def top_k(scores: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
@@ -165,7 +176,8 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
                query_leaf_T: jax.Array, beam_width: int,
                rerank: Optional[tuple[jax.Array, jax.Array]] = None,
                descend: bool = True, first_leaf: Optional[jax.Array] = None,
-               search_width: int = 0) -> RouteResult:
+               search_width: int = 0,
+               node_reps: Optional[tuple[jax.Array, jax.Array]] = None) -> RouteResult:
   """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
 
   Args:
@@ -189,6 +201,9 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
       descent searches S paths and the re-rank (required) picks the K leaves read among its S
       leaves and S runner-ups: a wider search for the same read. With S at least the number of
       visible leaves it is the brute-force choice (the best K leaves by their tokens).
+    node_reps: optional (rep_keys [B, S, H, M, P], rep_sal [B, S, H, M]), every node's
+      representative keys (`tree.build_reps`): a node then scores by the best of them,
+      max_m q . rk_m (slots of salience NEG_INF are empty), instead of q . its pooled key.
   Returns:
     A `RouteResult`.
   """
@@ -208,8 +223,10 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
 
   def score(level, index, valid):
     flat = jnp.where(valid, flat_index(level, index, num_leaves), 0)
-    keys = gather_nodes(node_keys_BSHP, flat)
-    s = matvec(keys, rq_BTHP) * scale
+    if node_reps is None:
+      s = matvec(gather_nodes(node_keys_BSHP, flat), rq_BTHP) * scale
+    else:
+      s = rep_scores(rq_BTHP, *node_reps, flat)
     return jnp.where(valid, s, NEG_INF), flat
 
   def keep(scores, valid, *fields, width):

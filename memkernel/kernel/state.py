@@ -92,19 +92,36 @@ class TreeStore:
     node_keys_BSHP: routing key of every node.
     node_vals_BSHE: summary value of every node.
     node_sal_BSH: salience of every node: log of the pooling mass of the tokens under it.
+    rep_keys_BSHMP, rep_sal_BSHM: the routing keys and pooling logits of every node's M most
+      salient tokens (`tree.leaf_reps`), or None when the config keeps none (`node_reps` 0).
   """
 
   node_keys_BSHP: jax.Array
   node_vals_BSHE: jax.Array
   node_sal_BSH: jax.Array
+  rep_keys_BSHMP: Optional[jax.Array] = None
+  rep_sal_BSHM: Optional[jax.Array] = None
+
+  @property
+  def reps(self) -> Optional[tuple[jax.Array, jax.Array]]:
+    """(rep_keys, rep_sal), or None: what `routing.route_beam(node_reps=...)` takes."""
+    return None if self.rep_keys_BSHMP is None else (self.rep_keys_BSHMP, self.rep_sal_BSHM)
 
   def insert(self, node_span_S2, leaf_key_BHP, leaf_val_BHE, leaf_sal_BH, leaf_index, do_insert,
-             pooled: bool, leaf_doc_BN: Optional[jax.Array] = None):
-    """Seals one leaf summary (`tree.insert_leaf`); returns (TreeStore, node_span_S2)."""
+             pooled: bool, leaf_doc_BN: Optional[jax.Array] = None, leaf_reps=None):
+    """Seals one leaf summary (`tree.insert_leaf`) and, when the store keeps representatives,
+    the leaf's `leaf_reps` (rep_key [B, H, M, P], rep_sal [B, H, M]); returns (TreeStore,
+    node_span_S2)."""
     keys, vals, sal, span = tree_lib.insert_leaf(
         self.node_keys_BSHP, self.node_vals_BSHE, self.node_sal_BSH, node_span_S2, leaf_key_BHP,
         leaf_val_BHE, leaf_sal_BH, leaf_index, do_insert, pooled=pooled, leaf_doc_BN=leaf_doc_BN)
-    return TreeStore(keys, vals, sal), span
+    reps = self.reps
+    if reps is not None:
+      if leaf_reps is None:
+        raise ValueError("this tree store keeps representative keys; pass the leaf's leaf_reps")
+      reps, _ = tree_lib.insert_levels(reps, node_span_S2, leaf_reps, leaf_index, do_insert,
+                                       tree_lib.merge_reps, leaf_doc_BN)
+    return TreeStore(keys, vals, sal, *(reps or ())), span
 
 
 @flax.struct.dataclass
@@ -195,9 +212,12 @@ def init_live_leaf(config: KernelConfig, batch_size: int) -> LiveLeaf:
 def init_tree_store(config: KernelConfig, batch_size: int) -> TreeStore:
   c = config
   b, s, h = batch_size, c.num_nodes, c.num_route_heads
+  m = c.node_reps
   return TreeStore(node_keys_BSHP=jnp.zeros((b, s, h, c.key_dim), jnp.float32),
                    node_vals_BSHE=jnp.zeros((b, s, h, c.read_dim), jnp.float32),
-                   node_sal_BSH=jnp.zeros((b, s, h), jnp.float32))
+                   node_sal_BSH=jnp.zeros((b, s, h), jnp.float32),
+                   rep_keys_BSHMP=jnp.zeros((b, s, h, m, c.key_dim), jnp.float32) if m else None,
+                   rep_sal_BSHM=jnp.zeros((b, s, h, m), jnp.float32) if m else None)
 
 
 def init_token_cache(config: KernelConfig, batch_size: int) -> TokenCache:

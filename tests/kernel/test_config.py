@@ -32,6 +32,7 @@ class ConfigTest(parameterized.TestCase):
       ("memory_lags", -1, "non-negative"),
       ("memory_lags", 1, "previous token"),
       ("search_width", -1, "search_width"),
+      ("node_reps", -1, "node_reps"),
       ("search_width", 4, "needs leaf_rerank=True"),
   )
   def test_invalid_value_names_field(self, field, value, message):

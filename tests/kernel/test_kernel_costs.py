@@ -9,6 +9,9 @@ from absl.testing import absltest
 from memkernel import costs
 from memkernel import peers
 from memkernel.kernel import KernelConfig, KernelModel
+from memkernel.kernel import costs as kernel_costs
+from memkernel.kernel import routing
+from memkernel.kernel import state as state_lib
 
 
 class FlopsTest(absltest.TestCase):
@@ -75,6 +78,25 @@ class FlopsTest(absltest.TestCase):
     dense = peers.PeerConfig(kind="dense", vocab_size=256, d_model=256, num_layers=4,
                              max_seq_len=8192)
     self.assertLess(costs.flops(self._config(8192), 8192), costs.flops(dense, 8192))
+
+
+  def test_representatives_cost_m_keys_per_candidate_and_their_state(self):
+    config = self._config(4096)
+    reps = dataclasses.replace(config, node_reps=8)
+    c, t = config, 4096
+    n = c.num_leaves
+    scored = n.bit_length() + routing.num_expansions(n) * 2 * c.beam_width  # candidates per query
+    extra = c.num_layers * t * 2 * c.num_route_heads * c.key_dim * 7 * scored
+    self.assertEqual(costs.flops_by_part(reps, t)["route"] - costs.flops_by_part(config, t)["route"],
+                     extra)
+    memory = state_lib.init_memory(reps, 2)
+    plain = state_lib.init_memory(config, 2)
+    rep_bytes = sum(x.size * 4 for layer in memory.layers
+                    for x in (layer.tree.rep_keys_BSHMP, layer.tree.rep_sal_BSHM))
+    self.assertEqual(rep_bytes, 2 * c.num_layers * c.num_nodes * c.num_route_heads * 8
+                     * (c.key_dim + 1) * 4)
+    self.assertEqual(kernel_costs.state_bytes_read(reps, memory, ("exact",))
+                     - kernel_costs.state_bytes_read(config, plain, ("exact",)), rep_bytes)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ class FormsTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("rerank_and_sink", dict(leaf_rerank=True, read_sink=True, tree_merge="mean")),
       ("wide_search", dict(leaf_rerank=True, search_width=4)),
+      # More representatives than a leaf has tokens: empty slots at the leaves.
+      ("node_reps", dict(leaf_rerank=True, node_reps=24)),
       ("summaries_only", dict(route_descend=False, use_exact_read=False)),
       ("all_conv_lags", dict(memory_lags=0)))  # The default reads two lags.
   def test_routing_modes_agree(self, overrides):

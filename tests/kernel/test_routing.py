@@ -31,15 +31,18 @@ def _rerank_inputs(t, seed=9):
           jax.random.normal(kk, (B, N, L, H, E)))
 
 
-def _reference_route(rq, node_keys, c, k, leaf_score=None, read_k=None):
+def _reference_route(rq, node_keys, c, k, leaf_score=None, read_k=None, node_score=None):
   """Numpy beam search for one (batch, query, head): returns (leaves, weights).
 
   With `leaf_score` (leaf index -> exact score), the last candidates are re-ranked by it and the
-  best `read_k` (default k) of them are returned.
+  best `read_k` (default k) of them are returned. `node_score` ((level, index) -> score)
+  replaces q . node key / sqrt(P).
   """
   scale = len(rq) ** -0.5
 
   def score(level, i):
+    if node_score is not None:
+      return node_score(level, i)
     return float(node_keys[level_offset(N, level) + i] @ rq) * scale
 
   pruned = []   # leaves ranked k..2k-1 at some step (the runner-up pool)
@@ -212,6 +215,44 @@ class RouteTest(parameterized.TestCase):
     self.assertGreater(differs, 0)   # The wider search finds leaves the narrow one missed.
     with self.assertRaisesRegex(ValueError, "search_width 4 > beam_width 2 needs the leaf"):
       routing.route_beam(rq, node_k, node_v, qleaf, k, None, search_width=4)
+
+  def test_representatives_score_a_node_by_its_best_token(self):
+    """node_reps holding every token under every node: a node scores max over its tokens of
+    q . rk / sqrt(P), whatever its size, and the beam searches by that (numpy beam search)."""
+    leaf = 4
+    k1, k2 = jax.random.split(jax.random.PRNGKey(12))
+    rk = jax.random.normal(k1, (B, N, leaf, H, P))
+    pool = jax.random.normal(k2, (B, N, leaf, H))
+    reps = tree_lib.build_reps(*tree_lib.leaf_reps(rk, pool, N * leaf), N)
+    node_k, node_v, _ = _tree(8)
+    t, k = N * L, 2
+    rq, q, cache_k = _rerank_inputs(t)
+    qleaf = jnp.arange(t) // L
+    route = jax.jit(routing.route_beam, static_argnums=4)
+    res = route(rq, node_k, node_v, qleaf, k, (q, cache_k), node_reps=reps)
+    pooled = route(rq, node_k, node_v, qleaf, k, (q, cache_k))
+    every_leaf = jnp.broadcast_to(jnp.arange(N), (B, t, H, N))
+    exact = np.asarray(routing.exact_leaf_scores(q, cache_k, every_leaf))
+    token_scores = np.einsum("bnlhp,bthp->bthnl", rk, rq) * P ** -0.5
+    differs = 0
+    for b in range(B):
+      for tq in range(L, t, 5):
+        c = tq // L
+        for h in range(H):
+          best = token_scores[b, tq, h].max(-1)           # each leaf's best token
+          node_score = lambda lv, i: best[i << lv:(i + 1) << lv].max()
+          leaves, w = _reference_route(np.asarray(rq[b, tq, h]), None, c, k,
+                                       leaf_score=lambda i: exact[b, tq, h, i],
+                                       node_score=node_score)
+          got = np.asarray(res.leaves[b, tq, h])
+          np.testing.assert_array_equal(got[:len(leaves)], leaves)
+          np.testing.assert_allclose(res.weights[b, tq, h, :len(leaves)], w, rtol=1e-5)
+          differs += not np.array_equal(got, np.asarray(pooled.leaves[b, tq, h]))
+    self.assertGreater(differs, 0)   # Not the pooled keys' choice.
+    flat = jnp.broadcast_to(jnp.arange(2 * N - 1), (B, 1, H, 2 * N - 1))
+    got = routing.rep_scores(rq[:, :1], *reps, flat)
+    root = level_offset(N, 4)
+    np.testing.assert_allclose(got[..., root], token_scores[:, :1].max((-1, -2)), rtol=1e-5)
 
   def test_summaries_only_reads_every_fenwick_node_and_no_leaf(self):
     node_k, node_v, _ = _tree(10)

@@ -62,7 +62,8 @@ def _forms(config: KernelConfig):
 class FormsOnStreamsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("reset", RESET, True), ("carry", CARRY, True),
-                                  ("decay", DECAY, False))
+                                  ("decay", DECAY, False),
+                                  ("reset_reps", dataclasses.replace(RESET, node_reps=3), False))
   def test_parallel_scan_step_agree(self, config, check_step):
     parallel, scan, step = _forms(config)
     params, tokens, segments = _params(), _tokens(1), _segments()

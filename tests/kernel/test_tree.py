@@ -122,3 +122,54 @@ class TreeTest(parameterized.TestCase):
     np.testing.assert_allclose(val, np.einsum("lh,lhe->he", alpha, v), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sal, np.log(np.exp(pool).sum(0)), rtol=1e-5)
     chex.assert_trees_all_equal((key, val, sal), tree_lib.summarize_leaf(rk, v, pool))
+
+
+class RepresentativesTest(parameterized.TestCase):
+  """Every node keeps its M most salient tokens' routing keys (`leaf_reps`, `merge_reps`)."""
+
+  def _tokens(self, seed=3, leaf=4):
+    """Token routing keys [B, N, l, H, P] and distinct pooling logits [B, N, l, H]."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    rk = jax.random.normal(k1, (B, N, leaf, H, P))
+    pool = jax.random.permutation(k2, B * N * leaf * H).reshape(B, N, leaf, H) / 7.0
+    return rk, pool
+
+  @parameterized.parameters(1, 3, 6)   # fewer, and more, representatives than a leaf's 4 tokens
+  def test_reps_are_the_most_salient_tokens_under_each_node(self, m):
+    rk, pool = self._tokens()
+    n = 11  # sealed leaves: absent nodes too
+    reps_k, reps_s = tree_lib.build_reps(*tree_lib.leaf_reps(rk, pool, m), n)
+    chex.assert_shape(reps_k, (B, 2 * N - 1, H, m, P))
+    spans = tree_lib.node_spans(N, n)
+    for node, (start, end) in enumerate(spans):
+      if start < 0:
+        np.testing.assert_array_equal(reps_k[:, node], 0.0)
+        continue
+      for b in range(B):
+        for h in range(H):
+          sal = np.asarray(pool[b, start:end, :, h]).reshape(-1)
+          keys = np.asarray(rk[b, start:end, :, h]).reshape(-1, P)
+          order = np.argsort(-sal, kind="stable")[:m]
+          filled = min(m, sal.size)
+          np.testing.assert_array_equal(reps_s[b, node, h, :filled], sal[order])
+          np.testing.assert_array_equal(reps_k[b, node, h, :filled], keys[order])
+          # A leaf has 4 tokens: slots past them are empty (never the best).
+          assert np.all(np.asarray(reps_s[b, node, h, filled:]) < -1e29)
+
+  def test_insert_equals_build_with_documents(self):
+    rk, pool = self._tokens(4)
+    docs = jnp.asarray([[0] * 5 + [1] * 6 + [2] * 5, [0] * 16], jnp.int32)
+    leaf_k, leaf_s = tree_lib.leaf_reps(rk, pool, 3)
+    s = 2 * N - 1
+    stores = (jnp.zeros((B, s, H, 3, P)), jnp.zeros((B, s, H, 3)))
+    span = jnp.full((s, 2), -1, jnp.int32)
+    insert = jax.jit(lambda st, sp, leaf, i: tree_lib.insert_levels(
+        st, sp, leaf, i, jnp.bool_(True), tree_lib.merge_reps, docs))
+    for i in range(N):
+      stores, span = insert(stores, span, (leaf_k[:, i], leaf_s[:, i]), jnp.int32(i))
+      built = tree_lib.build_reps(leaf_k, leaf_s, i + 1, docs)
+      chex.assert_trees_all_equal(stores, built)
+    # The root of row 0 holds only its last document's tokens (leaves 11-15).
+    root = level_offset(N, 4)
+    last_doc = np.asarray(pool[0, 11:, :, 0]).reshape(-1)
+    np.testing.assert_array_equal(built[1][0, root, 0], np.sort(last_doc)[::-1][:3])
