@@ -6,6 +6,8 @@ r"""Evaluates a trained run again: other lengths, another setting of its task; `
   python -m experiments.evaluate --workdir=runs/mqar --stream=validation
   python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --search_width=8
   python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --node_reps=8
+  python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=1048576 \
+      --batch_size=1 --batches=32 --chunk=4096
 
 Uses the run's own evaluation (eval seed stream, batch size, evaluation beam). Prints one line per
 length and writes the result, with the command, to --out (default WORKDIR/eval_<tag>.json, where
@@ -18,6 +20,9 @@ picks them), so it separates a search that loses the answer from a read that can
 the node) instead of its pooled summary key; no parameter changes, so any trained run takes it.
 --stream=validation draws the batches from the validation stream, on which choices (steps,
 widths, curricula) are tuned; the default 'test' stream is the one results are reported on.
+--chunk=N runs the recurrent form over N-token chunks with the memory carried instead of the
+parallel form: it holds one chunk's activations at a time, so lengths to 2^20 tokens fit on a
+CPU (batch 1); the two forms agree. Each length also records its wall time and peak memory.
 """
 
 import os
@@ -35,6 +40,11 @@ _LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: the ru
 _TASK = flags.DEFINE_multi_string("task", [], "A task field to change, FIELD=VALUE (repeatable), "
                                   "e.g. distance=uniform.")
 _BATCHES = flags.DEFINE_integer("batches", None, "Batches per length (default: the run's).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences per batch (default: the "
+                                   "run's eval.batch_size).")
+_CHUNK = flags.DEFINE_integer("chunk", None, "Run the recurrent form over chunks of this many "
+                              "tokens, the memory carried (for lengths whose parallel form does "
+                              "not fit; default: the parallel form).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _BEAM = flags.DEFINE_integer("beam_width", None, "Leaves each routing head selects (kernel runs; "
                              "default: the run's model.beam_width).")
@@ -58,7 +68,8 @@ def main(argv):
   changes = (sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("reps", _REPS.value)] if _REPS.value is not None else [])
-             + ([("stream", _STREAM.value)] if _STREAM.value is not None else []))
+             + ([("stream", _STREAM.value)] if _STREAM.value is not None else [])
+             + ([("chunk", _CHUNK.value)] if _CHUNK.value is not None else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
@@ -67,7 +78,8 @@ def main(argv):
   result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task, batches=_BATCHES.value,
                              step=_STEP.value, beam_width=_BEAM.value,
                              stream=_STREAM.value, search_width=_SEARCH.value,
-                             node_reps=_REPS.value)
+                             node_reps=_REPS.value, batch_size=_BATCH_SIZE.value,
+                             chunk=_CHUNK.value, progress=_CHUNK.value is not None)
   beam = (f" (beam {result['beam_width']}, search {result['search_width']}, "
           f"reps {result['node_reps']})"
           if result["beam_width"] is not None else "")
@@ -75,7 +87,8 @@ def main(argv):
     print(f"length {length}{beam}: " + ", ".join(
         f"{k} {v:.4f}" for k, v in sorted(metrics.items())
         if k in ("accuracy", "accuracy_se", "queries", "loss") or k.endswith("routing_recall")
-        or k.endswith("routing_recall_blind")))
+        or k.endswith("routing_recall_blind"))
+        + "; " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["cost"][length].items())))
   result["command"] = "python -m experiments.evaluate " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
   runs.write_json(out, result)

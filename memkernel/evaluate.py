@@ -1,15 +1,22 @@
 """Evaluation: fresh batches from the evaluation seed stream, at any length, for any family.
 
 The evaluation batches come from their own seed stream (never training batches), with the
-evaluation beam and no teacher; the same batches for every call with the same seed.
+evaluation beam and no teacher; the same batches for every call with the same seed. The parallel
+form scores a whole batch in one call; for lengths whose parallel form does not fit in memory,
+`chunk` runs the recurrent form (`module.scan`) over chunks of the sequence with the memory
+carried, which holds the logits of one chunk at a time and agrees with the parallel form.
 """
 
 from __future__ import annotations
 
 import functools
+import resource
+import sys
+import time
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -46,7 +53,9 @@ def _metrics_fn(model_config: Any, oracle: bool, interventions: Any, mesh: Mesh)
 
 
 def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]] = None,
-             interventions: Any = None, mesh: Optional[Mesh] = None) -> dict[str, dict[str, float]]:
+             interventions: Any = None, mesh: Optional[Mesh] = None,
+             chunk: Optional[int] = None, progress: bool = False
+             ) -> dict[str, dict[str, float]]:
   """Evaluates `params` on `eval.batches` fresh batches at each length (evaluation beam).
 
   The batches come from the evaluation seed stream `eval.stream` ('test' or 'validation';
@@ -58,7 +67,12 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     params: the parameters.
     lengths: sequence lengths (default `eval.lengths`).
     interventions: the family's run-time ablations (e.g. `memkernel.Interventions`; None: none).
-    mesh: the devices the batch is sharded over (default: every local device).
+    mesh: the devices the batch is sharded over (default: every local device; the parallel
+      form only).
+    chunk: None: the parallel form. A positive number of tokens: the recurrent form over chunks
+      of that many tokens, the memory carried (one device; no oracle routes). Its metrics are the
+      loss, accuracy and routing recall (all heads, each head, and the query-blind baselines).
+    progress: print a line per batch to stderr (long lengths take minutes per batch).
 
   Returns:
     {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`; `queries`
@@ -67,18 +81,112 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
   if interventions is not None and not experiment.family.sources(experiment.model):
     raise ValueError(f"interventions drop memory sources; the {experiment.model_type!r} family "
                      "declares none")
-  mesh = mesh or make_mesh()
   ev = experiment.eval
+  if chunk is not None:
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk <= 0:
+      raise ValueError(f"chunk must be a positive integer number of tokens, got {chunk!r}")
+    if ev.oracle:
+      raise ValueError("oracle routes are fed to the parallel form only; evaluate them without "
+                       "chunk")
+  mesh = mesh or make_mesh()
   key = experiment_lib.eval_key(experiment.train.seed, ev.stream)
   results = {}
   for length in lengths or ev.lengths:
-    step = _metrics_fn(experiment.model_for_length(length), ev.oracle, interventions, mesh)
+    start = time.perf_counter()
+    model_config = experiment.model_for_length(length)
     task = experiment.task_for_length(length)
-    per_batch = jax.device_get([
-        step(params, _generate(task, jax.random.fold_in(key, i), ev.batch_size))
-        for i in range(ev.batches)])
-    results[str(length)] = _summary(per_batch)
+    per_batch = []
+    for i in range(ev.batches):
+      batch = _generate(task, jax.random.fold_in(key, i), ev.batch_size)
+      if chunk is None:
+        per_batch.append(_metrics_fn(model_config, ev.oracle, interventions, mesh)(params, batch))
+      else:
+        per_batch.append(_recurrent_metrics(model_config, params, batch, chunk, interventions))
+      if progress:
+        print(f"  length {length}: batch {i + 1}/{ev.batches}, "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    results[str(length)] = _summary(jax.device_get(per_batch))
   return results
+
+
+@functools.lru_cache(maxsize=16)
+def _chunk_fn(model_config: Any, interventions: Any):
+  """The jitted `(params, memory, chunk) -> (memory', sums)` of one model configuration: the
+  recurrent form over one chunk of a batch, and the sums its metrics need."""
+  model = family_lib.build(model_config)
+
+  def run(params, memory, part):
+    logits, memory, out = model.apply({"params": params}, part["tokens"], memory,
+                                      part.get("segments"), interventions=interventions,
+                                      return_aux=True, method=model.scan)
+    mask = part["mask"]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, part["targets"][..., None], axis=-1)[..., 0]
+    sums = {"nll": jnp.sum(nll * mask), "queries": jnp.sum(mask),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == part["targets"]) * mask)}
+    want = (part["answer_leaves"] >= 0) & (mask[..., None] > 0)
+    sums["want"] = jnp.sum(want)
+    for i, layer in enumerate(out.routes or ()):
+      if layer is None:
+        continue
+      sel = layer.leaves                                                 # [B, C, H, K]
+      hit = jnp.any(sel[..., None, :] == part["answer_leaves"][:, :, None, :, None], axis=-1)
+      sums[f"layer_{i}/routing_recall"] = jnp.sum(jnp.any(hit, axis=2) & want)
+      for h in range(sel.shape[2]):
+        sums[f"layer_{i}/routing_recall/head_{h}"] = jnp.sum(hit[:, :, h] & want)
+    return memory, sums
+
+  def slots(params, memory, part):
+    """(heads, leaves per head) of every routing layer, from the shapes alone."""
+    out = jax.eval_shape(lambda p, m, x: model.apply(
+        {"params": p}, x["tokens"], m, x.get("segments"), interventions=interventions,
+        return_aux=True, method=model.scan)[2], params, memory, part)
+    return {i: layer.leaves.shape[2:] for i, layer in enumerate(out.routes or ())
+            if layer is not None}
+
+  return jax.jit(run, donate_argnums=(1,)), slots
+
+
+def _recurrent_metrics(model_config: Any, params, batch, chunk: int,
+                       interventions: Any) -> dict[str, float]:
+  """`forward_metrics`' loss, accuracy and routing recall of one batch, by the recurrent form."""
+  family = family_lib.of_config(model_config)
+  memory = family.init_memory(model_config, batch["tokens"].shape[0])
+  run, slots = _chunk_fn(model_config, interventions)
+  length = batch["tokens"].shape[1]
+  total: dict[str, float] = {}
+  layer_slots = {}
+  for begin in range(0, length, chunk):
+    part = {k: v[:, begin:begin + chunk] for k, v in batch.items()}
+    if not begin:
+      layer_slots = slots(params, memory, part)
+    memory, sums = run(params, memory, part)
+    for k, v in jax.device_get(sums).items():
+      total[k] = total.get(k, 0.0) + float(v)
+  queries = max(total["queries"], 1.0)
+  out = {"loss": total["nll"] / queries, "accuracy": total["correct"] / queries,
+         "queries": total["queries"]}
+  want = max(total["want"], 1.0)
+  for k, v in total.items():
+    if k.startswith("layer_"):
+      out[k] = v / want
+  num_leaves = -(-length // model_config.leaf_size)
+  for i, (heads, k) in layer_slots.items():
+    out[f"layer_{i}/routing_recall_blind"] = float(metrics_lib.query_blind_recall(
+        batch["answer_leaves"], batch["mask"], heads * k, num_leaves))
+    out[f"layer_{i}/routing_recall_blind/head"] = float(metrics_lib.query_blind_recall(
+        batch["answer_leaves"], batch["mask"], k, num_leaves))
+  return out
+
+
+def peak_memory_mib() -> dict[str, float]:
+  """The process's peak resident memory so far, and the first device's peak where it reports one
+  (accelerators), in MiB."""
+  out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+  stats = jax.devices()[0].memory_stats()
+  if stats and "peak_bytes_in_use" in stats:
+    out["peak_device_mib"] = stats["peak_bytes_in_use"] / 2**20
+  return out
 
 
 def _summary(per_batch: Sequence[dict]) -> dict[str, float]:

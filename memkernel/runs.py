@@ -15,6 +15,7 @@ import functools
 import json
 import numbers
 import os
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -133,7 +134,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  step: Optional[int] = None, beam_width: Optional[int] = None,
                  stream: Optional[str] = None,
                  search_width: Optional[int] = None,
-                 node_reps: Optional[int] = None) -> dict[str, Any]:
+                 node_reps: Optional[int] = None, batch_size: Optional[int] = None,
+                 chunk: Optional[int] = None, progress: bool = False) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -156,10 +158,17 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
       read; default: the run's `model.search_width`). Kernel runs with the leaf re-rank only.
     node_reps: representative keys per tree node the router scores nodes by (M; 0: the pooled
       summary keys; default: the run's `model.node_reps`). Kernel runs only.
+    batch_size: sequences per evaluation batch (default: the run's `eval.batch_size`); 1 with
+      `chunk` for the longest lengths.
+    chunk: None: the parallel form; a positive number of tokens: the recurrent form over chunks
+      of that many tokens, the memory carried (`evaluate.evaluate(chunk=)`), for lengths whose
+      parallel form does not fit in memory.
+    progress: print a line per batch to stderr.
 
   Returns:
     {"step", "task", "beam_width", "search_width" and "node_reps" (None for a peer), "stream",
-    "lengths":
+    "batch_size", "chunk", "cost": {str(length): {"wall_s" (compiles included), "peak_rss_mib"
+    (the process's peak so far) and, on an accelerator, "peak_device_mib"}}, "lengths":
     {str(length): {metric: mean over batches}}}.
 
   Raises:
@@ -179,10 +188,17 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     experiment = dataclasses.replace(   # KernelConfig validates the combination.
         experiment, model=dataclasses.replace(experiment.model, **{name: value}))
   ev = experiment.eval
+  for name, value in (("batches", batches), ("batch_size", batch_size), ("chunk", chunk)):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value <= 0):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if chunk is not None and ev.oracle:
+    raise ValueError("chunk runs the recurrent form, which takes no oracle routes; this run "
+                     "evaluates with eval.oracle")
   if batches is not None:
-    if not isinstance(batches, int) or isinstance(batches, bool) or batches <= 0:
-      raise ValueError(f"batches must be a positive integer, got {batches!r}")
     ev = dataclasses.replace(ev, batches=batches)
+  if batch_size is not None:
+    ev = dataclasses.replace(ev, batch_size=batch_size)
   if stream is not None:
     ev = dataclasses.replace(ev, stream=stream)  # Validated by EvalConfig.
   lengths = ev.lengths if lengths is None else tuple(lengths)
@@ -198,6 +214,12 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   beam = experiment.model.beam_width if experiment.family.routes else None
   search = experiment.model.search(beam) if experiment.family.routes else None
   reps = experiment.model.node_reps if experiment.family.routes else None
+  results, cost = {}, {}
+  for length in lengths:
+    start = time.perf_counter()
+    results.update(evaluate_lib.evaluate(experiment, params, lengths=(length,), chunk=chunk,
+                                         progress=progress))
+    cost[str(length)] = {"wall_s": time.perf_counter() - start, **evaluate_lib.peak_memory_mib()}
   return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
           "search_width": search, "node_reps": reps, "stream": ev.stream,
-          "lengths": evaluate_lib.evaluate(experiment, params, lengths=lengths)}
+          "batch_size": ev.batch_size, "chunk": chunk, "cost": cost, "lengths": results}

@@ -233,6 +233,29 @@ class TrainTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "eval.stream must be one of.*'tset'"):
       runs.evaluate_run(self.ref_dir, stream="tset")
 
+  def test_evaluate_run_by_the_recurrent_form(self):
+    """Chunks of the recurrent form (40 tokens: chunks end mid-leaf) score what the parallel
+    form scores: the same loss, accuracy, queries and routing recall per head; each length
+    records its wall time and peak memory."""
+    parallel = runs.evaluate_run(self.ref_dir, lengths=(128,), batches=1, batch_size=2)
+    recurrent = runs.evaluate_run(self.ref_dir, lengths=(128,), batches=1, batch_size=2,
+                                  chunk=40)
+    self.assertEqual((recurrent["chunk"], recurrent["batch_size"]), (40, 2))
+    want, got = parallel["lengths"]["128"], recurrent["lengths"]["128"]
+    keys = [k for k in want if k in ("loss", "accuracy", "queries", "accuracy_se")
+            or "routing_recall" in k]
+    self.assertGreater(len([k for k in keys if "/head_" in k]), 1)
+    self.assertEqual(sorted(k for k in got), sorted(keys))
+    for k in keys:
+      self.assertAlmostEqual(got[k], want[k], places=4, msg=k)
+    self.assertGreater(recurrent["cost"]["128"]["wall_s"], 0.0)
+    self.assertGreater(recurrent["cost"]["128"]["peak_rss_mib"], 0.0)
+    for bad in (0, -1, 2.5):
+      with self.assertRaisesRegex(ValueError, "chunk must be a positive integer"):
+        runs.evaluate_run(self.ref_dir, chunk=bad)
+    with self.assertRaisesRegex(ValueError, "batch_size must be a positive integer"):
+      runs.evaluate_run(self.ref_dir, batch_size=0)
+
   def test_evaluate_run_with_another_beam(self):
     """The run's own beam reproduces its eval; a beam as wide as the 8 leaves of 128 tokens reads
     every sealed leaf, so the answer leaf is always among them (recall 1)."""
