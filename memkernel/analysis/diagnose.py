@@ -32,6 +32,10 @@ problem as recall below candidate_recall, and a read problem as read_argmax_in_a
     report = diagnose_run("runs/exp/induction", lengths=(512, 8192))
     print(format_report(report))
 
+With `node_scores=(M, ...)` every layer also reports `node_first`: level_first under other ways
+to score a node (pooled, the best of its M most salient tokens, per-dimension bounds, the best of
+all its tokens; `memkernel.analysis.node_scores`), computed from the tokens under each node.
+
 `experiments/diagnose.py` is the command.
 """
 
@@ -46,6 +50,7 @@ import numpy as np
 
 from memkernel import ops
 from memkernel.analysis import audit as audit_lib
+from memkernel.analysis import node_scores as node_scores_lib
 from memkernel.kernel import routing
 from memkernel import runs
 from memkernel.kernel.model import KernelModel
@@ -148,7 +153,7 @@ def layer_trace(inputs: Mapping[str, jax.Array], leaves_BTHK: jax.Array,
   return out
 
 
-def _trace_fn(model: KernelModel, num_queries: int):
+def _trace_fn(model: KernelModel, num_queries: int, node_scores: Optional[tuple[int, ...]]):
   c = model.config
 
   @jax.jit
@@ -164,22 +169,29 @@ def _trace_fn(model: KernelModel, num_queries: int):
     for layer_inputs, route in zip(inputs, aux.routes):
       sums.append(layer_trace(layer_inputs, route.leaves, route.runner_up, pos, answers,
                               leaf_size=c.leaf_size, beam_width=c.beam_width))
+      if node_scores is not None:
+        sums[-1].update({"node_first/" + k: v for k, v in node_scores_lib.node_score_trace(
+            layer_inputs, pos, answers, leaf_size=c.leaf_size, reps=node_scores).items()})
     return sums
 
   return trace
 
 
 def diagnose(model: KernelModel, params, batches: Sequence[Mapping[str, jax.Array]],
-             num_queries: int) -> list[dict[str, Any]]:
+             num_queries: int, node_scores: Optional[Sequence[int]] = None
+             ) -> list[dict[str, Any]]:
   """The funnel of every layer over `batches` of one task and length.
 
   Returns:
     One dict per layer: {name: fraction of counted pairs, or None where none counted} with
-    "pairs" (the pairs counted for `recall`) and "level_first" as a list over levels.
+    "pairs" (the pairs counted for `recall`) and "level_first" as a list over levels; with
+    `node_scores` (the M of every reps_M rule) also "node_first": {rule: list over levels}
+    (`node_scores.rule_names`).
   """
   if not (model.config.use_tree_read or model.config.use_exact_read):
     raise ValueError("the routing diagnostic needs a model that routes (a memory read is off)")
-  trace = _trace_fn(model, num_queries)
+  node_scores = None if node_scores is None else tuple(node_scores)
+  trace = _trace_fn(model, num_queries, node_scores)
   totals: Optional[list[dict[str, float]]] = None
   for batch in batches:
     sums = jax.device_get(trace(params, dict(batch)))
@@ -198,6 +210,9 @@ def diagnose(model: KernelModel, params, batches: Sequence[Mapping[str, jax.Arra
     layer["answer_share"] = [frac[f"answer_share/{lv}"] for lv in levels]
     layer["level_pairs"] = [int(total[f"level_first/{lv}/n"]) for lv in levels]
     layer["pairs"] = int(total["recall/n"])
+    if node_scores is not None:
+      layer["node_first"] = {rule: [frac[f"node_first/{rule}/{lv}"] for lv in levels]
+                             for rule in node_scores_lib.rule_names(node_scores)}
     report.append(layer)
   return report
 
@@ -205,7 +220,8 @@ def diagnose(model: KernelModel, params, batches: Sequence[Mapping[str, jax.Arra
 def diagnose_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  task: Optional[Mapping[str, Any]] = None, batches: int = 4,
                  batch_size: Optional[int] = None, step: Optional[int] = None,
-                 seed: Optional[int] = None) -> dict[str, Any]:
+                 seed: Optional[int] = None,
+                 node_scores: Optional[Sequence[int]] = None) -> dict[str, Any]:
   """The funnel of a training run's kernel at each length, on fresh batches of its task.
 
   Uses the auditor's seed stream (never training or evaluation batches), the run's evaluation
@@ -218,6 +234,7 @@ def diagnose_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     batches, batch_size: fresh batches per length (default batch size: the run's eval one).
     step: checkpoint step (default: the newest).
     seed: the batches' seed (default: the run's).
+    node_scores: also compare node scoring rules, with these M for the reps_M rules (`diagnose`).
   Returns:
     {"step", "task", "beam_width", "lengths": {str(length): [per-layer funnel]}}.
   Raises:
@@ -225,6 +242,10 @@ def diagnose_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   """
   if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
     raise ValueError(f"batches must be a positive integer, got {batches!r}")
+  for m in node_scores or ():
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+      raise ValueError(f"node_scores must be positive integers (the M of each reps_M rule), "
+                       f"got {m!r}")
   if step is None:
     step = runs.latest_step(workdir)
   experiment = runs.load_experiment(workdir, step)
@@ -246,7 +267,7 @@ def diagnose_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     t = experiment.task_for_length(length)
     model = KernelModel(experiment.model_for_length(length))
     data = audit_lib.eval_batches(t, seed, batches, batch_size)
-    out["lengths"][str(length)] = diagnose(model, params, data, t.num_queries)
+    out["lengths"][str(length)] = diagnose(model, params, data, t.num_queries, node_scores)
   return out
 
 
@@ -272,4 +293,12 @@ def format_report(report: Mapping[str, Any]) -> str:
              *("—" for _ in range(depth - len(layer["answer_share"])))]
       lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    if "node_first" in layers[0]:
+      head = ["layer", "node score", *(f"level {lv} first" for lv in range(depth))]
+      lines += [f"length {length}: level first by node score", "",
+                "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+      for i, layer in enumerate(layers):
+        for rule, values in layer["node_first"].items():
+          lines.append("| " + " | ".join([str(i), rule, *(_pct(x) for x in values)]) + " |")
+      lines.append("")
   return "\n".join(lines)
