@@ -8,8 +8,8 @@ The answer can sit in any leaf, so a router that does not search by the query sc
 
 1200 steps instead of the other probes' 400: a sequence scores one token, so 400 steps of 8
 sequences are 3,200 answers; the router finds the fact from the start (recall 1.00), and the
-read of its value is what needs the steps (92% at 512 after 400 steps, training accuracy 1.00
-from step ~900; docs/results/passkey/README.md). Evaluate with large batches: one query per
+read of its value is what needs the steps (92% at 512 after 400 steps, still learning;
+docs/results/passkey/README.md). Evaluate with large batches: one query per
 sequence, so 1,024 queries are 1,024 sequences, and the query-blind baseline (the batch's most
 frequent answer leaves) is only informative when a batch holds more answers than the router has
 slots.

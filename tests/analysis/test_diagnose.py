@@ -112,7 +112,7 @@ class LayerTraceTest(absltest.TestCase):
     model = memkernel.KernelModel(config)
     batch = probes.generate(task, jax.random.key(1), 4)
     params = model.init(jax.random.key(2), batch["tokens"])["params"]
-    report = diagnose.diagnose(model, params, [batch], task.num_queries)
+    report = diagnose.diagnose(model, params, [batch], task.num_queries, node_scores=(4, 16))
     self.assertLen(report, 2)
     _, aux = model.apply({"params": params}, batch["tokens"])
     for layer, route in zip(report, aux.routes):
@@ -121,8 +121,17 @@ class LayerTraceTest(absltest.TestCase):
       self.assertEqual(layer["pairs"], 4 * task.num_queries)
       self.assertLessEqual(layer["recall"], layer["candidate_recall"])
       self.assertLen(layer["level_first"], 3)     # 8 leaves: levels 0-2 hold >= 2 nodes
-    self.assertIn("| 0 | 32 |", diagnose.format_report(
-        {"beam_width": 2, "lengths": {"128": report}}))
+      # Other node scores beside it: the pooled rule is level_first itself, and 16 keys are
+      # every token of a leaf.
+      self.assertEqual(list(layer["node_first"]), ["pooled", "reps_4", "reps_16", "bound",
+                                                   "exact"])
+      self.assertEqual(layer["node_first"]["pooled"], layer["level_first"])
+      self.assertEqual(layer["node_first"]["reps_16"][0], layer["node_first"]["exact"][0])
+    text = diagnose.format_report({"beam_width": 2, "lengths": {"128": report}})
+    self.assertIn("| 0 | 32 |", text)
+    self.assertIn("| 1 | reps_4 |", text)
+    with self.assertRaisesRegex(ValueError, "node_scores must be positive integers"):
+      diagnose.diagnose_run("/nonexistent", node_scores=(0,))
 
   def test_command_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:

@@ -5,9 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-import memkernel
-from memkernel import probes
-from memkernel.analysis import diagnose
 from memkernel.analysis import node_scores
 from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.state import level_offset
@@ -81,25 +78,6 @@ class NodeScoresTest(absltest.TestCase):
     # The rules disagree somewhere (the comparison can tell them apart).
     self.assertGreater(len({tuple(hits[f"{r}/{lv}"] for lv in range(2)) for r in
                             node_scores.rule_names(reps)}), 1)
-
-  def test_diagnose_reports_every_rule_beside_the_pooled_level_first(self):
-    config = memkernel.KernelConfig(d_model=32, num_layers=1, num_route_heads=2, route_dim=8,
-                                   max_seq_len=128, leaf_rerank=True, vocab_size=64)
-    task = probes.TaskConfig(name="mqar", vocab_size=64, seq_len=128, num_pairs=8,
-                             layout="scattered")
-    model = memkernel.KernelModel(config)
-    batch = probes.generate(task, jax.random.key(1), 4)
-    params = model.init(jax.random.key(2), batch["tokens"])["params"]
-    (layer,) = diagnose.diagnose(model, params, [batch], task.num_queries, node_scores=(4, 16))
-    self.assertEqual(list(layer["node_first"]), ["pooled", "reps_4", "reps_16", "bound",
-                                                 "exact"])
-    # The pooled rule is the diagnostic's own level_first; M = L keys are every leaf token.
-    self.assertEqual(layer["node_first"]["pooled"], layer["level_first"])
-    self.assertEqual(layer["node_first"]["reps_16"][0], layer["node_first"]["exact"][0])
-    report = diagnose.format_report({"beam_width": 2, "lengths": {"128": [layer]}})
-    self.assertIn("| 0 | reps_4 |", report)
-    with self.assertRaisesRegex(ValueError, "node_scores must be positive integers"):
-      diagnose.diagnose_run("/nonexistent", node_scores=(0,))
 
 
 if __name__ == "__main__":
