@@ -112,8 +112,10 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
 @functools.lru_cache(maxsize=16)
 def _chunk_fn(model_config: Any, interventions: Any):
   """The jitted `(params, memory, chunk) -> (memory', sums)` of one model configuration: the
-  recurrent form over one chunk of a batch, and the sums its metrics need."""
+  recurrent form over one chunk of a batch, and the sums its metrics need; and {layer: (heads,
+  leaves per head)} of its routing layers, filled when it traces."""
   model = family_lib.build(model_config)
+  slots: dict[int, tuple[int, int]] = {}
 
   def run(params, memory, part):
     logits, memory, out = model.apply({"params": params}, part["tokens"], memory,
@@ -124,25 +126,17 @@ def _chunk_fn(model_config: Any, interventions: Any):
     nll = -jnp.take_along_axis(logp, part["targets"][..., None], axis=-1)[..., 0]
     sums = {"nll": jnp.sum(nll * mask), "queries": jnp.sum(mask),
             "correct": jnp.sum((jnp.argmax(logits, -1) == part["targets"]) * mask)}
-    want = (part["answer_leaves"] >= 0) & (mask[..., None] > 0)
-    sums["want"] = jnp.sum(want)
+    answers = part["answer_leaves"]
     for i, layer in enumerate(out.routes or ()):
       if layer is None:
         continue
-      sel = layer.leaves                                                 # [B, C, H, K]
-      hit = jnp.any(sel[..., None, :] == part["answer_leaves"][:, :, None, :, None], axis=-1)
-      sums[f"layer_{i}/routing_recall"] = jnp.sum(jnp.any(hit, axis=2) & want)
-      for h in range(sel.shape[2]):
-        sums[f"layer_{i}/routing_recall/head_{h}"] = jnp.sum(hit[:, :, h] & want)
+      slots[i] = layer.leaves.shape[2:]                                  # static: (H, K)
+      hits, sums["want"] = metrics_lib.routing_hits(layer.leaves, answers, mask)
+      sums[f"layer_{i}/routing_recall"] = hits
+      for h in range(layer.leaves.shape[2]):
+        sums[f"layer_{i}/routing_recall/head_{h}"] = metrics_lib.routing_hits(
+            layer.leaves[:, :, h:h + 1], answers, mask)[0]
     return memory, sums
-
-  def slots(params, memory, part):
-    """(heads, leaves per head) of every routing layer, from the shapes alone."""
-    out = jax.eval_shape(lambda p, m, x: model.apply(
-        {"params": p}, x["tokens"], m, x.get("segments"), interventions=interventions,
-        return_aux=True, method=model.scan)[2], params, memory, part)
-    return {i: layer.leaves.shape[2:] for i, layer in enumerate(out.routes or ())
-            if layer is not None}
 
   return jax.jit(run, donate_argnums=(1,)), slots
 
@@ -155,23 +149,20 @@ def _recurrent_metrics(model_config: Any, params, batch, chunk: int,
   run, slots = _chunk_fn(model_config, interventions)
   length = batch["tokens"].shape[1]
   total: dict[str, float] = {}
-  layer_slots = {}
   for begin in range(0, length, chunk):
     part = {k: v[:, begin:begin + chunk] for k, v in batch.items()}
-    if not begin:
-      layer_slots = slots(params, memory, part)
     memory, sums = run(params, memory, part)
     for k, v in jax.device_get(sums).items():
       total[k] = total.get(k, 0.0) + float(v)
   queries = max(total["queries"], 1.0)
   out = {"loss": total["nll"] / queries, "accuracy": total["correct"] / queries,
          "queries": total["queries"]}
-  want = max(total["want"], 1.0)
+  want = max(total.get("want", 0.0), 1.0)
   for k, v in total.items():
     if k.startswith("layer_"):
       out[k] = v / want
   num_leaves = -(-length // model_config.leaf_size)
-  for i, (heads, k) in layer_slots.items():
+  for i, (heads, k) in slots.items():
     out[f"layer_{i}/routing_recall_blind"] = float(metrics_lib.query_blind_recall(
         batch["answer_leaves"], batch["mask"], heads * k, num_leaves))
     out[f"layer_{i}/routing_recall_blind/head"] = float(metrics_lib.query_blind_recall(

@@ -16,13 +16,21 @@ import jax.numpy as jnp
 from memkernel.outputs import Outputs, RouteTrace
 
 
-def routing_recall(leaves_BTHK: jax.Array, answer_leaves_BTA: jax.Array,
-                   mask_BT: jax.Array) -> jax.Array:
-  """Fraction of (scored position, answer leaf) pairs whose leaf some head selected."""
+def routing_hits(leaves_BTHK: jax.Array, answer_leaves_BTA: jax.Array,
+                 mask_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(hits, pairs): the (scored position, answer leaf) pairs whose leaf some head selected, and
+  all such pairs. Sums, so chunks of a sequence add up (`evaluate.evaluate(chunk=)`)."""
   sel = leaves_BTHK.reshape(leaves_BTHK.shape[:2] + (-1,))
   hit = jnp.any(sel[..., None, :] == answer_leaves_BTA[..., :, None], axis=-1)  # [B, T, A]
   want = (answer_leaves_BTA >= 0) & (mask_BT[..., None] > 0)
-  return jnp.sum(hit & want) / jnp.maximum(jnp.sum(want), 1)
+  return jnp.sum(hit & want), jnp.sum(want)
+
+
+def routing_recall(leaves_BTHK: jax.Array, answer_leaves_BTA: jax.Array,
+                   mask_BT: jax.Array) -> jax.Array:
+  """Fraction of (scored position, answer leaf) pairs whose leaf some head selected."""
+  hits, pairs = routing_hits(leaves_BTHK, answer_leaves_BTA, mask_BT)
+  return hits / jnp.maximum(pairs, 1)
 
 
 def query_blind_recall(answer_leaves_BTA: jax.Array, mask_BT: jax.Array, slots: int,

@@ -188,13 +188,10 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     experiment = dataclasses.replace(   # KernelConfig validates the combination.
         experiment, model=dataclasses.replace(experiment.model, **{name: value}))
   ev = experiment.eval
-  for name, value in (("batches", batches), ("batch_size", batch_size), ("chunk", chunk)):
+  for name, value in (("batches", batches), ("batch_size", batch_size)):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or value <= 0):
       raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  if chunk is not None and ev.oracle:
-    raise ValueError("chunk runs the recurrent form, which takes no oracle routes; this run "
-                     "evaluates with eval.oracle")
   if batches is not None:
     ev = dataclasses.replace(ev, batches=batches)
   if batch_size is not None:

@@ -20,6 +20,7 @@ where the current document started, and the document of every sealed leaf.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.struct
@@ -109,19 +110,20 @@ class TreeStore:
 
   def insert(self, node_span_S2, leaf_key_BHP, leaf_val_BHE, leaf_sal_BH, leaf_index, do_insert,
              pooled: bool, leaf_doc_BN: Optional[jax.Array] = None, leaf_reps=None):
-    """Seals one leaf summary (`tree.insert_leaf`) and, when the store keeps representatives,
-    the leaf's `leaf_reps` (rep_key [B, H, M, P], rep_sal [B, H, M]); returns (TreeStore,
-    node_span_S2)."""
-    keys, vals, sal, span = tree_lib.insert_leaf(
-        self.node_keys_BSHP, self.node_vals_BSHE, self.node_sal_BSH, node_span_S2, leaf_key_BHP,
-        leaf_val_BHE, leaf_sal_BH, leaf_index, do_insert, pooled=pooled, leaf_doc_BN=leaf_doc_BN)
-    reps = self.reps
-    if reps is not None:
+    """Seals one leaf summary and, when the store keeps representatives, the leaf's `leaf_reps`
+    (rep_key [B, H, M, P], rep_sal [B, H, M]) in one carry chain (`tree.insert_levels`);
+    returns (TreeStore, node_span_S2)."""
+    stores = (self.node_keys_BSHP, self.node_vals_BSHE, self.node_sal_BSH)
+    leaf = (leaf_key_BHP, leaf_val_BHE, leaf_sal_BH)
+    merge = functools.partial(tree_lib.merge_nodes, pooled=pooled)
+    if self.reps is not None:
       if leaf_reps is None:
         raise ValueError("this tree store keeps representative keys; pass the leaf's leaf_reps")
-      reps, _ = tree_lib.insert_levels(reps, node_span_S2, leaf_reps, leaf_index, do_insert,
-                                       tree_lib.merge_reps, leaf_doc_BN)
-    return TreeStore(keys, vals, sal, *(reps or ())), span
+      stores, leaf = stores + self.reps, leaf + tuple(leaf_reps)
+      merge = functools.partial(tree_lib.merge_nodes_and_reps, pooled=pooled)
+    stores, span = tree_lib.insert_levels(stores, node_span_S2, leaf, leaf_index, do_insert,
+                                          merge, leaf_doc_BN)
+    return TreeStore(*stores), span
 
 
 @flax.struct.dataclass

@@ -89,7 +89,7 @@ def merge_in_document(left, right, same_doc, merge):
 
 
 def leaf_reps(rk_LHP: jax.Array, pool_LH: jax.Array, num_reps: int):
-  """RepresentativeKeys of a leaf: the routing keys of its M most salient tokens.
+  """Representative keys of a leaf: the routing keys of its M most salient tokens.
 
   A pooled key of 2^l leaves holds the one that matters with weight ~2^-l (the diluted summary of
   `docs/results/mqar_scattered/`); a node that keeps the keys of its M most salient tokens
@@ -130,6 +130,12 @@ def merge_reps(left, right):
   sal = jnp.concatenate([left[1], right[1]], axis=-1)
   sal, idx = jax.lax.top_k(sal, left[1].shape[-1])
   return jnp.take_along_axis(key, idx[..., None], axis=-2), sal
+
+
+def merge_nodes_and_reps(left, right, pooled: bool):
+  """`merge_nodes` on the first three fields (key, value, salience) and `merge_reps` on the last
+  two (representatives' keys and saliences): one merge, so one carry chain inserts them all."""
+  return merge_nodes(left[:3], right[:3], pooled) + merge_reps(left[3:], right[3:])
 
 
 def node_spans(num_leaves: int, num_sealed: int) -> np.ndarray:
