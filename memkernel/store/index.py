@@ -1,0 +1,109 @@
+"""The vector index over line keys: derived state, rebuilt from the log, never the truth.
+
+Keys are unit-normalised, so inner product is cosine. `exact` is a numpy matmul over every key;
+`flat` is faiss's exact inner-product index; `hnsw` and `ivf` are faiss's approximate ones; `auto`
+stays exact up to `StoreConfig.exact_max` keys and builds HNSW from every key once past it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memkernel.store import config as config_lib
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+  """Rows of `x` scaled to unit length (zero rows stay zero)."""
+  x = np.asarray(x, np.float32)
+  norm = np.linalg.norm(x, axis=-1, keepdims=True)
+  return x / np.where(norm > 0, norm, 1.0)
+
+
+class Growing:
+  """A float array that grows by doubling along its first axis."""
+
+  def __init__(self, width: int, dtype=np.float32):
+    self._data = np.zeros((1024, width) if width else (1024,), dtype)
+    self.size = 0
+
+  def extend(self, rows: np.ndarray) -> None:
+    need = self.size + len(rows)
+    if need > len(self._data):
+      grown = np.zeros((max(need, 2 * len(self._data)),) + self._data.shape[1:], self._data.dtype)
+      grown[:self.size] = self._data[:self.size]
+      self._data = grown
+    self._data[self.size:need] = rows
+    self.size = need
+
+  @property
+  def array(self) -> np.ndarray:
+    return self._data[:self.size]
+
+
+class VectorIndex:
+  """Nearest keys by cosine; positions are the order keys were added (0, 1, ...)."""
+
+  def __init__(self, dim: int, config: config_lib.StoreConfig):
+    self.dim = dim
+    self.config = config
+    self.keys = Growing(dim)
+    self._faiss = None
+    self.kind = "exact" if config.index in ("auto", "exact") else config.index
+
+  def __len__(self) -> int:
+    return self.keys.size
+
+  def add(self, unit_keys: np.ndarray) -> None:
+    unit_keys = np.ascontiguousarray(unit_keys, np.float32)
+    self.keys.extend(unit_keys)
+    if self._faiss is not None:
+      self._faiss.add(unit_keys)
+    elif self.kind != "exact" or (self.config.index == "auto"
+                                  and len(self) > self.config.exact_max):
+      self._build()
+
+  def _build(self) -> None:
+    import faiss  # Imported here: the exact index needs no faiss.
+    cfg, kind = self.config, ("hnsw" if self.config.index == "auto" else self.config.index)
+    keys = np.ascontiguousarray(self.keys.array)
+    if kind == "ivf":
+      lists = min(cfg.ivf_lists, max(1, len(keys) // 39))
+      if len(keys) < 39:   # Too few to train clusters: exact until there are.
+        return
+      quantizer = faiss.IndexFlatIP(self.dim)
+      index = faiss.IndexIVFFlat(quantizer, self.dim, lists, faiss.METRIC_INNER_PRODUCT)
+      index.train(keys)
+      index.nprobe = min(cfg.ivf_probe, lists)
+      index._quantizer = quantizer   # Keep the quantizer alive with the index.
+    elif kind == "hnsw":
+      index = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+      index.hnsw.efConstruction = cfg.hnsw_ef_construction
+      index.hnsw.efSearch = cfg.hnsw_ef_search
+    else:
+      index = faiss.IndexFlatIP(self.dim)
+    index.add(keys)
+    self._faiss, self.kind = index, kind
+
+  def search(self, unit_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most similar keys per query: (similarities [Q, k], positions [Q, k]).
+
+    Fewer than k keys (or an approximate index that finds fewer) pad with position -1.
+    """
+    q = np.ascontiguousarray(np.atleast_2d(unit_queries), np.float32)
+    k = max(1, k)
+    if self._faiss is not None:
+      sims, pos = self._faiss.search(q, k)
+      return sims, pos.astype(np.int64)
+    sims_all = q @ self.keys.array.T
+    n = sims_all.shape[1]
+    pos = np.full((len(q), k), -1, np.int64)
+    sims = np.full((len(q), k), -np.inf, np.float32)
+    if n == 0:
+      return sims, pos
+    kk = min(k, n)
+    top = np.argpartition(-sims_all, kk - 1, axis=1)[:, :kk]
+    top_sims = np.take_along_axis(sims_all, top, axis=1)
+    order = np.argsort(-top_sims, axis=1, kind="stable")
+    pos[:, :kk] = np.take_along_axis(top, order, axis=1)
+    sims[:, :kk] = np.take_along_axis(top_sims, order, axis=1)
+    return sims, pos

@@ -1,0 +1,332 @@
+"""`MemoryLineStore`: memory lines that outlive the process, chained, sealed and queried.
+
+    with MemoryLineStore.open("runs/store", key=secret) as store:
+      anchor = store.put(key_vec, value_vec, {"doc": 3})
+      lines = store.query(query_vec, k=5)        # MemoryLine with recency / similarity / weight
+      b = store.bias_vector(query_vec, k=5)      # sum(w v) / sum(w)
+      store.seal()
+
+Host-side numpy, never jitted. The database (`log.py`) is the truth; this object keeps derived
+arrays (unit keys in the vector index, values, timestamps, novelty) and catches up with lines other
+processes appended before every query. Writes hold SQLite's write lock (one writer across threads
+and processes), so sequence numbers stay contiguous and every line chains to the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from memkernel.store import config as config_lib
+from memkernel.store import encoding
+from memkernel.store import index as index_lib
+from memkernel.store import lines as lines_lib
+from memkernel.store import log
+from memkernel.store import merkle
+from memkernel.store import scoring
+
+MemoryLine = lines_lib.MemoryLine
+Seal = log.SealRecord
+
+
+class MemoryLineStore:
+  """A directory of memory lines. Open it with `MemoryLineStore.open(path, key=...)`."""
+
+  def __init__(self, path: str, secret: bytes, conn, key_dim: int, value_dim: int,
+               config: config_lib.StoreConfig, clock: Callable[[], int]):
+    self.path = path
+    self.config = config
+    self.key_dim = key_dim
+    self.value_dim = value_dim
+    self._secret = secret
+    self._conn = conn
+    self._clock = clock
+    self._lock = threading.RLock()
+    self._index = index_lib.VectorIndex(key_dim, config)
+    self._values = index_lib.Growing(value_dim)
+    self._ts = index_lib.Growing(0, np.int64)
+    self._novelty = index_lib.Growing(0, np.float64)
+    self._seqs = index_lib.Growing(0, np.int64)
+    self._last_seq = -1
+    self._since_seal = 0
+    self._closed = False
+    self._catch_up()
+
+  # -- opening and closing ------------------------------------------------------------------
+
+  @classmethod
+  def open(cls, path: str, key: bytes, *, key_dim: Optional[int] = None,
+           value_dim: Optional[int] = None,
+           config: Optional[config_lib.StoreConfig | Mapping[str, Any]] = None,
+           clock: Callable[[], int] = time.time_ns) -> "MemoryLineStore":
+    """Opens the store in directory `path`, creating it if it does not exist.
+
+    Args:
+      path: the store's directory.
+      key: the secret key (16-64 bytes) the chain is keyed with; the same key every time.
+      key_dim, value_dim: vector widths; required to create a store, checked when opening one.
+      config: a `StoreConfig` (or a mapping of its fields): scoring and index.
+      clock: nanoseconds since the epoch (tests pass a fake clock).
+    Raises:
+      ValueError: a bad key, a key that is not this store's, widths missing or not matching.
+    """
+    secret = encoding.check_secret(key)
+    if config is None:
+      config = config_lib.StoreConfig()
+    elif not isinstance(config, config_lib.StoreConfig):
+      config = config_lib.StoreConfig.from_mapping(config)
+    for name, dim in (("key_dim", key_dim), ("value_dim", value_dim)):
+      if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool) or dim < 1):
+        raise ValueError(f"{name} must be a positive integer, got {dim!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise ValueError(f"store path {path} is a file; it must be a directory")
+    os.makedirs(path, exist_ok=True)
+    conn = log.connect(path, config.busy_timeout_s)
+    try:
+      dims = cls._check_meta(conn, secret, key_dim, value_dim, path)
+    except BaseException:
+      conn.close()
+      raise
+    return cls(path, secret, conn, dims[0], dims[1], config, clock)
+
+  @staticmethod
+  def _check_meta(conn, secret, key_dim, value_dim, path) -> tuple[int, int]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+      stored = log.get_meta(conn, "key_check")
+      if stored is None:
+        if key_dim is None or value_dim is None:
+          raise ValueError(f"{path} holds no store yet: key_dim and value_dim are needed to "
+                           f"create one")
+        conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", [
+            ("version", encoding.VERSION), ("key_check", encoding.key_check(secret)),
+            ("key_dim", str(key_dim).encode()), ("value_dim", str(value_dim).encode())])
+        conn.execute("COMMIT")
+        return key_dim, value_dim
+      conn.execute("COMMIT")
+    except BaseException:
+      conn.execute("ROLLBACK")
+      raise
+    if stored != encoding.key_check(secret):
+      raise ValueError(f"the key does not match the store at {path}")
+    dims = int(log.get_meta(conn, "key_dim")), int(log.get_meta(conn, "value_dim"))
+    for name, want, have in (("key_dim", key_dim, dims[0]), ("value_dim", value_dim, dims[1])):
+      if want is not None and want != have:
+        raise ValueError(f"{name}={want} but the store at {path} has {name}={have}")
+    return dims
+
+  def close(self) -> None:
+    """Closes the database (every acknowledged line is already durable)."""
+    with self._lock:
+      if not self._closed:
+        self._conn.close()
+        self._closed = True
+
+  def __enter__(self) -> "MemoryLineStore":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def __len__(self) -> int:
+    with self._lock:
+      self._catch_up()
+      return self._seqs.size
+
+  # -- the derived arrays -------------------------------------------------------------------
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise ValueError(f"the store at {self.path} is closed")
+
+  def _catch_up(self) -> None:
+    """Loads lines appended since the arrays were built (by this process or another)."""
+    last = log.last_line(self._conn)
+    if last is None or last[0] <= self._last_seq:
+      return
+    batch: list[log.Row] = []
+    for row in log.iter_rows(self._conn, self._last_seq + 1):
+      batch.append(row)
+      if len(batch) == 8192:
+        self._remember(batch)
+        batch = []
+    self._remember(batch)
+
+  def _remember(self, rows: Sequence[log.Row]) -> None:
+    if not rows:
+      return
+    keys = np.stack([np.frombuffer(r.fields.key, "<f4") for r in rows])
+    self._index.add(index_lib.normalise(keys))
+    self._values.extend(np.stack([np.frombuffer(r.fields.value, "<f4") for r in rows]))
+    self._ts.extend(np.array([r.fields.ts_ns for r in rows], np.int64))
+    self._novelty.extend(np.array([r.fields.novelty for r in rows]))
+    self._seqs.extend(np.array([r.fields.seq for r in rows], np.int64))
+    self._last_seq = rows[-1].fields.seq
+
+  # -- writing ------------------------------------------------------------------------------
+
+  def put(self, key: Any, value: Any, ctx: Optional[Mapping[str, Any]] = None) -> str:
+    """Appends one line durably and returns its anchor (hex)."""
+    return self.put_many([key], [value], None if ctx is None else [ctx])[0]
+
+  def put_many(self, keys: Any, values: Any,
+               ctxs: Optional[Sequence[Optional[Mapping[str, Any]]]] = None) -> list[str]:
+    """Appends lines in one durable transaction; returns their anchors (hex), in order.
+
+    Raises:
+      ValueError: a vector of the wrong width or with non-finite entries, a context that is not
+        a JSON object, or lists of different lengths (nothing is written).
+    """
+    keys_list, values_list = list(keys), list(values)
+    if len(keys_list) != len(values_list):
+      raise ValueError(f"put_many got {len(keys_list)} keys and {len(values_list)} values")
+    ctx_list = [None] * len(keys_list) if ctxs is None else list(ctxs)
+    if len(ctx_list) != len(keys_list):
+      raise ValueError(f"put_many got {len(keys_list)} keys and {len(ctx_list)} contexts")
+    key_bytes = [encoding.vector_bytes(f"keys[{i}]", k, self.key_dim)
+                 for i, k in enumerate(keys_list)]
+    value_bytes = [encoding.vector_bytes(f"values[{i}]", v, self.value_dim)
+                   for i, v in enumerate(values_list)]
+    ctx_bytes = [encoding.canonical_ctx(c) for c in ctx_list]
+    if not key_bytes:
+      return []
+    with self._lock:
+      self._check_open()
+      self._conn.execute("BEGIN IMMEDIATE")   # the write lock, across processes
+      try:
+        self._catch_up()
+        rows = self._chain(key_bytes, value_bytes, ctx_bytes)
+        log.insert_rows(self._conn, rows)
+        self._conn.execute("COMMIT")
+      except BaseException:
+        self._conn.execute("ROLLBACK")
+        raise
+      self._remember(rows)
+      self._since_seal += len(rows)
+      if self.config.seal_every and self._since_seal >= self.config.seal_every:
+        self.seal()
+    return [r.anchor.hex() for r in rows]
+
+  def _chain(self, key_bytes, value_bytes, ctx_bytes) -> list[log.Row]:
+    """The new lines' fields, tags and anchors, following the newest stored line."""
+    last = log.last_line(self._conn)
+    seq, prev, last_ts = ((0, encoding.genesis(self._secret), 0) if last is None
+                          else (last[0] + 1, last[1], last[2]))
+    unit = index_lib.normalise(np.stack([np.frombuffer(k, "<f4") for k in key_bytes]))
+    best = (self._index.search(unit, 1)[0][:, 0] if len(self._index)
+            else np.full(len(unit), -np.inf))
+    novelty = scoring.novelty(unit, best)
+    ts_ns = max(int(self._clock()), last_ts)   # non-decreasing along the chain
+    rows = []
+    for i in range(len(key_bytes)):
+      f = encoding.LineFields(seq + i, ts_ns, prev, key_bytes[i], value_bytes[i], ctx_bytes[i],
+                              float(novelty[i]))
+      anchor = encoding.anchor(self._secret, f)
+      rows.append(log.Row(f, encoding.tags(self._secret, f), anchor))
+      prev = anchor
+    return rows
+
+  def seal(self) -> Seal:
+    """Records the count, the last anchor and the Merkle root of every anchor, MACed, in the
+    database (atomically, with the lines) and in `seal.json` (temp file, fsync, rename)."""
+    with self._lock:
+      self._check_open()
+      self._conn.execute("BEGIN IMMEDIATE")
+      try:
+        frontier = merkle.MerkleFrontier()
+        last_anchor = encoding.genesis(self._secret)
+        for row in log.iter_rows(self._conn):
+          frontier.append(row.anchor)
+          last_anchor = row.anchor
+        ts_ns = int(self._clock())
+        root = frontier.root()
+        seal = Seal(frontier.count, last_anchor, root, ts_ns,
+                    encoding.seal_mac(self._secret, frontier.count, last_anchor, root, ts_ns))
+        log.insert_seal(self._conn, seal)
+        self._conn.execute("COMMIT")
+      except BaseException:
+        self._conn.execute("ROLLBACK")
+        raise
+      log.write_atomically(os.path.join(self.path, log.SEAL_NAME),
+                           json.dumps(seal.to_json(), indent=1).encode())
+      self._since_seal = 0
+      return seal
+
+  # -- reading ------------------------------------------------------------------------------
+
+  def _unit_queries(self, vec: Any) -> np.ndarray:
+    q = np.asarray(vec, np.float32)
+    if q.ndim not in (1, 2) or q.shape[-1] != self.key_dim:
+      raise ValueError(f"query must be [{self.key_dim}] or [Q, {self.key_dim}], got {q.shape}")
+    if not np.all(np.isfinite(q)):
+      raise ValueError("query has non-finite entries")
+    if np.any(np.linalg.norm(q, axis=-1) == 0):
+      raise ValueError("query has zero norm (cosine similarity is undefined)")
+    return index_lib.normalise(np.atleast_2d(q))
+
+  def _score(self, vec: Any, k: int):
+    """Per query: positions of the k heaviest matching lines and their score parts, [Q, k]
+    (position -1 and weight 0 where fewer than k lines match)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+      raise ValueError(f"k must be a positive integer, got {k!r}")
+    unit = self._unit_queries(vec)
+    with self._lock:
+      self._check_open()
+      self._catch_up()
+      sims, pos = self._index.search(unit, max(k, self.config.candidates))
+      now = int(self._clock())
+      valid = (pos >= 0) & (sims >= self.config.similarity_floor)
+      safe = np.where(valid, pos, 0)
+      rec = scoring.recency(now, self._ts.array[safe], self.config.tau_s) if len(self._ts.array) \
+          else np.zeros(pos.shape)
+      nov = self._novelty.array[safe] if len(self._novelty.array) else np.zeros(pos.shape)
+      w = np.where(valid, scoring.weights(self.config, rec, sims, nov), -np.inf)
+      order = np.argsort(-w, axis=1, kind="stable")[:, :k]
+      take = lambda a: np.take_along_axis(a, order, axis=1)
+      w, keep = take(w), take(valid)
+      positions = np.where(keep, take(pos), -1)
+      return (positions, take(rec), take(sims.astype(np.float64)), take(nov),
+              np.where(keep, w, 0.0))
+
+  def query(self, vec: Any, k: int = 5) -> list[MemoryLine]:
+    """The k heaviest lines whose key's cosine to `vec` reaches the similarity floor, heaviest
+    first, with their recency, similarity and weight."""
+    positions, rec, sim, _, w = self._score(np.asarray(vec, np.float32).reshape(-1), k)
+    found = [(int(p), j) for j, p in enumerate(positions[0]) if p >= 0]
+    if not found:
+      return []
+    with self._lock:
+      seqs = [int(self._seqs.array[p]) for p, _ in found]
+      rows = log.rows_by_seq(self._conn, seqs)
+    return [MemoryLine.from_row(rows[s], recency=float(rec[0, j]), similarity=float(sim[0, j]),
+                                weight=float(w[0, j]))
+            for s, (_, j) in zip(seqs, found) if s in rows]
+
+  def bias_vector(self, vec: Any, k: int = 5) -> np.ndarray:
+    """sum(w v) / sum(w) over the k heaviest matching lines: [value_dim] for one query,
+    [Q, value_dim] for a batch; zeros where no line matches."""
+    positions, _, _, _, w = self._score(vec, k)
+    with self._lock:
+      values = self._values.array[np.where(positions >= 0, positions, 0)]
+    b = scoring.bias(w, np.where((positions >= 0)[..., None], values, 0.0)).astype(np.float32)
+    return b[0] if np.asarray(vec).ndim == 1 else b
+
+  def export_jsonl(self, out_path: str) -> int:
+    """Writes every line, one JSON object per line, atomically; returns how many."""
+    with self._lock:
+      self._check_open()
+      chunks = []
+      for row in log.iter_rows(self._conn):
+        f = row.fields
+        chunks.append(json.dumps({
+            "seq": f.seq, "timestamp_ns": f.ts_ns, "prev": f.prev.hex(),
+            "anchor": row.anchor.hex(), "key": np.frombuffer(f.key, "<f4").tolist(),
+            "value": np.frombuffer(f.value, "<f4").tolist(), "ctx": json.loads(f.ctx),
+            "novelty": f.novelty, "tags": row.tags.hex()}, sort_keys=True))
+    log.write_atomically(out_path, ("\n".join(chunks) + ("\n" if chunks else "")).encode())
+    return len(chunks)
