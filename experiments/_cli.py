@@ -94,7 +94,7 @@ def parse_lengths(values: Optional[Sequence[str]], flag: str = "lengths") -> Opt
 
 
 def run(main: Callable[[list[str]], None], *, name: Optional[str] = None,
-        fields: str = "the config file") -> None:
+        fields: str = "the config file", positional: int = 0) -> None:
   """`app.run(main)` with `parse_flags`, and one `FATAL [name: ]...` line for unexpected
   arguments and the errors in `FATAL_ERRORS`.
 
@@ -102,10 +102,11 @@ def run(main: Callable[[list[str]], None], *, name: Optional[str] = None,
     main: the binary's `main(argv)`.
     name: the command's name, put before the error messages of `main`.
     fields: where the config's fields are described (`parse_flags`).
+    positional: how many arguments may follow the flags (a subcommand's name, say).
   """
 
   def guarded(argv):
-    if len(argv) > 1:
+    if len(argv) > 1 + positional:
       fatal(f"unexpected arguments: {argv[1:]}", name)
     try:
       main(argv)

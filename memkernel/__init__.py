@@ -6,11 +6,33 @@ exact token-level read. Every model family (`memkernel.family`) runs in one harn
 evaluation, the auditor, the sweeps, the benchmark and the sampler. See README.md.
 """
 
-from memkernel import family
-from memkernel.kernel import Interventions, KernelConfig, KernelModel, Memory, init_memory
-from memkernel.outputs import Outputs, RouteTrace
-from memkernel.runs import load_run
-from memkernel.sampler import SampleResult, generate
+import importlib
+from typing import Any
+
+# Loaded on first use, so host-side parts (`memkernel.store`) start without importing JAX.
+_LAZY = {
+    "family": "memkernel.family",
+    "Interventions": "memkernel.kernel",
+    "KernelConfig": "memkernel.kernel",
+    "KernelModel": "memkernel.kernel",
+    "Memory": "memkernel.kernel",
+    "init_memory": "memkernel.kernel",
+    "Outputs": "memkernel.outputs",
+    "RouteTrace": "memkernel.outputs",
+    "load_run": "memkernel.runs",
+    "SampleResult": "memkernel.sampler",
+    "generate": "memkernel.sampler",
+}
+
+
+def __getattr__(name: str) -> Any:
+  if name not in _LAZY:
+    raise AttributeError(f"module 'memkernel' has no attribute {name!r}")
+  module = importlib.import_module(_LAZY[name])
+  value = module if name == "family" else getattr(module, name)
+  globals()[name] = value
+  return value
+
 
 __all__ = [
     "Interventions",

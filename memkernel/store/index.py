@@ -74,7 +74,7 @@ class VectorIndex:
       index = faiss.IndexIVFFlat(quantizer, self.dim, lists, faiss.METRIC_INNER_PRODUCT)
       index.train(keys)
       index.nprobe = min(cfg.ivf_probe, lists)
-      index._quantizer = quantizer   # Keep the quantizer alive with the index.
+      self._quantizer = quantizer   # faiss does not own it: keep it alive with the index.
     elif kind == "hnsw":
       index = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
       index.hnsw.efConstruction = cfg.hnsw_ef_construction

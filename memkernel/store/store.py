@@ -311,6 +311,9 @@ class MemoryLineStore:
     """sum(w v) / sum(w) over the k heaviest matching lines: [value_dim] for one query,
     [Q, value_dim] for a batch; zeros where no line matches."""
     positions, _, _, _, w = self._score(vec, k)
+    if not (positions >= 0).any():
+      return np.zeros(positions.shape[:1] + (self.value_dim,), np.float32)[
+          0 if np.asarray(vec).ndim == 1 else slice(None)]
     with self._lock:
       values = self._values.array[np.where(positions >= 0, positions, 0)]
     b = scoring.bias(w, np.where((positions >= 0)[..., None], values, 0.0)).astype(np.float32)

@@ -1,0 +1,45 @@
+"""Secret key files: 32 random bytes written as hex, readable only by their owner."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+from memkernel.store import encoding
+
+
+def new_key_file(path: str, nbytes: int = 32) -> bytes:
+  """Writes a fresh random key to `path` (mode 0600) and returns it; never overwrites.
+
+  Raises:
+    ValueError: `path` exists (a key a store depends on must not be lost).
+  """
+  key = encoding.check_secret(secrets.token_bytes(nbytes))
+  try:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  except FileExistsError:
+    raise ValueError(f"{path} exists; a key file is never overwritten") from None
+  with os.fdopen(fd, "w") as f:
+    f.write(key.hex() + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  return key
+
+
+def read_key_file(path: str) -> bytes:
+  """The key in `path`: hex text (as `new_key_file` writes) or raw bytes.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the key is not 16-64 bytes.
+  """
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    key = bytes.fromhex(data.decode("ascii").strip())
+  except (UnicodeDecodeError, ValueError):
+    key = data
+  try:
+    return encoding.check_secret(key)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
