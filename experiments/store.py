@@ -9,21 +9,30 @@ r"""The memory-line store from the command line: `memkernel.store`.
   python -m experiments.store verify --store=runs/store --key_file=store.key --json
   python -m experiments.store export --store=runs/store --key_file=store.key --out=lines.jsonl
 
+  python -m experiments.store reliability --out_dir=docs/results/store
+  python -m experiments.store bench --out_dir=docs/results/store
+
 `verify` exits 0 when the store is intact and 1 when it is damaged, printing the first bad line and
 the kind of damage (with `--json`: {"ok", "records", "first_bad_record", "damage", ...}).
 `--jsonl` reads one {"key": [...], "value": [...], "ctx": {...}} object per line (plain JSON).
 """
 
 import json
+import os
+import shlex
 import sys
+import tempfile
 
 from absl import flags
 
 from experiments import _cli
 from memkernel import store as store_lib
+from memkernel.store import bench as bench_lib
 from memkernel.store import keys as keys_lib
+from memkernel.store import log
+from memkernel.store import reliability as reliability_lib
 
-COMMANDS = ("keygen", "put", "query", "verify", "seal", "export")
+COMMANDS = ("keygen", "put", "query", "verify", "seal", "export", "reliability", "bench")
 _STORE = flags.DEFINE_string("store", None, "The store's directory.")
 _KEY_FILE = flags.DEFINE_string("key_file", None, "The secret key file (keygen writes one).")
 _DIMS = flags.DEFINE_list("dims", None, "key_dim,value_dim: needed to create a store.")
@@ -35,6 +44,16 @@ _VEC = flags.DEFINE_list("vec", None, "query: the query vector, comma-separated 
 _K = flags.DEFINE_integer("k", 5, "query: how many lines.")
 _OUT = flags.DEFINE_string("out", None, "export: the JSONL file to write.")
 _JSON = flags.DEFINE_bool("json", False, "Print machine-readable JSON.")
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "reliability, bench: where the results go.")
+_KILLS = flags.DEFINE_integer("kill_trials", 300, "reliability: writers killed by SIGKILL.")
+_PROCESSES = flags.DEFINE_integer("processes", 8, "reliability: concurrent writer processes.")
+_LINES_EACH = flags.DEFINE_integer("lines_each", 1000, "reliability: lines per writer.")
+_DAMAGE = flags.DEFINE_integer("damage_trials", 20, "reliability: trials per kind of damage.")
+_FORGERS = flags.DEFINE_integer("forger_trials", 20, "reliability: forged stores.")
+_SCALE = flags.DEFINE_integer("scale_lines", 1_000_000, "reliability: lines verified at scale.")
+_SIZES = flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "bench: store sizes.")
+_DIM = flags.DEFINE_integer("dim", 64, "bench: key and value width.")
+_QUERIES = flags.DEFINE_integer("queries", 1024, "bench: queries timed one at a time.")
 
 
 def _numbers(flag: str, values) -> list[float]:
@@ -123,6 +142,54 @@ def _verify() -> None:
   sys.exit(0 if report.ok else 1)
 
 
+def _command_line() -> str:
+  return "python -m experiments.store " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _write(path: str, text: str) -> None:
+  log.write_atomically(path, text.encode("utf-8"))
+
+
+def _out_dir() -> str:
+  if not _OUT_DIR.value:
+    raise ValueError("--out_dir is required")
+  _cli.check_directory("out_dir", _OUT_DIR.value)
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  return _OUT_DIR.value
+
+
+def _reliability() -> None:
+  for flag, value in (("kill_trials", _KILLS.value), ("processes", _PROCESSES.value),
+                      ("lines_each", _LINES_EACH.value), ("damage_trials", _DAMAGE.value),
+                      ("forger_trials", _FORGERS.value), ("scale_lines", _SCALE.value)):
+    _cli.check_positive(flag, value)
+  out = os.path.join(_out_dir(), "reliability.json")
+  result = reliability_lib.run_all(
+      kill_trials=_KILLS.value, processes=_PROCESSES.value, lines_each=_LINES_EACH.value,
+      damage_trials=_DAMAGE.value, forger_trials=_FORGERS.value, scale_lines=_SCALE.value,
+      progress=lambda m: print(m, flush=True))
+  result["command"] = _command_line()
+  _write(out, json.dumps(result, indent=1) + "\n")
+  print(f"wrote {out}")
+
+
+def _bench() -> None:
+  sizes = _cli.parse_lengths(_SIZES.value, "sizes")
+  _cli.check_positive("dim", _DIM.value)
+  _cli.check_positive("queries", _QUERIES.value)
+  out_dir = _out_dir()
+  with tempfile.TemporaryDirectory(prefix="memkernel-store-bench-") as work:
+    rows = bench_lib.run(sizes, _DIM.value, _QUERIES.value, work,
+                         progress=lambda m: print(m, flush=True))
+  _write(os.path.join(out_dir, "bench.json"),
+         json.dumps({"rows": rows, "command": _command_line()}, indent=1) + "\n")
+  table = bench_lib.markdown(rows)
+  _write(os.path.join(out_dir, "bench.md"), table)
+  bench_lib.plot(rows, os.path.join(out_dir, "bench_latency.png"))
+  print(table)
+  print(f"wrote bench.json, bench.md and bench_latency.png to {out_dir}")
+
+
 def main(argv):
   command = argv[1] if len(argv) > 1 else None
   if command not in COMMANDS:
@@ -136,6 +203,10 @@ def main(argv):
     return
   if command == "verify":
     _verify()
+  if command == "reliability":
+    return _reliability()
+  if command == "bench":
+    return _bench()
   with _open() as store:
     if command == "put":
       _put(store)

@@ -8,7 +8,7 @@ from memkernel.store.async_store import AsyncMemoryLineStore
 from memkernel.store.config import StoreConfig
 from memkernel.store.lines import MemoryLine
 from memkernel.store.store import MemoryLineStore, Seal
-from memkernel.store.verify import Report, verify
+from memkernel.store.verification import Report, verify
 
 __all__ = ["AsyncMemoryLineStore", "MemoryLine", "MemoryLineStore", "Report", "Seal",
            "StoreConfig", "verify"]

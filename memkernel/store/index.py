@@ -94,16 +94,20 @@ class VectorIndex:
     if self._faiss is not None:
       sims, pos = self._faiss.search(q, k)
       return sims, pos.astype(np.int64)
-    sims_all = q @ self.keys.array.T
-    n = sims_all.shape[1]
+    keys = self.keys.array
     pos = np.full((len(q), k), -1, np.int64)
     sims = np.full((len(q), k), -np.inf, np.float32)
-    if n == 0:
+    kk = min(k, len(keys))
+    if kk == 0:
       return sims, pos
-    kk = min(k, n)
-    top = np.argpartition(-sims_all, kk - 1, axis=1)[:, :kk]
-    top_sims = np.take_along_axis(sims_all, top, axis=1)
-    order = np.argsort(-top_sims, axis=1, kind="stable")
-    pos[:, :kk] = np.take_along_axis(top, order, axis=1)
-    sims[:, :kk] = np.take_along_axis(top_sims, order, axis=1)
+    for start in range(0, len(q), 1024):   # blocks of queries: memory O(1024 * n)
+      block = q[start:start + 1024] @ keys.T
+      if kk == 1:
+        top = block.argmax(axis=1)[:, None]
+      else:
+        top = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+      top_sims = np.take_along_axis(block, top, axis=1)
+      order = np.argsort(-top_sims, axis=1, kind="stable")
+      pos[start:start + 1024, :kk] = np.take_along_axis(top, order, axis=1)
+      sims[start:start + 1024, :kk] = np.take_along_axis(top_sims, order, axis=1)
     return sims, pos

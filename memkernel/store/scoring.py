@@ -19,7 +19,7 @@ def weights(config: config_lib.StoreConfig, rec: np.ndarray, sim: np.ndarray,
   return config.alpha * rec + config.beta * sim + config.gamma * nov
 
 
-def novelty(unit_keys: np.ndarray, best_earlier: np.ndarray) -> np.ndarray:
+def novelty(unit_keys: np.ndarray, best_earlier: np.ndarray, block: int = 512) -> np.ndarray:
   """n_i = 1 - max_j cos(k_i, k_j) over earlier lines, for a batch appended in order.
 
   Args:
@@ -29,10 +29,12 @@ def novelty(unit_keys: np.ndarray, best_earlier: np.ndarray) -> np.ndarray:
     [B] novelty; 1.0 for the first line of an empty store.
   """
   best = np.asarray(best_earlier, np.float64).copy()
-  if len(unit_keys) > 1:
-    within = unit_keys @ unit_keys.T
-    within[np.triu_indices(len(unit_keys))] = -np.inf   # only lines before i in the batch
-    best = np.maximum(best, within.max(axis=1))
+  for start in range(0, len(unit_keys), block):   # blocks of rows: memory O(block * B)
+    end = min(start + block, len(unit_keys))
+    sims = unit_keys[start:end] @ unit_keys[:end].T
+    later = np.arange(end)[None, :] >= np.arange(start, end)[:, None]
+    sims[later] = -np.inf                 # only lines before i in the batch
+    best[start:end] = np.maximum(best[start:end], sims.max(axis=1))
   return np.where(np.isfinite(best), 1.0 - best, 1.0)
 
 

@@ -267,3 +267,16 @@ def test_auto_index_switches_to_hnsw_past_exact_max(tmp_path):
     assert store._index.kind == "hnsw" and len(store._index) == 60
     q = rng.normal(size=8)
     assert store.query(q, 1)[0].seq == int(np.argmax(_unit(store._index.keys.array) @ _unit(q)))
+
+
+def test_batched_novelty_is_the_same_in_any_block_size():
+  from memkernel.store import scoring
+  rng = np.random.default_rng(9)
+  unit = _unit(rng.normal(size=(50, 8)))
+  earlier = rng.uniform(-1, 1, size=50)
+  earlier[:3] = -np.inf
+  reference = np.array([1.0 - max([earlier[i]] + [unit[j] @ unit[i] for j in range(i)])
+                        if i or np.isfinite(earlier[i]) else 1.0 for i in range(50)])
+  for block in (1, 7, 50, 512):
+    np.testing.assert_allclose(scoring.novelty(unit, earlier, block=block), reference,
+                               atol=1e-12)
