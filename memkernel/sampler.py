@@ -6,6 +6,11 @@ The prompt goes through `model.scan` once (one compiled program for its length),
 token through `model.step` (one compiled program for every step), so the memory a family keeps
 (the kernel's tree and token cache, a peer's KV cache or ring buffer) is what the decode reads.
 The logits the sampler samples from are those of the parallel form on the same tokens (tested).
+
+`logits_bias` adds a host-side term to every step's logits from the model's final hidden state
+(`memkernel.hidden`): a persistent memory-line store queried kNN-LM style
+(`memkernel.store_bias.StoreBias`). The prompt's last token then goes through `model.step`, so
+the first sampled token is biased too.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from memkernel import family as family_lib
+from memkernel import hidden as hidden_lib
 
 # callback(step_index, tokens int32 [B]) is called on the host after every sampled token.
 TokenCallback = Callable[[int, np.ndarray], None]
+# logits_bias(hidden float32 [B, D]) -> float32 [B, V], added to the logits before sampling.
+LogitsBias = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +105,9 @@ def _compiled(model: nn.Module, temperature: float, top_k: int):
 
 def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-             callback: Optional[TokenCallback] = None) -> SampleResult:
+             callback: Optional[TokenCallback] = None,
+             logits_bias: Optional[LogitsBias] = None,
+             bias_site: str = hidden_lib.FINAL_NORM) -> SampleResult:
   """Samples `max_new_tokens` tokens after `prompt` from any registered family's model.
 
   Args:
@@ -110,6 +120,9 @@ def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
     top_k: sample among the k most likely tokens only (0: all).
     seed: seeds the sampling (token i uses `fold_in(key(seed), i)`).
     callback: called with (i, tokens [B]) as each token is sampled, e.g. to print it.
+    logits_bias: maps each step's final hidden state [B, D] to a term [B, V] added to its logits
+      (on the host); `SampleResult.logits` then holds the biased logits.
+    bias_site: the submodule whose output `logits_bias` receives (`memkernel.hidden`).
 
   Returns:
     A `SampleResult`.
@@ -118,6 +131,9 @@ def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
     ValueError: a bad prompt, setting or a model too short for P + N tokens (named).
   """
   prompt = _check(model, prompt, max_new_tokens, temperature, top_k)
+  if logits_bias is not None:
+    return _generate_biased(model, params, prompt, max_new_tokens, float(temperature),
+                            int(top_k), seed, callback, logits_bias, bias_site)
   prefill, decode = _compiled(model, float(temperature), int(top_k))
   memory = family_lib.init_memory(model.config, prompt.shape[0])
   logits_BPV, memory = prefill(params, jnp.asarray(prompt), memory)
@@ -135,6 +151,42 @@ def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
       break
     last, memory, token = decode(params, token, memory, jax.random.fold_in(key, i + 1))
     logits.append(last)
+  new = np.stack(tokens, axis=1)
+  return SampleResult(tokens=np.concatenate([prompt, new], axis=1),
+                      logits=np.asarray(jax.device_get(jnp.stack(logits, axis=1))),
+                      memory=memory)
+
+
+def _biased(logits_bias: LogitsBias, logits: jax.Array, hidden: jax.Array) -> jax.Array:
+  term = np.asarray(logits_bias(np.asarray(jax.device_get(hidden), np.float32)), np.float32)
+  if term.shape != logits.shape:
+    raise ValueError(f"logits_bias returned shape {term.shape}, the logits are {logits.shape}")
+  return logits + term
+
+
+def _generate_biased(model, params, prompt, max_new_tokens, temperature, top_k, seed, callback,
+                     logits_bias, site) -> SampleResult:
+  """`generate` with a host-side logits term after every step (the prompt's last token too)."""
+  prefill, _ = _compiled(model, temperature, top_k)
+  sample = jax.jit(functools.partial(sample_token, temperature=temperature, top_k=top_k))
+  memory = family_lib.init_memory(model.config, prompt.shape[0])
+  if prompt.shape[1] > 1:
+    _, memory = prefill(params, jnp.asarray(prompt[:, :-1]), memory)
+  last, memory, hidden = hidden_lib.step(model, params, jnp.asarray(prompt[:, -1]), memory,
+                                         site=site)
+  key = jax.random.key(seed)
+  tokens, logits = [], []
+  for i in range(max_new_tokens):
+    last = _biased(logits_bias, last, hidden)
+    logits.append(last)
+    token = sample(last, jax.random.fold_in(key, i))
+    host_token = np.asarray(jax.device_get(token))
+    tokens.append(host_token)
+    if callback is not None:
+      callback(i, host_token)
+    if i + 1 == max_new_tokens:
+      break
+    last, memory, hidden = hidden_lib.step(model, params, token, memory, site=site)
   new = np.stack(tokens, axis=1)
   return SampleResult(tokens=np.concatenate([prompt, new], axis=1),
                       logits=np.asarray(jax.device_get(jnp.stack(logits, axis=1))),

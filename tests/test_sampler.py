@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memkernel import family
+from memkernel import hidden as hidden_lib
 from memkernel import sampler
 from memkernel.kernel.config import KernelConfig
 from memkernel.peers import PeerConfig
@@ -40,6 +41,34 @@ class SamplerTest(parameterized.TestCase):
     np.testing.assert_array_equal(result.tokens[:, 21:], np.argmax(full[:, 20:32], axis=-1))
     self.assertEqual([i for i, _ in seen], list(range(12)))
     np.testing.assert_array_equal(np.stack([t for _, t in seen], 1), result.tokens[:, 21:])
+
+  @parameterized.parameters("kernel", "dense", "sliding_window")
+  def test_a_logits_bias_is_added_from_the_hidden_state_of_every_step(self, name):
+    config = _config(name)
+    model = family.build(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
+    prompt = np.random.RandomState(1).randint(0, 32, (2, 9))
+    plain = sampler.generate(model, params, prompt, max_new_tokens=6, temperature=0.0)
+    seen = []
+
+    def zero(hidden):
+      seen.append(hidden)
+      return np.zeros((hidden.shape[0], 32), np.float32)
+    same = sampler.generate(model, params, prompt, max_new_tokens=6, temperature=0.0,
+                            logits_bias=zero)
+    np.testing.assert_array_equal(same.tokens, plain.tokens)
+    np.testing.assert_allclose(same.logits, plain.logits, atol=1e-4)
+    # The hidden state it saw at each step is the parallel form's at that position.
+    _, hidden_BTD = hidden_lib.parallel(model, params, jnp.asarray(plain.tokens))
+    np.testing.assert_allclose(np.stack(seen, 1), np.asarray(hidden_BTD[:, 8:14]), atol=1e-4)
+    # A bias toward token 5 wins every greedy step.
+    push = lambda hidden: np.eye(32, dtype=np.float32)[[5] * hidden.shape[0]] * 1e4
+    pushed = sampler.generate(model, params, prompt, max_new_tokens=6, temperature=0.0,
+                              logits_bias=push)
+    np.testing.assert_array_equal(pushed.tokens[:, 9:], 5)
+    with self.assertRaisesRegex(ValueError, "logits_bias returned shape"):
+      sampler.generate(model, params, prompt, max_new_tokens=2, temperature=0.0,
+                       logits_bias=lambda h: np.zeros((2, 7)))
 
   def test_top_k_and_temperature_sample_only_the_top_tokens(self):
     logits = jnp.tile(jnp.arange(10.0)[None], (4, 1))

@@ -1,0 +1,165 @@
+r"""The cross-process recall probe (`memkernel.store_recall`): facts written by one process,
+answered by another whose model memory is empty, with the store and without.
+
+  python -m experiments.store_recall write --workdir=runs/mqar --store=runs/recall_store \
+      --key_file=store.key --site=embed
+  python -m experiments.store_recall ask --workdir=runs/mqar --store=runs/recall_store \
+      --key_file=store.key --site=embed --out=runs/recall.json
+
+`write` reads the fact documents, writes a line per fact (the output of submodule `--site` at the
+key token -> the value token) and seals the store. `ask`, in a new process, verifies the store,
+tunes alpha and the similarity floor on validation questions (the best question accuracy that
+keeps the accuracy on in-context documents, whose keys no fact uses, within 1 point and the other
+positions' loss within 1%), and reports the test questions, the in-context documents and the
+conflicting ones (the facts' keys with other values) with the chosen setting and without the
+store. Both regenerate the facts from `--facts_seed`; the answer key never enters the model.
+"""
+
+import itertools
+import json
+import os
+import shlex
+import sys
+
+from absl import flags
+from absl import logging
+
+from experiments import _cli
+from memkernel import family as family_lib
+from memkernel import runs
+from memkernel import store_bias
+from memkernel import store_recall
+from memkernel.store import keys as keys_lib
+from memkernel.store import store as store_lib
+from memkernel.store import verification
+
+COMMANDS = ("write", "ask")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained run of the scattered MQAR task.")
+_STORE = flags.DEFINE_string("store", None, "The store's directory.")
+_KEY_FILE = flags.DEFINE_string("key_file", None, "The store's key file (made if missing).")
+_SITE = flags.DEFINE_string("site", "embed", "The submodule whose output keys the lines.")
+_FACTS = flags.DEFINE_integer("facts", 64, "How many facts (distinct keys).")
+_FACTS_SEED = flags.DEFINE_integer("facts_seed", 0, "Seeds the facts and their documents.")
+_DOCS = flags.DEFINE_integer("docs", 32, "ask: documents per stream (num_pairs queries each).")
+_ALPHAS = flags.DEFINE_list("alphas", ["4", "8", "16", "32", "64"], "ask: alphas tried.")
+_FLOORS = flags.DEFINE_list("floors", ["0.15", "0.5", "0.9"], "ask: similarity floors tried.")
+_K = flags.DEFINE_integer("k", 5, "ask: lines per bias vector.")
+_OUT = flags.DEFINE_string("out", None, "ask: the JSON file to write.")
+flags.mark_flags_as_required(["workdir", "store"])
+
+
+def _numbers(flag, values):
+  try:
+    return [float(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag} must be comma-separated numbers, got {','.join(values)}") from None
+
+
+def _load():
+  config, params = runs.load_run(_WORKDIR.value)
+  task = runs.load_experiment(_WORKDIR.value).task
+  if task.name != "mqar" or task.layout != "scattered":
+    raise ValueError(f"{_WORKDIR.value} was trained on {task.name} ({task.layout}); the recall "
+                     "probe needs the scattered MQAR task")
+  return family_lib.build(config), params, task
+
+
+def _write(model, params, task, key):
+  facts = store_recall.make_facts(task.vocab_size, _FACTS.value, _FACTS_SEED.value)
+  width = model.config.d_model
+  with store_lib.MemoryLineStore.open(_STORE.value, key, key_dim=width,
+                                      value_dim=task.vocab_size) as store:
+    if len(store):
+      raise ValueError(f"{_STORE.value} already holds {len(store)} lines; write to a new store")
+    n = store_recall.write_facts(store, model, params, task, facts, site=_SITE.value,
+                                 seed=_FACTS_SEED.value)
+    seal = store.seal()
+  print(f"wrote {n} fact lines to {_STORE.value} (site {_SITE.value}); sealed {seal.count}")
+
+
+def _ask(model, params, task, key):
+  report = verification.verify(_STORE.value, key)
+  if not report.ok:
+    raise ValueError(f"the store does not verify: {report.damage} at line "
+                     f"{report.first_bad_record} ({report.detail})")
+  facts = store_recall.make_facts(task.vocab_size, _FACTS.value, _FACTS_SEED.value)
+  site, docs = _SITE.value, _DOCS.value
+  evaluate = lambda bias, stream: {
+      "questions": store_recall.ask(model, params, task, facts, docs=docs, stream=stream,
+                                    bias=bias, site=site),
+      "in_context": store_recall.in_context(model, params, task, facts, docs=docs,
+                                            stream=stream, bias=bias, site=site),
+      "conflicting": store_recall.in_context(model, params, task, facts, docs=docs,
+                                             stream=stream, bias=bias, site=site,
+                                             conflicting=True)}
+  base = {"validation": evaluate(None, store_recall.VALIDATION)}
+  tried = []
+  for floor, alpha in itertools.product(_numbers("floors", _FLOORS.value),
+                                        _numbers("alphas", _ALPHAS.value)):
+    with store_lib.MemoryLineStore.open(_STORE.value, key,
+                                        config={"similarity_floor": floor}) as store:
+      bias = store_bias.StoreBias(store, alpha=alpha, k=_K.value, vocab_size=task.vocab_size)
+      tried.append({"alpha": alpha, "similarity_floor": floor,
+                    **evaluate(bias, store_recall.VALIDATION)})
+    v = tried[-1]
+    print(f"validation alpha {alpha:g} floor {floor:g}: questions "
+          f"{v['questions']['accuracy']:.4f}, in-context {v['in_context']['queries']['accuracy']:.4f}, "
+          f"other loss {v['in_context']['other_positions']['loss']:.4f}", flush=True)
+  chosen = store_recall.choose(tried, base["validation"])
+  result = {"site": site, "facts": _FACTS.value, "k": _K.value, "validation": tried,
+            "no_store": {"validation": base["validation"],
+                         "test": evaluate(None, store_recall.TEST)}}
+  with store_lib.MemoryLineStore.open(_STORE.value, key) as store:
+    result["site_match"] = store_recall.site_match(store, model, params, task, facts, site=site,
+                                                   docs=docs, stream=store_recall.TEST)
+    result["lines"] = len(store)
+  if chosen is not None:
+    with store_lib.MemoryLineStore.open(
+        _STORE.value, key, config={"similarity_floor": chosen["similarity_floor"]}) as store:
+      bias = store_bias.StoreBias(store, alpha=chosen["alpha"], k=_K.value,
+                                  vocab_size=task.vocab_size)
+      result["chosen"] = {"alpha": chosen["alpha"],
+                          "similarity_floor": chosen["similarity_floor"],
+                          "test": evaluate(bias, store_recall.TEST)}
+  else:
+    result["chosen"] = None
+  result["command"] = "python -m experiments.store_recall " + " ".join(
+      shlex.quote(a) for a in sys.argv[1:])
+  none_q = result["no_store"]["test"]["questions"]
+  print(f"test questions without the store: {none_q['accuracy']:.4f} +- {none_q['accuracy_se']:.4f}"
+        f" ({none_q['queries']} queries); nearest line asks the same key: "
+        f"{result['site_match']:.4f}")
+  if chosen is not None:
+    t = result["chosen"]["test"]
+    print(f"with the store (alpha {chosen['alpha']:g}, floor {chosen['similarity_floor']:g}): "
+          f"questions {t['questions']['accuracy']:.4f} +- {t['questions']['accuracy_se']:.4f}; "
+          f"in-context {t['in_context']['queries']['accuracy']:.4f} (without: "
+          f"{result['no_store']['test']['in_context']['queries']['accuracy']:.4f})")
+  else:
+    print("no setting kept the in-context accuracy and the other positions' loss: none chosen")
+  if _OUT.value:
+    runs.write_json(_OUT.value, result)
+    print(f"wrote {_OUT.value}")
+
+
+def main(argv):
+  command = argv[1] if len(argv) > 1 else None
+  if command not in COMMANDS:
+    raise ValueError(f"give a command, one of {', '.join(COMMANDS)} (got {command!r})")
+  for flag, value in (("facts", _FACTS.value), ("docs", _DOCS.value), ("k", _K.value)):
+    _cli.check_positive(flag, value)
+  if command == "ask" and _OUT.value and os.path.exists(_OUT.value):
+    raise ValueError(f"{_OUT.value} exists; pass another --out")
+  if not _KEY_FILE.value:
+    raise ValueError("--key_file is required")
+  if command == "write" and not os.path.exists(_KEY_FILE.value):
+    keys_lib.new_key_file(_KEY_FILE.value)
+  key = keys_lib.read_key_file(_KEY_FILE.value)
+  _cli.quiet_orbax()
+  logging.set_verbosity(logging.WARNING)
+  model, params, task = _load()
+  (_write if command == "write" else _ask)(model, params, task, key)
+
+
+if __name__ == "__main__":
+  _cli.run(main, name="store_recall", positional=1)
