@@ -14,11 +14,12 @@ and processes), so sequence numbers stay contiguous and every line chains to the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -318,6 +319,18 @@ class MemoryLineStore:
       values = self._values.array[np.where(positions >= 0, positions, 0)]
     b = scoring.bias(w, np.where((positions >= 0)[..., None], values, 0.0)).astype(np.float32)
     return b[0] if np.asarray(vec).ndim == 1 else b
+
+  def lines(self, start: int = 0) -> Iterator[MemoryLine]:
+    """Every stored line from seq `start` on, in order, read a page at a time (no scores)."""
+    while True:
+      with self._lock:   # a page at a time, so writers are not held up by a long read
+        self._check_open()
+        page = list(itertools.islice(log.iter_rows(self._conn, start), 4096))
+      for row in page:
+        yield MemoryLine.from_row(row)
+      if len(page) < 4096:
+        return
+      start = page[-1].fields.seq + 1
 
   def export_jsonl(self, out_path: str) -> int:
     """Writes every line, one JSON object per line, atomically; returns how many."""
