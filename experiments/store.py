@@ -51,6 +51,10 @@ _LINES_EACH = flags.DEFINE_integer("lines_each", 1000, "reliability: lines per w
 _DAMAGE = flags.DEFINE_integer("damage_trials", 20, "reliability: trials per kind of damage.")
 _FORGERS = flags.DEFINE_integer("forger_trials", 20, "reliability: forged stores.")
 _SCALE = flags.DEFINE_integer("scale_lines", 1_000_000, "reliability: lines verified at scale.")
+_FAULTS = flags.DEFINE_integer("fault_trials", 500, "reliability: power cuts injected.")
+_PARTS = flags.DEFINE_list("parts", list(reliability_lib.PARTS),
+                           "reliability: the parts to run (their figures replace those in an "
+                           "existing reliability.json).")
 _SIZES = flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "bench: store sizes.")
 _DIM = flags.DEFINE_integer("dim", 64, "bench: key and value width.")
 _QUERIES = flags.DEFINE_integer("queries", 1024, "bench: queries timed one at a time.")
@@ -161,14 +165,22 @@ def _out_dir() -> str:
 def _reliability() -> None:
   for flag, value in (("kill_trials", _KILLS.value), ("processes", _PROCESSES.value),
                       ("lines_each", _LINES_EACH.value), ("damage_trials", _DAMAGE.value),
-                      ("forger_trials", _FORGERS.value), ("scale_lines", _SCALE.value)):
+                      ("forger_trials", _FORGERS.value), ("scale_lines", _SCALE.value),
+                      ("fault_trials", _FAULTS.value)):
     _cli.check_positive(flag, value)
   out = os.path.join(_out_dir(), "reliability.json")
-  result = reliability_lib.run_all(
-      kill_trials=_KILLS.value, processes=_PROCESSES.value, lines_each=_LINES_EACH.value,
-      damage_trials=_DAMAGE.value, forger_trials=_FORGERS.value, scale_lines=_SCALE.value,
+  result = {}
+  if os.path.exists(out):
+    with open(out) as f:
+      result = json.load(f)
+  figures = reliability_lib.run_all(
+      parts=_PARTS.value, kill_trials=_KILLS.value, processes=_PROCESSES.value,
+      lines_each=_LINES_EACH.value, damage_trials=_DAMAGE.value,
+      forger_trials=_FORGERS.value, scale_lines=_SCALE.value, fault_trials=_FAULTS.value,
       progress=lambda m: print(m, flush=True))
-  result["command"] = _command_line()
+  for name, part in figures.items():
+    result[name] = {**part, "command": _command_line()}
+  result.pop("command", None)
   _write(out, json.dumps(result, indent=1) + "\n")
   print(f"wrote {out}")
 

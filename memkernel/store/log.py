@@ -56,17 +56,55 @@ class SealRecord(NamedTuple):
                int(d["ts_ns"]), bytes.fromhex(d["mac"]))
 
 
-def connect(directory: str, timeout_s: float = 60.0, *, create: bool = True
-            ) -> sqlite3.Connection:
+class _Rows:
+  def __init__(self, rows):
+    self._rows = rows
+
+  def fetchone(self):
+    return self._rows[0] if self._rows else None
+
+  def fetchall(self):
+    return self._rows
+
+
+class _ApswConnection:
+  """The few `sqlite3.Connection` methods the store uses, over an apsw connection (which, unlike
+  the standard library's, can run on a Python-defined VFS: `faults.py`)."""
+
+  def __init__(self, conn):
+    self._conn = conn
+
+  def execute(self, sql: str, params=()) -> _Rows:
+    return _Rows(list(self._conn.execute(sql, params)))
+
+  def executemany(self, sql: str, rows) -> None:
+    self._conn.executemany(sql, list(rows))
+
+  def executescript(self, sql: str) -> None:
+    list(self._conn.execute(sql))
+
+  def close(self) -> None:
+    self._conn.close()
+
+
+def connect(directory: str, timeout_s: float = 60.0, *, create: bool = True,
+            vfs: Optional[str] = None) -> sqlite3.Connection:
   """Opens the store's database with WAL and full sync; `create` makes its tables if missing.
 
   Opening replays a crashed writer's committed transactions from the WAL and drops its
-  uncommitted tail (SQLite's recovery), so every reader sees the acknowledged lines.
+  uncommitted tail (SQLite's recovery), so every reader sees the acknowledged lines. `vfs` names
+  an SQLite VFS registered with apsw (the fault-injecting one of `faults.py`); None uses the
+  standard library's sqlite3 and the operating system's files.
   """
   path = os.path.join(directory, DB_NAME)
   if not create and not os.path.exists(path):
     raise FileNotFoundError(f"no memory-line store at {directory} (no {DB_NAME})")
-  conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+  if vfs is not None:
+    import apsw  # Only the fault-injection study needs it.
+    conn = _ApswConnection(apsw.Connection(path, vfs=vfs))
+  else:
+    conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None,
+                           check_same_thread=False)
   conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
   conn.execute("PRAGMA journal_mode=WAL")
   conn.execute("PRAGMA synchronous=FULL")

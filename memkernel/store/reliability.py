@@ -10,6 +10,8 @@ writes `reliability.json` (the figures in docs/results/store/ come from it).
                and whether it names the exact line.
   forgers      re-chained stores made with guessed keys: how many verify (must be none).
   scale        a store of many lines verified (iteratively) and timed.
+  faults       power cuts on a fault-injecting file layer that drops or garbles unsynced
+               writes (`faults.py`): every crash image verifies and keeps every acknowledged line.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from memkernel.store import faults as faults_lib
 from memkernel.store import log
 from memkernel.store import store as store_lib
 from memkernel.store import tamper
@@ -211,23 +214,31 @@ def scale(lines: int, workdir: str, seed: int = 0) -> dict:
           "disk_mib": round(size / 2**20, 1), "recursion_limit": 200}
 
 
-def run_all(*, kill_trials: int, processes: int, lines_each: int, damage_trials: int,
-            forger_trials: int, scale_lines: int,
+PARTS = ("kills", "concurrent", "damage", "forgers", "scale", "faults")
+
+
+def run_all(*, parts=PARTS, kill_trials: int, processes: int, lines_each: int,
+            damage_trials: int, forger_trials: int, scale_lines: int, fault_trials: int,
             progress: Callable[[str], None] = print) -> dict:
-  """Every part, in a temporary directory removed afterwards."""
+  """The chosen parts, in a temporary directory removed afterwards."""
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown:
+    raise ValueError(f"unknown reliability part(s) {unknown}; known: {list(PARTS)}")
   work = tempfile.mkdtemp(prefix="memkernel-store-reliability-")
+  runners = {
+      "kills": lambda d: kills(kill_trials, d, progress=progress),
+      "concurrent": lambda d: concurrent(processes, lines_each, d),
+      "damage": lambda d: damage(damage_trials, d, progress=progress),
+      "forgers": lambda d: forgers(forger_trials, d),
+      "scale": lambda d: scale(scale_lines, d),
+      "faults": lambda d: faults_lib.study(fault_trials, d, progress=progress)}
   try:
     out = {}
-    for name, part in (
-        ("kills", lambda: kills(kill_trials, os.path.join(work, "kills"), progress=progress)),
-        ("concurrent", lambda: concurrent(processes, lines_each, os.path.join(work, "conc"))),
-        ("damage", lambda: damage(damage_trials, os.path.join(work, "damage"),
-                                  progress=progress)),
-        ("forgers", lambda: forgers(forger_trials, os.path.join(work, "forgers"))),
-        ("scale", lambda: scale(scale_lines, os.path.join(work, "scale")))):
+    for name in parts:
+      directory = os.path.join(work, name)
+      os.makedirs(directory)
       start = time.perf_counter()
-      os.makedirs(os.path.join(work, name if name != "concurrent" else "conc"), exist_ok=True)
-      out[name] = part()
+      out[name] = runners[name](directory)
       out[name]["part_wall_s"] = round(time.perf_counter() - start, 1)
       progress(f"{name}: {out[name]}")
     return out

@@ -64,7 +64,8 @@ class MemoryLineStore:
   def open(cls, path: str, key: bytes, *, key_dim: Optional[int] = None,
            value_dim: Optional[int] = None,
            config: Optional[config_lib.StoreConfig | Mapping[str, Any]] = None,
-           clock: Callable[[], int] = time.time_ns) -> "MemoryLineStore":
+           clock: Callable[[], int] = time.time_ns,
+           vfs: Optional[str] = None) -> "MemoryLineStore":
     """Opens the store in directory `path`, creating it if it does not exist.
 
     Args:
@@ -73,6 +74,7 @@ class MemoryLineStore:
       key_dim, value_dim: vector widths; required to create a store, checked when opening one.
       config: a `StoreConfig` (or a mapping of its fields): scoring and index.
       clock: nanoseconds since the epoch (tests pass a fake clock).
+      vfs: an SQLite VFS registered through apsw (the fault-injection study); None: the files.
     Raises:
       ValueError: a bad key, a key that is not this store's, widths missing or not matching.
     """
@@ -87,7 +89,7 @@ class MemoryLineStore:
     if os.path.exists(path) and not os.path.isdir(path):
       raise ValueError(f"store path {path} is a file; it must be a directory")
     os.makedirs(path, exist_ok=True)
-    conn = log.connect(path, config.busy_timeout_s)
+    conn = log.connect(path, config.busy_timeout_s, vfs=vfs)
     try:
       dims = cls._check_meta(conn, secret, key_dim, value_dim, path)
     except BaseException:

@@ -214,7 +214,20 @@ def verify(directory: str, key: bytes) -> Report:
     conn.close()
 
 
+def _uninitialised(conn: sqlite3.Connection, directory: str) -> bool:
+  """Whether the store's creation never finished (a crash inside `open`): no key check, no
+  line and no seal file, so nothing was ever acknowledged."""
+  tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .fetchall()}
+  has_key = "meta" in tables and log.get_meta(conn, "key_check") is not None
+  has_lines = "lines" in tables and conn.execute("SELECT 1 FROM lines LIMIT 1").fetchone()
+  return (not has_key and not has_lines
+          and not os.path.exists(os.path.join(directory, log.SEAL_NAME)))
+
+
 def _verify(secret: bytes, conn: sqlite3.Connection, directory: str) -> Report:
+  if _uninitialised(conn, directory):
+    return Report(True, 0, detail="an empty store whose creation did not finish")
   if log.get_meta(conn, "key_check") != encoding.key_check(secret):
     return Report(False, 0, None, "key_mismatch",
                   detail="the store was not made with this key, or its key check was edited")

@@ -47,3 +47,19 @@ def test_processes_append_one_contiguous_chain(tmp_path):
     assert proc.returncode == 0, err
   report = verify(str(tmp_path), KEY)
   assert report.ok and report.records == 240
+
+
+def test_power_cuts_that_drop_or_garble_unsynced_writes_lose_no_acknowledged_line(tmp_path):
+  from memkernel.store import faults
+  result = faults.study(30, str(tmp_path), seed=1)
+  assert result["crashed"] >= 25
+  assert result["verified"] == 30 and result["lost_acknowledged"] == 0, result["failures"]
+  assert result["acknowledged"] > 0
+  assert sum(result["pending_ops"].values()) > 0   # the crashes did hit unsynced writes
+
+
+def test_a_store_whose_creation_never_finished_is_empty_not_damaged(tmp_path):
+  import sqlite3
+  sqlite3.connect(str(tmp_path / "lines.sqlite")).close()   # the file, no tables yet
+  report = verify(str(tmp_path), KEY)
+  assert report.ok and report.records == 0
