@@ -36,8 +36,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _STORE = flags.DEFINE_string("store", None, "A memory-line store whose bias joins the logits.")
 _KEY_FILE = flags.DEFINE_string("key_file", None, "The store's key file.")
-_STORE_ALPHA = flags.DEFINE_float("store_alpha", 16.0, "The store bias's weight.")
-_STORE_K = flags.DEFINE_integer("store_k", 5, "Lines per bias vector.")
+_STORE_ALPHA = flags.DEFINE_float("store_alpha", None,
+                                  "The store bias's weight (default: StoreConfig.bias_alpha).")
+_STORE_K = flags.DEFINE_integer("store_k", None,
+                                "Lines per bias vector (default: StoreConfig.bias_k).")
 _STORE_SITE = flags.DEFINE_string("store_site", "final_norm",
                                   "The submodule whose output queries the store.")
 _STORE_FLOOR = flags.DEFINE_float("store_floor", None,

@@ -1,7 +1,7 @@
 """Where the memory-line store meets a model: kNN-LM style lines in, a logits bias out.
 
     anchors = write_next_token_lines(store, hidden_BTD, tokens_BT, positions, vocab_size)
-    bias = StoreBias(store, alpha=4.0, k=5)        # a `sampler.generate(logits_bias=...)`
+    bias = StoreBias(store)                        # a `sampler.generate(logits_bias=...)`
     logits_BV += bias(hidden_BD)                   # alpha * sum(w v) / sum(w)
 
 A line's key is the model's final hidden state at a position (`memkernel.hidden`) and its value
@@ -22,10 +22,14 @@ from memkernel.store import store as store_lib
 class StoreBias:
   """`alpha * store.bias_vector(hidden, k)`: the logits term a store adds (seed 003)."""
 
-  def __init__(self, store: store_lib.MemoryLineStore, *, alpha: float, k: int = 5,
-               vocab_size: Optional[int] = None):
-    """Raises ValueError for a negative or non-finite alpha, k < 1, or a store whose values are
+  def __init__(self, store: store_lib.MemoryLineStore, *, alpha: Optional[float] = None,
+               k: Optional[int] = None, vocab_size: Optional[int] = None):
+    """alpha and k default to the store's config (`bias_alpha`, `bias_k`).
+
+    Raises ValueError for a negative or non-finite alpha, k < 1, or a store whose values are
     not vocabulary-sized (when `vocab_size` is given)."""
+    alpha = store.config.bias_alpha if alpha is None else alpha
+    k = store.config.bias_k if k is None else k
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha) \
         or alpha < 0:
       raise ValueError(f"store alpha must be a finite number >= 0, got {alpha!r}")

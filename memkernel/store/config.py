@@ -31,6 +31,8 @@ class StoreConfig:
     hnsw_m, hnsw_ef_search, hnsw_ef_construction: HNSW's graph degree and search widths.
     ivf_lists, ivf_probe: IVF's cluster count and how many clusters a query visits.
     seal_every: seal automatically after this many lines (0: only when `seal()` is called).
+    bias_alpha, bias_k: a model's logits bias from this store is bias_alpha times the bias
+      vector of the bias_k heaviest lines (`memkernel.store_bias.StoreBias`'s defaults).
     busy_timeout_s: how long a writer waits for another process's write lock before failing.
   """
   tau_s: float = 6 * 3600.0
@@ -47,6 +49,8 @@ class StoreConfig:
   ivf_lists: int = 1024
   ivf_probe: int = 32
   seal_every: int = 0
+  bias_alpha: float = 16.0
+  bias_k: int = 5
   busy_timeout_s: float = 60.0
 
   def __post_init__(self):
@@ -66,6 +70,8 @@ class StoreConfig:
                  "ivf_probe"):
       fields.check_int(s, name, getattr(self, name), 1)
     fields.check_int(s, "seal_every", self.seal_every, 0)
+    fields.check_number(s, "bias_alpha", self.bias_alpha, 0.0, strict=False)
+    fields.check_int(s, "bias_k", self.bias_k, 1)
     fields.check_number(s, "busy_timeout_s", self.busy_timeout_s, 0.0, strict=True)
 
   @classmethod
