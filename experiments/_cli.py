@@ -11,6 +11,7 @@ non-zero with one `FATAL ...` line instead of a traceback.
 
 import functools
 import logging as std_logging
+import math
 import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
@@ -91,6 +92,20 @@ def parse_lengths(values: Optional[Sequence[str]], flag: str = "lengths") -> Opt
   if not lengths or any(n < 1 for n in lengths):
     raise ValueError(f"--{flag} must be positive integers, got {','.join(values) or 'nothing'}")
   return lengths
+
+
+def parse_numbers(values: Optional[Sequence[str]], flag: str) -> list[float]:
+  """A comma-separated list flag as finite numbers; ValueError naming `--flag` otherwise."""
+  if not values:
+    raise ValueError(f"--{flag} is required")
+  try:
+    numbers = [float(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{flag} must be comma-separated numbers, got {','.join(values)!r}") \
+        from None
+  if not all(math.isfinite(n) for n in numbers):
+    raise ValueError(f"--{flag} must be finite numbers, got {','.join(values)!r}")
+  return numbers
 
 
 def run(main: Callable[[list[str]], None], *, name: Optional[str] = None,

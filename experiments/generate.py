@@ -65,6 +65,15 @@ def main(argv):
   _cli.check_directory("workdir", _WORKDIR.value)
   _cli.check_positive("max_new_tokens", _MAX_NEW.value)
   prompt = parse_prompt(_PROMPT.value)
+  if _STORE.value:
+    if not _KEY_FILE.value:
+      raise ValueError("--store needs --key_file")
+    if _STORE_ALPHA.value is not None and not _STORE_ALPHA.value >= 0:
+      raise ValueError(f"--store_alpha must be >= 0, got {_STORE_ALPHA.value}")
+    if _STORE_K.value is not None:
+      _cli.check_positive("store_k", _STORE_K.value)
+    if _STORE_FLOOR.value is not None and not 0 <= _STORE_FLOOR.value <= 1:
+      raise ValueError(f"--store_floor must lie in [0, 1], got {_STORE_FLOOR.value}")
   _cli.quiet_orbax()
   config, params = runs.load_run(_WORKDIR.value, _STEP.value)
   config = family_lib.of_config(config).with_capacity(config, len(prompt) + _MAX_NEW.value)
@@ -80,13 +89,8 @@ def main(argv):
 
 
 def _store_bias(stack: contextlib.ExitStack, vocab_size: int) -> store_bias.StoreBias:
-  if not _KEY_FILE.value:
-    raise ValueError("--store needs --key_file")
   key = keys_lib.read_key_file(_KEY_FILE.value)
-  report = verification.verify(_STORE.value, key)
-  if not report.ok:
-    raise ValueError(f"the store at {_STORE.value} does not verify: {report.damage} at line "
-                     f"{report.first_bad_record} ({report.detail})")
+  verification.require_ok(_STORE.value, key)
   config = {} if _STORE_FLOOR.value is None else {"similarity_floor": _STORE_FLOOR.value}
   store = stack.enter_context(store_lib.MemoryLineStore.open(_STORE.value, key, config=config))
   return store_bias.StoreBias(store, alpha=_STORE_ALPHA.value, k=_STORE_K.value,

@@ -60,16 +60,6 @@ _DIM = flags.DEFINE_integer("dim", 64, "bench: key and value width.")
 _QUERIES = flags.DEFINE_integer("queries", 1024, "bench: queries timed one at a time.")
 
 
-def _numbers(flag: str, values) -> list[float]:
-  if not values:
-    raise ValueError(f"--{flag} is required")
-  try:
-    return [float(v) for v in values]
-  except ValueError:
-    raise ValueError(f"--{flag} must be comma-separated numbers, got {','.join(values)!r}") \
-        from None
-
-
 def _json_object(text: str, where: str) -> dict:
   try:
     value = json.loads(text)
@@ -109,14 +99,15 @@ def _put(store: store_lib.MemoryLineStore) -> None:
                              [l.get("ctx") for l in lines])
   else:
     ctx = _json_object(_CTX.value, "--ctx") if _CTX.value else None
-    anchors = [store.put(_numbers("key", _KEY.value), _numbers("value", _VALUE.value), ctx)]
+    anchors = [store.put(_cli.parse_numbers(_KEY.value, "key"),
+                         _cli.parse_numbers(_VALUE.value, "value"), ctx)]
   print(json.dumps({"anchors": anchors, "lines": len(store)}) if _JSON.value
         else f"appended {len(anchors)} line(s); the store has {len(store)}; last anchor "
              f"{anchors[-1] if anchors else '-'}")
 
 
 def _query(store: store_lib.MemoryLineStore) -> None:
-  found = store.query(_numbers("vec", _VEC.value), _K.value)
+  found = store.query(_cli.parse_numbers(_VEC.value, "vec"), _K.value)
   rows = [{"seq": l.seq, "weight": l.weight, "similarity": l.similarity, "recency": l.recency,
            "novelty": l.novelty, "timestamp": l.timestamp, "ctx": l.ctx, "anchor": l.anchor,
            "value": l.value.tolist()} for l in found]

@@ -48,13 +48,6 @@ _OUT = flags.DEFINE_string("out", None, "ask: the JSON file to write.")
 flags.mark_flags_as_required(["workdir", "store"])
 
 
-def _numbers(flag, values):
-  try:
-    return [float(v) for v in values]
-  except ValueError:
-    raise ValueError(f"--{flag} must be comma-separated numbers, got {','.join(values)}") from None
-
-
 def _load():
   config, params = runs.load_run(_WORKDIR.value)
   task = runs.load_experiment(_WORKDIR.value).task
@@ -77,11 +70,19 @@ def _write(model, params, task, key):
   print(f"wrote {n} fact lines to {_STORE.value} (site {_SITE.value}); sealed {seal.count}")
 
 
+def _settings() -> tuple[list[float], list[float]]:
+  alphas = _cli.parse_numbers(_ALPHAS.value, "alphas")
+  floors = _cli.parse_numbers(_FLOORS.value, "floors")
+  if min(alphas) < 0:
+    raise ValueError(f"--alphas must be >= 0, got {_ALPHAS.value}")
+  if min(floors) < 0 or max(floors) > 1:
+    raise ValueError(f"--floors must lie in [0, 1], got {_FLOORS.value}")
+  return alphas, floors
+
+
 def _ask(model, params, task, key):
-  report = verification.verify(_STORE.value, key)
-  if not report.ok:
-    raise ValueError(f"the store does not verify: {report.damage} at line "
-                     f"{report.first_bad_record} ({report.detail})")
+  alphas, floors = _settings()
+  verification.require_ok(_STORE.value, key)
   facts = store_recall.make_facts(task.vocab_size, _FACTS.value, _FACTS_SEED.value)
   site, docs = _SITE.value, _DOCS.value
   evaluate = lambda bias, stream: {
@@ -94,8 +95,7 @@ def _ask(model, params, task, key):
                                              conflicting=True)}
   base = {"validation": evaluate(None, store_recall.VALIDATION)}
   tried = []
-  for floor, alpha in itertools.product(_numbers("floors", _FLOORS.value),
-                                        _numbers("alphas", _ALPHAS.value)):
+  for floor, alpha in itertools.product(floors, alphas):
     with store_lib.MemoryLineStore.open(_STORE.value, key,
                                         config={"similarity_floor": floor}) as store:
       bias = store_bias.StoreBias(store, alpha=alpha, k=_K.value, vocab_size=task.vocab_size)
@@ -148,8 +148,10 @@ def main(argv):
     raise ValueError(f"give a command, one of {', '.join(COMMANDS)} (got {command!r})")
   for flag, value in (("facts", _FACTS.value), ("docs", _DOCS.value), ("k", _K.value)):
     _cli.check_positive(flag, value)
-  if command == "ask" and _OUT.value and os.path.exists(_OUT.value):
-    raise ValueError(f"{_OUT.value} exists; pass another --out")
+  if command == "ask":
+    _settings()
+    if _OUT.value and os.path.exists(_OUT.value):
+      raise ValueError(f"{_OUT.value} exists; pass another --out")
   if not _KEY_FILE.value:
     raise ValueError("--key_file is required")
   if command == "write" and not os.path.exists(_KEY_FILE.value):

@@ -21,6 +21,12 @@ import jax
 FINAL_NORM = "final_norm"
 
 
+def check_site(site: str) -> None:
+  """Raises ValueError unless `site` is a submodule path (whether the model has it shows only
+  when it runs)."""
+  _site_path(site)
+
+
 def _site_path(site: str) -> tuple[str, ...]:
   if not isinstance(site, str) or not site or any(not p for p in site.split("/")):
     raise ValueError(f"a hidden-state site is a submodule path like 'final_norm' or "

@@ -3,7 +3,9 @@
     seal = save_memory(store, memory, name="stream-7")          # then the process may end
     memory = restore_memory(store_dir, key, name="stream-7", like=family.init_memory(config, B))
 
-Any family's memory pytree (the kernel's tree, token cache and trunk state; a peer's KV cache)
+Snapshots are lines like any other (with all-zero keys, which match no query above a
+non-negative similarity floor); a store kept for snapshots alone keeps them out of a model's
+logits bias. Any family's memory pytree (the kernel's tree, token cache and trunk state; a peer's KV cache)
 is written as lines of a store: every array's bytes, split into 16-bit pieces (exact as float32),
 `value_dim` pieces a line, with the array's path, dtype and shape in the line's context, then a
 manifest line, then a seal. Restoring verifies the whole store first and refuses a damaged one or
@@ -32,7 +34,8 @@ def save_memory(store: store_lib.MemoryLineStore, memory: Any, *, name: str) -> 
   """Writes `memory` as lines of `store` under snapshot `name`, then seals the store.
 
   Raises:
-    ValueError: `name` is empty or already used in this store.
+    ValueError: `name` is empty or already used in this store (checked by reading every line's
+      context: two processes saving one name at once are not told apart).
   """
   if not isinstance(name, str) or not name:
     raise ValueError(f"a snapshot needs a non-empty name, got {name!r}")
@@ -44,7 +47,7 @@ def save_memory(store: store_lib.MemoryLineStore, memory: Any, *, name: str) -> 
     pieces = np.frombuffer(np.ascontiguousarray(array).tobytes() + b"\0" * (array.nbytes % 2),
                            "<u2").astype(np.float32)
     parts = max(1, -(-len(pieces) // width))
-    manifest.append({"path": path, "dtype": array.dtype.str, "shape": list(array.shape),
+    manifest.append({"path": path, "dtype": array.dtype.name, "shape": list(array.shape),
                      "parts": parts})
     for part in range(parts):
       chunk = np.zeros(width, np.float32)
@@ -68,10 +71,7 @@ def restore_memory(directory: str, key: bytes, *, name: str, like: Any) -> Any:
     ValueError: the store does not verify, the snapshot is missing, not covered by the newest
       seal, or its arrays do not match `like`'s paths, dtypes and shapes (each named).
   """
-  report = verification.verify(directory, key)
-  if not report.ok:
-    raise ValueError(f"the store at {directory} does not verify: {report.damage} at line "
-                     f"{report.first_bad_record} ({report.detail})")
+  report = verification.require_ok(directory, key)
   parts: dict[tuple[str, int], np.ndarray] = {}
   manifest, manifest_seq = None, None
   with store_lib.MemoryLineStore.open(directory, key) as store:
@@ -95,9 +95,9 @@ def restore_memory(directory: str, key: bytes, *, name: str, like: Any) -> Any:
   arrays = []
   for path, reference in expected:
     entry = saved[path]
-    if entry["dtype"] != reference.dtype.str or tuple(entry["shape"]) != reference.shape:
+    if entry["dtype"] != reference.dtype.name or tuple(entry["shape"]) != reference.shape:
       raise ValueError(f"{path}: the snapshot holds {entry['dtype']} {entry['shape']}, the "
-                       f"memory expects {reference.dtype.str} {list(reference.shape)}")
+                       f"memory expects {reference.dtype.name} {list(reference.shape)}")
     missing = [p for p in range(entry["parts"]) if (path, p) not in parts]
     if missing:
       raise ValueError(f"snapshot {name!r} lacks part(s) {missing} of {path}")

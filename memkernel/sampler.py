@@ -132,6 +132,7 @@ def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
   """
   prompt = _check(model, prompt, max_new_tokens, temperature, top_k)
   if logits_bias is not None:
+    hidden_lib.check_site(bias_site)
     return _generate_biased(model, params, prompt, max_new_tokens, float(temperature),
                             int(top_k), seed, callback, logits_bias, bias_site)
   prefill, decode = _compiled(model, float(temperature), int(top_k))
@@ -157,6 +158,11 @@ def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
                       memory=memory)
 
 
+@functools.lru_cache(maxsize=8)
+def _sampler(temperature: float, top_k: int):
+  return jax.jit(functools.partial(sample_token, temperature=temperature, top_k=top_k))
+
+
 def _biased(logits_bias: LogitsBias, logits: jax.Array, hidden: jax.Array) -> jax.Array:
   term = np.asarray(logits_bias(np.asarray(jax.device_get(hidden), np.float32)), np.float32)
   if term.shape != logits.shape:
@@ -168,7 +174,7 @@ def _generate_biased(model, params, prompt, max_new_tokens, temperature, top_k, 
                      logits_bias, site) -> SampleResult:
   """`generate` with a host-side logits term after every step (the prompt's last token too)."""
   prefill, _ = _compiled(model, temperature, top_k)
-  sample = jax.jit(functools.partial(sample_token, temperature=temperature, top_k=top_k))
+  sample = _sampler(temperature, top_k)
   memory = family_lib.init_memory(model.config, prompt.shape[0])
   if prompt.shape[1] > 1:
     _, memory = prefill(params, jnp.asarray(prompt[:, :-1]), memory)

@@ -41,10 +41,14 @@ class StoreBias:
     self.store, self.alpha, self.k = store, float(alpha), k
 
   def __call__(self, hidden: np.ndarray) -> np.ndarray:
-    """[..., D] hidden states -> [..., V] logits terms."""
+    """[..., D] hidden states -> [..., V] logits terms (zero for an all-zero state, which has
+    no direction to match)."""
     hidden = np.asarray(hidden, np.float32)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    bias = self.store.bias_vector(flat, self.k) if len(flat) else np.zeros((0, self.store.value_dim))
+    bias = np.zeros((len(flat), self.store.value_dim), np.float32)
+    live = np.linalg.norm(flat, axis=-1) > 0
+    if live.any():
+      bias[live] = self.store.bias_vector(flat[live], self.k)
     return (self.alpha * bias).astype(np.float32).reshape(hidden.shape[:-1] + (-1,))
 
 
@@ -58,14 +62,25 @@ def write_next_token_lines(store: store_lib.MemoryLineStore, hidden_BTD: Any, to
     ValueError: a position without a next token, or a store of the wrong widths.
   """
   hidden_BTD, tokens_BT = np.asarray(hidden_BTD, np.float32), np.asarray(tokens_BT)
+  if hidden_BTD.ndim != 3 or tokens_BT.shape != hidden_BTD.shape[:2]:
+    raise ValueError(f"hidden must be [B, T, D] and tokens [B, T] of the same B and T, got "
+                     f"{hidden_BTD.shape} and {tokens_BT.shape}")
   if store.key_dim != hidden_BTD.shape[-1] or store.value_dim != vocab_size:
     raise ValueError(f"the store holds [{store.key_dim}] keys and [{store.value_dim}] values; "
                      f"this model needs [{hidden_BTD.shape[-1]}] and [{vocab_size}]")
+  if not positions:
+    raise ValueError("no positions to write")
   for b, t in positions:
+    if not 0 <= b < tokens_BT.shape[0]:
+      raise ValueError(f"position ({b}, {t}): row {b} is not in a batch of {tokens_BT.shape[0]}")
     if not 0 <= t < tokens_BT.shape[1] - 1:
       raise ValueError(f"position ({b}, {t}) has no next token in a row of {tokens_BT.shape[1]}")
+  next_tokens = [int(tokens_BT[b, t + 1]) for b, t in positions]
+  if min(next_tokens) < 0 or max(next_tokens) >= vocab_size:
+    raise ValueError(f"next tokens must lie in [0, {vocab_size}), got "
+                     f"[{min(next_tokens)}, {max(next_tokens)}]")
   keys = np.stack([hidden_BTD[b, t] for b, t in positions])
   values = np.zeros((len(positions), vocab_size), np.float32)
-  values[np.arange(len(positions)), [int(tokens_BT[b, t + 1]) for b, t in positions]] = 1.0
+  values[np.arange(len(positions)), next_tokens] = 1.0
   ctxs = [ctx(b, t) if ctx else {"row": int(b), "position": int(t)} for b, t in positions]
   return store.put_many(keys, values, ctxs)

@@ -17,7 +17,8 @@ from memkernel.store import store as store_lib
 
 
 class AsyncMemoryLineStore:
-  """Awaitable `put`, `put_many`, `query`, `bias_vector`, `seal`, `close` and `length`."""
+  """Awaitable `put`, `put_many`, `query`, `bias_vector`, `seal`, `export_jsonl`, `close` and
+  `length` (`len`); `sync` is the store underneath (its `lines()` generator reads pages)."""
 
   def __init__(self, store: store_lib.MemoryLineStore):
     self.sync = store
@@ -41,6 +42,9 @@ class AsyncMemoryLineStore:
 
   async def seal(self) -> store_lib.Seal:
     return await asyncio.to_thread(self.sync.seal)
+
+  async def export_jsonl(self, out_path: str) -> int:
+    return await asyncio.to_thread(self.sync.export_jsonl, out_path)
 
   async def length(self) -> int:
     return await asyncio.to_thread(len, self.sync)

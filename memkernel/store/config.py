@@ -16,7 +16,8 @@ class StoreConfig:
 
   Scoring (seed 003): recency r = exp(-(t_now - t_i) / tau), cosine similarity s (lines below
   `similarity_floor` are never returned), novelty n_i = 1 - max_j cos(k_i, k_j) over the lines
-  before i, fixed at insert; a line weighs w = alpha r + beta s + gamma n, and the bias vector is
+  before i, fixed at insert (found by the index: exact with `exact` / `flat`, approximate with
+  `hnsw` / `ivf`); a line weighs w = alpha r + beta s + gamma n, and the bias vector is
   sum(w v) / sum(w) over the k heaviest lines.
 
   Attributes:
@@ -26,7 +27,8 @@ class StoreConfig:
     candidates: how many nearest lines (by cosine) a query scores before keeping the k heaviest;
       at least k.
     index: `exact` (numpy over every line), `flat` (faiss exact inner product), `hnsw` or `ivf`
-      (faiss approximate), or `auto` (exact up to `exact_max` lines, HNSW above).
+      (faiss approximate; IVF is trained once the store holds 39 * ivf_lists lines, exact
+      before), or `auto` (exact up to `exact_max` lines, HNSW above).
     exact_max: the size at which `auto` switches to HNSW.
     hnsw_m, hnsw_ef_search, hnsw_ef_construction: HNSW's graph degree and search widths.
     ivf_lists, ivf_probe: IVF's cluster count and how many clusters a query visits.

@@ -125,9 +125,11 @@ def genesis(secret: bytes) -> bytes:
                          person=b"mk-genesis").digest()
 
 
-def key_check(secret: bytes) -> bytes:
-  """A value stored with the store so opening it with another key fails at once."""
-  return hashlib.blake2b(b"key-check", key=secret, digest_size=16, person=b"mk-keycheck").digest()
+def key_check(secret: bytes, key_dim: int, value_dim: int) -> bytes:
+  """A MAC stored with the store over its format version and widths: opening it with another
+  key fails at once, and an edited width is caught."""
+  data = _framed(VERSION, struct.pack(">Q", key_dim), struct.pack(">Q", value_dim))
+  return hashlib.blake2b(data, key=secret, digest_size=16, person=b"mk-keycheck").digest()
 
 
 def seal_mac(secret: bytes, count: int, last_anchor: bytes, merkle_root: bytes,

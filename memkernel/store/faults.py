@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ from memkernel.store import log
 from memkernel.store import store as store_lib
 from memkernel.store import verification
 
-KEY = bytes(range(32))
+KEY = bytes(range(32))   # the study's stores: a fixed key, so any of them can be inspected
 
 
 class DiskFailed(Exception):
@@ -162,6 +163,10 @@ def trial(workdir: str, crash_at: int, rng: np.random.Generator, puts: int = 60,
         pass
     vfs.unregister()
   counts = crash_image(vfs.tracks, image, rng)
+  # seal.json is written by the store itself (temp file, fsync, rename, directory fsync), not
+  # through SQLite: what the live directory holds is what a crash leaves.
+  if os.path.exists(os.path.join(live, log.SEAL_NAME)):
+    shutil.copy(os.path.join(live, log.SEAL_NAME), os.path.join(image, log.SEAL_NAME))
   result = {"crash_at": crash_at, "crashed": vfs.writes >= crash_at, "writes": vfs.writes,
             "acknowledged": len(acknowledged), **counts}
   if not os.path.exists(os.path.join(image, log.DB_NAME)):

@@ -20,7 +20,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 class Growing:
-  """A float array that grows by doubling along its first axis."""
+  """An array (any dtype) that grows by doubling along its first axis."""
 
   def __init__(self, width: int, dtype=np.float32):
     self._data = np.zeros((1024, width) if width else (1024,), dtype)
@@ -67,8 +67,8 @@ class VectorIndex:
     cfg, kind = self.config, ("hnsw" if self.config.index == "auto" else self.config.index)
     keys = np.ascontiguousarray(self.keys.array)
     if kind == "ivf":
-      lists = min(cfg.ivf_lists, max(1, len(keys) // 39))
-      if len(keys) < 39:   # Too few to train clusters: exact until there are.
+      lists = cfg.ivf_lists
+      if len(keys) < 39 * lists:   # Too few to train every cluster: exact until there are.
         return
       quantizer = faiss.IndexFlatIP(self.dim)
       index = faiss.IndexIVFFlat(quantizer, self.dim, lists, faiss.METRIC_INNER_PRODUCT)

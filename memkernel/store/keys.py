@@ -35,9 +35,12 @@ def read_key_file(path: str) -> bytes:
   """
   with open(path, "rb") as f:
     data = f.read()
-  try:
-    key = bytes.fromhex(data.decode("ascii").strip())
-  except (UnicodeDecodeError, ValueError):
+  text = data.strip()
+  if text and all(c in b"0123456789abcdefABCDEF" for c in text):
+    if len(text) % 2:
+      raise ValueError(f"{path}: a hex key needs an even number of digits, got {len(text)}")
+    key = bytes.fromhex(text.decode("ascii"))
+  else:
     key = data
   try:
     return encoding.check_secret(key)

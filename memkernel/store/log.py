@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 from typing import Iterator, NamedTuple, Optional
 
 from memkernel.store import encoding
@@ -88,13 +89,19 @@ class _ApswConnection:
 
 
 def connect(directory: str, timeout_s: float = 60.0, *, create: bool = True,
-            vfs: Optional[str] = None) -> sqlite3.Connection:
+            vfs: Optional[str] = None):
   """Opens the store's database with WAL and full sync; `create` makes its tables if missing.
 
   Opening replays a crashed writer's committed transactions from the WAL and drops its
   uncommitted tail (SQLite's recovery), so every reader sees the acknowledged lines. `vfs` names
   an SQLite VFS registered with apsw (the fault-injecting one of `faults.py`); None uses the
-  standard library's sqlite3 and the operating system's files.
+  standard library's sqlite3 and the operating system's files. Returns a `sqlite3.Connection`
+  (or, with `vfs`, an object with the methods the store uses: execute, executemany,
+  executescript, close).
+
+  Raises:
+    FileNotFoundError: `create` is False and there is no database.
+    sqlite3.DatabaseError: the file is not a database (the connection is closed).
   """
   path = os.path.join(directory, DB_NAME)
   if not create and not os.path.exists(path):
@@ -105,17 +112,30 @@ def connect(directory: str, timeout_s: float = 60.0, *, create: bool = True,
   else:
     conn = sqlite3.connect(path, timeout=timeout_s, isolation_level=None,
                            check_same_thread=False)
-  conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
-  conn.execute("PRAGMA journal_mode=WAL")
-  conn.execute("PRAGMA synchronous=FULL")
-  if create:
-    conn.executescript(SCHEMA)
+  try:
+    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    if create:
+      conn.executescript(SCHEMA)
+  except BaseException:
+    conn.close()
+    raise
   return conn
 
 
 def get_meta(conn: sqlite3.Connection, name: str) -> Optional[bytes]:
   row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
   return None if row is None else bytes(row[0])
+
+
+def stored_widths(conn: sqlite3.Connection) -> Optional[tuple[int, int]]:
+  """(key_dim, value_dim) as the meta table holds them; None if missing or not integers."""
+  try:
+    dims = int(get_meta(conn, "key_dim")), int(get_meta(conn, "value_dim"))
+  except (TypeError, ValueError):
+    return None
+  return dims if min(dims) >= 1 else None
 
 
 def _bytes(x) -> bytes:
@@ -149,9 +169,15 @@ def iter_rows(conn: sqlite3.Connection, start: int = 0, page: int = 4096) -> Ite
 
 
 def rows_by_seq(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, Row]:
-  marks = ",".join("?" * len(seqs))
-  found = conn.execute(f"SELECT {LINE_COLUMNS} FROM lines WHERE seq IN ({marks})", seqs)
-  return {int(v[0]): _row(v) for v in found.fetchall()}
+  """The lines with these sequence numbers (fetched 500 at a time: SQLite bounds the number of
+  bound parameters)."""
+  out = {}
+  for start in range(0, len(seqs), 500):
+    chunk = list(seqs[start:start + 500])
+    marks = ",".join("?" * len(chunk))
+    found = conn.execute(f"SELECT {LINE_COLUMNS} FROM lines WHERE seq IN ({marks})", chunk)
+    out.update({int(v[0]): _row(v) for v in found.fetchall()})
+  return out
 
 
 def last_line(conn: sqlite3.Connection) -> Optional[tuple[int, bytes, int]]:
@@ -167,11 +193,12 @@ def insert_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
         r.fields.ctx.decode("utf-8"), r.fields.novelty, r.tags, r.anchor) for r in rows])
 
 
-def latest_seal(conn: sqlite3.Connection) -> Optional[SealRecord]:
-  row = conn.execute("SELECT count, last_anchor, merkle_root, ts_ns, mac FROM seals "
-                     "ORDER BY seal DESC LIMIT 1").fetchone()
-  return None if row is None else SealRecord(int(row[0]), bytes(row[1]), bytes(row[2]),
-                                              int(row[3]), bytes(row[4]))
+def seals(conn: sqlite3.Connection) -> list[SealRecord]:
+  """Every seal in the database, oldest first (nothing checked)."""
+  rows = conn.execute("SELECT count, last_anchor, merkle_root, ts_ns, mac FROM seals "
+                      "ORDER BY seal").fetchall()
+  return [SealRecord(int(r[0]), _bytes(r[1]), _bytes(r[2]), int(r[3]), _bytes(r[4]))
+          for r in rows]
 
 
 def insert_seal(conn: sqlite3.Connection, seal: SealRecord) -> None:
@@ -181,14 +208,20 @@ def insert_seal(conn: sqlite3.Connection, seal: SealRecord) -> None:
 
 def write_atomically(path: str, data: bytes) -> None:
   """Writes `path` so that a crash leaves the old file or the new one, never a torn one:
-  a temporary file, fsync, rename over `path`, fsync of the directory."""
+  a temporary file (unique, in the same directory), fsync, rename over `path`, fsync of the
+  directory."""
   directory = os.path.dirname(os.path.abspath(path))
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   fd = os.open(directory, os.O_RDONLY)
   try:
     os.fsync(fd)

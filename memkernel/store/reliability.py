@@ -34,19 +34,40 @@ from memkernel.store import store as store_lib
 from memkernel.store import tamper
 from memkernel.store import verification as verify_lib
 
-KEY = bytes(range(32))
+KEY = bytes(range(32))   # the studies' stores: a fixed key, so any of them can be inspected
 EXPECTED = {   # the tamper function -> the kind verify should name
     "flipped_byte": "flipped_byte", "raw_flipped_byte": "flipped_byte",
-    "edited_field": "edited_field", "edited_timestamp": "edited_timestamp",
+    "edited_field": "edited_field", "edited_tags": "edited_field",
+    "edited_timestamp": "edited_timestamp",
     "deleted": "deleted", "deleted_renumbered": "deleted", "inserted": "inserted",
     "inserted_copy": "inserted", "swapped": "swapped", "reordered": "reordered",
     "truncated_tail": "truncated_tail", "forged_chain": "forged"}
 
 
-def _writer(directory: str, lines: int, batch: int, seed: int) -> subprocess.Popen:
+def writer(directory: str, lines: int, batch: int, seed: int, ack_file: str,
+           key: bytes = KEY) -> subprocess.Popen:
+  """Starts a writer process (`memkernel.store.writer`) appending its acks to `ack_file`."""
   return subprocess.Popen(
-      [sys.executable, "-m", "memkernel.store.writer", directory, KEY.hex(), str(lines),
-       str(batch), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [sys.executable, "-m", "memkernel.store.writer", directory, key.hex(), str(lines),
+       str(batch), str(seed), ack_file], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+
+
+def read_acks(ack_file: str) -> list[str]:
+  """The anchors a writer acknowledged (a line cut by a kill is not an ack)."""
+  if not os.path.exists(ack_file):
+    return []
+  with open(ack_file) as f:
+    return [l.split()[1] for l in f.read().split("\n") if l.startswith("ack ") and
+            len(l.split()) == 2 and len(l.split()[1]) == 64]
+
+
+def wait_for_first_ack(proc: subprocess.Popen, ack_file: str, timeout_s: float = 60.0) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not (os.path.exists(ack_file) and os.path.getsize(ack_file)):
+    if proc.poll() is not None or time.monotonic() > deadline:
+      raise RuntimeError(f"the writer acknowledged nothing: {proc.stderr.read()}")
+    time.sleep(0.005)
 
 
 def kills(trials: int, workdir: str, seed: int = 0, per_store: int = 50,
@@ -60,12 +81,13 @@ def kills(trials: int, workdir: str, seed: int = 0, per_store: int = 50,
     directory = os.path.join(workdir, f"store{first_trial}")
     acknowledged: list[str] = []
     for trial in range(first_trial, min(trials, first_trial + per_store)):
-      proc = _writer(directory, 10**7, int(rng.integers(1, 17)), trial)
-      first = proc.stdout.readline()
+      ack_file = os.path.join(workdir, f"acks{trial}")
+      proc = writer(directory, 10**7, int(rng.integers(1, 17)), trial, ack_file)
+      wait_for_first_ack(proc, ack_file)
       time.sleep(rng.uniform(0.0, 0.3))   # a uniformly random instant in the next 0.3 s
       os.kill(proc.pid, signal.SIGKILL)
-      out, _ = proc.communicate()
-      acknowledged += [l.split()[1] for l in (first + out).splitlines() if l.startswith("ack ")]
+      proc.communicate()
+      acknowledged += read_acks(ack_file)
       report = verify_lib.verify(directory, KEY)
       totals["false_tamper_alarms"] += not report.ok
       totals["unclean_shutdowns_seen"] += report.unclean_shutdown
@@ -90,7 +112,9 @@ def kills(trials: int, workdir: str, seed: int = 0, per_store: int = 50,
 def concurrent(processes: int, lines: int, directory: str) -> dict:
   """`processes` writers append `lines` each at once (batches of 1-4)."""
   start = time.perf_counter()
-  procs = [_writer(directory, lines, 1 + i % 4, 1000 + i) for i in range(processes)]
+  procs = [writer(directory, lines, 1 + i % 4, 1000 + i,
+                  os.path.join(os.path.dirname(directory), f"acks_concurrent{i}"))
+           for i in range(processes)]
   failures = 0
   for proc in procs:
     proc.communicate()
@@ -124,6 +148,8 @@ def _apply(kind: str, directory: str, at: int, lines: int, rng) -> int:
     return tamper.raw_flip_byte(directory, at, str(rng.choice(["key", "value"])))
   if kind == "edited_field":
     return tamper.edit_field(directory, at, field)
+  if kind == "edited_tags":
+    return tamper.edit_field(directory, at, "tags", os.urandom(96))
   if kind == "edited_timestamp":
     return tamper.edit_timestamp(directory, at, float(rng.uniform(-1e5, 1e5)))
   if kind in ("deleted", "deleted_renumbered"):
@@ -171,7 +197,7 @@ def damage(trials_per_kind: int, workdir: str, lines: int = 200, seed: int = 0,
 
 
 def forgers(trials: int, workdir: str, lines: int = 50, seed: int = 0) -> dict:
-  """Stores re-chained (and re-sealed) with a guessed key: how many verify under the real key."""
+  """Stores re-chained and re-sealed with a guessed key: how many verify under the real key."""
   verified = 0
   for trial in range(trials):
     directory = os.path.join(workdir, f"forged{trial}")

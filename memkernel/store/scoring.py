@@ -39,7 +39,9 @@ def novelty(unit_keys: np.ndarray, best_earlier: np.ndarray, block: int = 512) -
 
 
 def bias(weight: np.ndarray, values: np.ndarray) -> np.ndarray:
-  """b = sum(w v) / sum(w) (zeros where nothing matched)."""
+  """b = sum(w v) / sum(w) over the lines with w > 0 (a negative weight, possible only with a
+  negative similarity floor, counts as 0); zeros where nothing matched."""
+  weight = np.maximum(weight, 0.0)
   total = weight.sum(axis=-1, keepdims=True)
   mixed = np.einsum("...k,...kd->...d", weight, values)
   return np.where(total > 0, mixed / np.where(total > 0, total, 1.0), 0.0)

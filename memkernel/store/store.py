@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import sqlite3
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
@@ -53,6 +55,8 @@ class MemoryLineStore:
     self._ts = index_lib.Growing(0, np.int64)
     self._novelty = index_lib.Growing(0, np.float64)
     self._seqs = index_lib.Growing(0, np.int64)
+    self._frontier = merkle.MerkleFrontier()   # over every loaded anchor, for seals
+    self._last_anchor = encoding.genesis(secret)
     self._last_seq = -1
     self._since_seal = 0
     self._closed = False
@@ -92,10 +96,10 @@ class MemoryLineStore:
     conn = log.connect(path, config.busy_timeout_s, vfs=vfs)
     try:
       dims = cls._check_meta(conn, secret, key_dim, value_dim, path)
+      return cls(path, secret, conn, dims[0], dims[1], config, clock)
     except BaseException:
       conn.close()
       raise
-    return cls(path, secret, conn, dims[0], dims[1], config, clock)
 
   @staticmethod
   def _check_meta(conn, secret, key_dim, value_dim, path) -> tuple[int, int]:
@@ -107,7 +111,8 @@ class MemoryLineStore:
           raise ValueError(f"{path} holds no store yet: key_dim and value_dim are needed to "
                            f"create one")
         conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", [
-            ("version", encoding.VERSION), ("key_check", encoding.key_check(secret)),
+            ("version", encoding.VERSION),
+            ("key_check", encoding.key_check(secret, key_dim, value_dim)),
             ("key_dim", str(key_dim).encode()), ("value_dim", str(value_dim).encode())])
         conn.execute("COMMIT")
         return key_dim, value_dim
@@ -115,9 +120,10 @@ class MemoryLineStore:
     except BaseException:
       conn.execute("ROLLBACK")
       raise
-    if stored != encoding.key_check(secret):
-      raise ValueError(f"the key does not match the store at {path}")
-    dims = int(log.get_meta(conn, "key_dim")), int(log.get_meta(conn, "value_dim"))
+    dims = log.stored_widths(conn)
+    if dims is None or stored != encoding.key_check(secret, *dims):
+      raise ValueError(f"the key does not match the store at {path} (or its widths were "
+                       f"edited: run `python -m experiments.store verify`)")
     for name, want, have in (("key_dim", key_dim, dims[0]), ("value_dim", value_dim, dims[1])):
       if want is not None and want != have:
         raise ValueError(f"{name}={want} but the store at {path} has {name}={have}")
@@ -163,12 +169,19 @@ class MemoryLineStore:
   def _remember(self, rows: Sequence[log.Row]) -> None:
     if not rows:
       return
+    for r in rows:
+      if (len(r.fields.key), len(r.fields.value)) != (4 * self.key_dim, 4 * self.value_dim):
+        raise ValueError(f"line {r.fields.seq} of the store at {self.path} does not hold "
+                         f"[{self.key_dim}] / [{self.value_dim}] vectors: it is damaged (run "
+                         f"`python -m experiments.store verify`)")
     keys = np.stack([np.frombuffer(r.fields.key, "<f4") for r in rows])
     self._index.add(index_lib.normalise(keys))
     self._values.extend(np.stack([np.frombuffer(r.fields.value, "<f4") for r in rows]))
     self._ts.extend(np.array([r.fields.ts_ns for r in rows], np.int64))
     self._novelty.extend(np.array([r.fields.novelty for r in rows]))
     self._seqs.extend(np.array([r.fields.seq for r in rows], np.int64))
+    self._frontier.extend(r.anchor for r in rows)
+    self._last_anchor = rows[-1].anchor
     self._last_seq = rows[-1].fields.seq
 
   # -- writing ------------------------------------------------------------------------------
@@ -212,7 +225,11 @@ class MemoryLineStore:
       self._remember(rows)
       self._since_seal += len(rows)
       if self.config.seal_every and self._since_seal >= self.config.seal_every:
-        self.seal()
+        try:
+          self.seal()
+        except (OSError, sqlite3.Error) as e:   # the lines are durable: report them anyway
+          logging.warning("memory-line store %s: automatic seal failed (%s); the lines are "
+                          "written and will be sealed by the next seal", self.path, e)
     return [r.anchor.hex() for r in rows]
 
   def _chain(self, key_bytes, value_bytes, ctx_bytes) -> list[log.Row]:
@@ -235,28 +252,27 @@ class MemoryLineStore:
     return rows
 
   def seal(self) -> Seal:
-    """Records the count, the last anchor and the Merkle root of every anchor, MACed, in the
-    database (atomically, with the lines) and in `seal.json` (temp file, fsync, rename)."""
+    """Records the count, the last anchor and the Merkle root of every anchor, MACed, in
+    `seal.json` (temp file, fsync, rename) and in the database, under the write lock, so seals
+    are written in the order of their counts across processes."""
     with self._lock:
       self._check_open()
       self._conn.execute("BEGIN IMMEDIATE")
       try:
-        frontier = merkle.MerkleFrontier()
-        last_anchor = encoding.genesis(self._secret)
-        for row in log.iter_rows(self._conn):
-          frontier.append(row.anchor)
-          last_anchor = row.anchor
+        self._catch_up()
         ts_ns = int(self._clock())
-        root = frontier.root()
-        seal = Seal(frontier.count, last_anchor, root, ts_ns,
-                    encoding.seal_mac(self._secret, frontier.count, last_anchor, root, ts_ns))
+        count, root, last = self._frontier.count, self._frontier.root(), self._last_anchor
+        seal = Seal(count, last, root, ts_ns,
+                    encoding.seal_mac(self._secret, count, last, root, ts_ns))
+        # The file first: it only covers committed lines, so it is valid whether or not the
+        # database's copy commits.
+        log.write_atomically(os.path.join(self.path, log.SEAL_NAME),
+                             json.dumps(seal.to_json(), indent=1).encode())
         log.insert_seal(self._conn, seal)
         self._conn.execute("COMMIT")
       except BaseException:
         self._conn.execute("ROLLBACK")
         raise
-      log.write_atomically(os.path.join(self.path, log.SEAL_NAME),
-                           json.dumps(seal.to_json(), indent=1).encode())
       self._since_seal = 0
       return seal
 

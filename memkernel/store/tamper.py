@@ -7,20 +7,36 @@ of the first line it damaged. None of them knows the store's secret key.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sqlite3
-from typing import Optional
+import time
+from typing import Iterator, Optional
 
 from memkernel.store import encoding
 from memkernel.store import log
+from memkernel.store import merkle
 
-KINDS = ("flipped_byte", "raw_flipped_byte", "edited_field", "edited_timestamp", "deleted",
+KINDS = ("flipped_byte", "raw_flipped_byte", "edited_field", "edited_tags", "edited_timestamp",
+         "deleted",
          "deleted_renumbered", "inserted", "inserted_copy", "swapped", "reordered",
          "truncated_tail", "forged_chain")
 
 
-def _conn(directory: str) -> sqlite3.Connection:
-  return log.connect(directory, create=False)
+@contextlib.contextmanager
+def _conn(directory: str) -> Iterator[sqlite3.Connection]:
+  """A connection that commits on success and is closed either way (so no WAL is left open)."""
+  conn = log.connect(directory, create=False)
+  try:
+    conn.execute("BEGIN IMMEDIATE")
+    yield conn
+    conn.execute("COMMIT")
+  except BaseException:
+    conn.execute("ROLLBACK")
+    raise
+  finally:
+    conn.close()
 
 
 def _shift(conn: sqlite3.Connection, start: int, by: int) -> None:
@@ -53,8 +69,11 @@ def raw_flip_byte(directory: str, seq: int, field: str = "value") -> int:
   """
   with _conn(directory) as conn:
     data = _row(conn, seq).fields.field_bytes(field)
+  conn = log.connect(directory, create=False)
+  try:
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-  conn.close()
+  finally:
+    conn.close()
   path = os.path.join(directory, log.DB_NAME)
   with open(path, "r+b") as f:
     content = f.read()
@@ -136,8 +155,9 @@ def truncate_tail(directory: str, keep: int) -> int:
 
 
 def forge_chain(directory: str, seq: int) -> int:
-  """A forger's best try: edits line `seq`'s value and recomputes the anchors and tags of it
-  and every later line with a guessed key, so the chain links again."""
+  """A forger's best try: edits line `seq`'s value, recomputes the anchors and tags of it and
+  every later line with a guessed key, so the chain links again, and seals the result with the
+  same guess (a new seal in the database and in seal.json)."""
   guess = os.urandom(32)
   with _conn(directory) as conn:
     rows = list(log.iter_rows(conn, seq))
@@ -152,4 +172,34 @@ def forge_chain(directory: str, seq: int) -> int:
       forged.append(log.Row(fields, encoding.tags(guess, fields), anchor))
       prev = anchor
     log.insert_rows(conn, forged)
+    anchors = [r.anchor for r in log.iter_rows(conn)]
+    root, ts_ns = merkle.merkle_root(anchors), time.time_ns()
+    seal = log.SealRecord(len(anchors), anchors[-1], root, ts_ns,
+                          encoding.seal_mac(guess, len(anchors), anchors[-1], root, ts_ns))
+    log.insert_seal(conn, seal)
+  log.write_atomically(os.path.join(directory, log.SEAL_NAME),
+                       json.dumps(seal.to_json()).encode())
   return seq
+
+
+def edit_widths(directory: str, key_dim: int) -> int:
+  """Rewrites the store's recorded key width (returns 0: the store as a whole)."""
+  with _conn(directory) as conn:
+    conn.execute("UPDATE meta SET value = ? WHERE name = 'key_dim'", (str(key_dim).encode(),))
+  return 0
+
+
+def insert_negative(directory: str, copy_of: int = 0) -> int:
+  """Adds a copy of line `copy_of` at sequence number -5, below line 0."""
+  with _conn(directory) as conn:
+    row = _row(conn, copy_of)
+    log.insert_rows(conn, [log.Row(row.fields._replace(seq=-5), row.tags, row.anchor)])
+  return -5
+
+
+def replay_old_seal(directory: str) -> None:
+  """Re-inserts the oldest seal (a valid one) as the newest and removes seal.json."""
+  with _conn(directory) as conn:
+    oldest = log.seals(conn)[0]
+    log.insert_seal(conn, oldest)
+  os.remove(os.path.join(directory, log.SEAL_NAME))

@@ -4,19 +4,22 @@ Iterative (a loop over pages of rows), so a million lines need no recursion. Whe
 its per-field tags and the sequence number its anchor was made for tell what happened to it:
 
   flipped_byte      one byte of one field differs (the byte is found and named)
-  edited_field      a field (key, value, ctx, prev, novelty, anchor or tags) was changed
+  edited_field      a field (key, value, ctx, prev, novelty, anchor or tags) was changed, or a
+                    line was renumbered (seq)
   edited_timestamp  only the timestamp was changed
   deleted           lines are missing (a gap, or the later lines renumbered to close it)
   inserted          a line made without the key, or a copy of an earlier line, was put in
+                    (or a line with a negative sequence number)
   swapped           two lines exchanged places
   reordered         a line holds another place's record in some other permutation
   forged            a line made without the key replaces a genuine one
   forked            a line validly keyed but not following its predecessor (a key holder rewrote
                     the chain), or a chain that disagrees with its seal
   truncated_tail    the store ends before the count its newest seal covers
-  edited_seal       a seal's MAC does not verify
+  edited_seal       a seal's MAC does not verify, or the database's seals shrink
   corrupt_file      SQLite cannot read the database (its page structure is damaged)
-  key_mismatch      the store was not made with this key (or its key check was edited)
+  key_mismatch      the store was not made with this key (or its widths or key check were
+                    edited)
 
 A crash is not damage: SQLite replays a killed writer's committed transactions and drops its
 uncommitted tail when the database is next opened, so a crash state is an intact chain holding
@@ -131,6 +134,8 @@ def _diagnose(chain: _Chain, row: log.Row, seq: int, prev: bytes, max_seq: int) 
       return bad("edited_field", f"line {seq} was renumbered to {row.fields.seq}", "seq")
     return bad("deleted", f"lines {seq}..{row.fields.seq - 1} are missing")
   if chain.made_for(row, seq):
+    if row.fields.prev == prev:   # the anchor and fields agree: only the tags were changed
+      return bad("edited_field", f"line {seq}'s field tags were changed", "tags")
     return bad("forked", f"line {seq} is validly keyed but does not follow line {seq - 1}",
                "prev")
   failed = chain.bad_tags(row, seq)
@@ -169,28 +174,34 @@ def _diagnose(chain: _Chain, row: log.Row, seq: int, prev: bytes, max_seq: int) 
 
 
 def _valid_seals(secret: bytes, conn: sqlite3.Connection, directory: str):
-  """The newest seal from the database and from seal.json, each checked; (seal, problem)."""
-  found, problems = [], []
+  """The newest valid seal over the database's seals and seal.json; (seal, problems).
+
+  Every seal must verify and the database's must never shrink (a seal is a witness: one
+  hidden or replaced by an older copy would let the lines after it be cut off unseen).
+  """
+  problems = []
   try:
-    db_seal = log.latest_seal(conn)
+    stored = log.seals(conn)
   except sqlite3.DatabaseError:
-    db_seal, problems = None, ["the seals table is unreadable"]
-  file_seal = None
+    stored, problems = [], ["the seals table is unreadable"]
+  candidates = [("database", s) for s in stored]
   path = os.path.join(directory, log.SEAL_NAME)
   if os.path.exists(path):
     try:
       with open(path, "rb") as f:
-        file_seal = log.SealRecord.from_json(json.loads(f.read()))
+        candidates.append((log.SEAL_NAME, log.SealRecord.from_json(json.loads(f.read()))))
     except (ValueError, KeyError, TypeError):
       problems.append(f"{log.SEAL_NAME} is not a valid seal")
-  for where, seal in (("database", db_seal), (log.SEAL_NAME, file_seal)):
-    if seal is None:
-      continue
+  found = []
+  for where, seal in candidates:
     if encoding.seal_mac(secret, seal.count, seal.last_anchor, seal.merkle_root,
                          seal.ts_ns) != seal.mac:
-      problems.append(f"the seal in the {where} does not verify")
+      problems.append(f"a seal in the {where} does not verify")
     else:
       found.append(seal)
+  counts = [s.count for s in stored]
+  if any(b < a for a, b in zip(counts, counts[1:])):
+    problems.append(f"the database's seals shrink ({counts})")
   newest = max(found, key=lambda s: s.count, default=None)
   return newest, problems
 
@@ -204,14 +215,25 @@ def verify(directory: str, key: bytes) -> Report:
   """
   secret = encoding.check_secret(key)
   unclean = os.path.exists(os.path.join(directory, log.DB_NAME + "-wal"))
-  conn = log.connect(directory, create=False)
+  conn = None
   try:
+    conn = log.connect(directory, create=False)
     return dataclasses.replace(_verify(secret, conn, directory), unclean_shutdown=unclean)
   except sqlite3.DatabaseError as e:
     return Report(False, 0, None, "corrupt_file", None, f"SQLite cannot read the store: {e}",
                   unclean_shutdown=unclean)
   finally:
-    conn.close()
+    if conn is not None:
+      conn.close()
+
+
+def require_ok(directory: str, key: bytes) -> Report:
+  """`verify`, raising ValueError (naming the damage and its line) unless the store is intact."""
+  report = verify(directory, key)
+  if not report.ok:
+    raise ValueError(f"the store at {directory} does not verify: {report.damage} at line "
+                     f"{report.first_bad_record} ({report.detail})")
+  return report
 
 
 def _uninitialised(conn: sqlite3.Connection, directory: str) -> bool:
@@ -219,18 +241,24 @@ def _uninitialised(conn: sqlite3.Connection, directory: str) -> bool:
   line and no seal file, so nothing was ever acknowledged."""
   tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             .fetchall()}
-  has_key = "meta" in tables and log.get_meta(conn, "key_check") is not None
-  has_lines = "lines" in tables and conn.execute("SELECT 1 FROM lines LIMIT 1").fetchone()
-  return (not has_key and not has_lines
+  has_rows = lambda table: table in tables and conn.execute(
+      f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None
+  return (not any(has_rows(t) for t in ("meta", "lines", "seals"))
           and not os.path.exists(os.path.join(directory, log.SEAL_NAME)))
 
 
 def _verify(secret: bytes, conn: sqlite3.Connection, directory: str) -> Report:
   if _uninitialised(conn, directory):
     return Report(True, 0, detail="an empty store whose creation did not finish")
-  if log.get_meta(conn, "key_check") != encoding.key_check(secret):
+  dims = log.stored_widths(conn)
+  if dims is None or log.get_meta(conn, "key_check") != encoding.key_check(secret, *dims):
     return Report(False, 0, None, "key_mismatch",
-                  detail="the store was not made with this key, or its key check was edited")
+                  detail="the store was not made with this key, or its widths or key check "
+                         "were edited")
+  low = conn.execute("SELECT min(seq) FROM lines").fetchone()[0]
+  if low is not None and low < 0:
+    return Report(False, 0, int(low), "inserted", None,
+                  f"a line with the negative sequence number {low} was put in")
   seal, seal_problems = _valid_seals(secret, conn, directory)
   last = log.last_line(conn)
   max_seq = -1 if last is None else last[0]

@@ -43,7 +43,8 @@ def test_a_stream_resumes_in_a_new_process_exactly(tmp_path, name):
     seal = memory_snapshot.save_memory(store, memory, name="stream")
     with pytest.raises(ValueError, match="already holds a snapshot"):
       memory_snapshot.save_memory(store, memory, name="stream")
-  assert seal.count == len(MemoryLineStore.open(str(tmp_path), KEY))
+  with MemoryLineStore.open(str(tmp_path), KEY) as reopened:
+    assert seal.count == len(reopened)
   script = SETUP.format(name=name) + f"""
 from memkernel import memory_snapshot
 memory = memory_snapshot.restore_memory({str(tmp_path)!r}, bytes(range(32)), name="stream",

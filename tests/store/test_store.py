@@ -280,3 +280,11 @@ def test_batched_novelty_is_the_same_in_any_block_size():
   for block in (1, 7, 50, 512):
     np.testing.assert_allclose(scoring.novelty(unit, earlier, block=block), reference,
                                atol=1e-12)
+
+
+def test_a_negative_floor_cannot_turn_the_bias_inside_out(tmp_path):
+  with _store(tmp_path, similarity_floor=-1.0, alpha=0.0, gamma=0.0) as store:
+    store.put(np.eye(8)[0], [1.0, 0.0, 0.0])
+    store.put(-np.eye(8)[0] + 0.01 * np.eye(8)[1], [5.0, 0.0, 0.0])   # weight below 0
+    bias = store.bias_vector(np.eye(8)[0], 2)
+  np.testing.assert_allclose(bias, [1.0, 0.0, 0.0], rtol=1e-6)   # only the positive weight

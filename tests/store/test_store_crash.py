@@ -2,38 +2,33 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from memkernel.store import MemoryLineStore, log, verify
+from memkernel.store import MemoryLineStore, reliability, verify
 
 KEY = bytes(range(32))
-
-
-def _writer(directory, lines, batch=1, seed=0):
-  return subprocess.Popen(
-      [sys.executable, "-m", "memkernel.store.writer", str(directory), KEY.hex(), str(lines),
-       str(batch), str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_killed_writer_loses_no_acknowledged_line(tmp_path):
   rng = np.random.default_rng(0)
   acknowledged = []
+  store = tmp_path / "store"
   for trial in range(4):
-    proc = _writer(tmp_path, 100000, batch=int(rng.integers(1, 8)), seed=trial)
-    time.sleep(0.4 + rng.uniform(0.0, 0.5))
+    acks = str(tmp_path / f"acks{trial}")
+    proc = reliability.writer(str(store), 100000, int(rng.integers(1, 8)), trial, acks, KEY)
+    reliability.wait_for_first_ack(proc, acks)
+    time.sleep(rng.uniform(0.0, 0.3))
     os.kill(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate()
-    acknowledged += [line.split()[1] for line in out.splitlines() if line.startswith("ack ")]
-    report = verify(str(tmp_path), KEY)
+    proc.communicate()
+    acknowledged += reliability.read_acks(acks)
+    report = verify(str(store), KEY)
     assert report.ok, report   # a crash state is not damage
     assert report.records >= len(acknowledged)
   assert len(acknowledged) > 0
-  with MemoryLineStore.open(str(tmp_path), KEY) as store:
-    stored = {row.anchor.hex(): row.fields.seq for row in log.iter_rows(store._conn)}
+  with MemoryLineStore.open(str(store), KEY) as opened:
+    stored = {line.anchor: line.seq for line in opened.lines()}
   # Every acknowledged line is stored, in the order it was acknowledged (a writer killed
   # between its commit and its ack leaves committed lines no one was told about, which is fine).
   places = [stored.get(anchor) for anchor in acknowledged]
@@ -41,12 +36,9 @@ def test_a_killed_writer_loses_no_acknowledged_line(tmp_path):
 
 
 def test_processes_append_one_contiguous_chain(tmp_path):
-  procs = [_writer(tmp_path, 60, batch=1 + i % 3, seed=i) for i in range(4)]
-  for proc in procs:
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-  report = verify(str(tmp_path), KEY)
-  assert report.ok and report.records == 240
+  result = reliability.concurrent(4, 60, str(tmp_path / "store"))
+  assert result["writer_failures"] == 0
+  assert result["contiguous"] and result["verifies"] and result["lines"] == 240
 
 
 def test_power_cuts_that_drop_or_garble_unsynced_writes_lose_no_acknowledged_line(tmp_path):

@@ -46,6 +46,10 @@ def test_store_bias_is_alpha_times_the_bias_vector(tmp_path):
       store_bias.StoreBias(store, alpha=1.0, vocab_size=7)
     with pytest.raises(ValueError, match="alpha must be"):
       store_bias.StoreBias(store, alpha=-1.0)
+    # Defaults from the store's config; an all-zero state has no direction: no bias.
+    default = store_bias.StoreBias(store)
+    assert (default.alpha, default.k) == (16.0, 5)
+    np.testing.assert_array_equal(default(np.zeros((3, 4))), np.zeros((3, 6)))
 
 
 def test_next_token_lines_hold_the_hidden_state_and_the_next_token(tmp_path):
@@ -62,9 +66,18 @@ def test_next_token_lines_hold_the_hidden_state_and_the_next_token(tmp_path):
       store_bias.write_next_token_lines(store, hidden, tokens, [(0, 4)], 6)
     with pytest.raises(ValueError, match="this model needs"):
       store_bias.write_next_token_lines(store, hidden, tokens, [(0, 1)], 7)
+    with pytest.raises(ValueError, match="row 2 is not in a batch of 2"):
+      store_bias.write_next_token_lines(store, hidden, tokens, [(2, 1)], 6)
+    with pytest.raises(ValueError, match="same B and T"):
+      store_bias.write_next_token_lines(store, hidden, tokens[:, :4], [(0, 1)], 6)
+    with pytest.raises(ValueError, match="no positions"):
+      store_bias.write_next_token_lines(store, hidden, tokens, [], 6)
 
 
 def test_facts_written_by_one_process_are_recalled_by_another(tmp_path):
+  # Keyed by the token embedding, a fact's line matches its question exactly (cosine 1): this
+  # shows the path from one process's writes to another's logits, not recall by hidden states
+  # (the study in docs/results/store/ measures that with the final hidden state too).
   model, params = _model()
   facts = store_recall.make_facts(TASK.vocab_size, 16, seed=0)
   with MemoryLineStore.open(str(tmp_path), KEY, key_dim=32, value_dim=64) as store:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from memkernel.store import MemoryLineStore, tamper, verify
+from memkernel.store import MemoryLineStore, keys, tamper, verify
 
 KEY = bytes(range(32))
 LINES = 30
@@ -64,11 +64,46 @@ def test_every_damage_is_named_at_its_line(sealed_store, tmp_path, damage, expec
 
 def test_a_forger_without_the_key_cannot_make_a_store_that_verifies(sealed_store, tmp_path):
   directory = _copy(sealed_store, tmp_path)
-  for _ in range(3):   # each try re-chains from line 0 with a fresh guess, seals included
+  for _ in range(3):   # each try re-chains from line 0 and re-seals with a fresh guess
     tamper.forge_chain(directory, 0)
     report = verify(directory, KEY)
     assert not report.ok and report.first_bad_record == 0
   assert verify(directory, os.urandom(32)).damage == "key_mismatch"
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: tamper.edit_field(d, 11, "tags", os.urandom(96)), ("edited_field", 11, "tags")),
+    (lambda d: tamper.edit_widths(d, 8), ("key_mismatch", None, None)),
+    (lambda d: tamper.insert_negative(d), ("inserted", -5, None)),
+])
+def test_edits_outside_the_fields_are_caught(sealed_store, tmp_path, damage, expected):
+  directory = _copy(sealed_store, tmp_path)
+  damage(directory)
+  report = verify(directory, KEY)
+  assert (report.ok, report.damage, report.first_bad_record, report.field) == (False, *expected)
+  if expected[0] == "key_mismatch":
+    with pytest.raises(ValueError, match="widths were edited"):
+      MemoryLineStore.open(directory, KEY)
+
+
+def test_an_older_seal_replayed_cannot_hide_a_newer_one(tmp_path):
+  rng = np.random.default_rng(2)
+  directory = str(tmp_path / "s")
+  with MemoryLineStore.open(directory, KEY, key_dim=4, value_dim=2) as store:
+    store.put_many(rng.normal(size=(5, 4)), rng.normal(size=(5, 2)))
+    store.seal()
+    store.put_many(rng.normal(size=(15, 4)), rng.normal(size=(15, 2)))
+    store.seal()
+  tamper.replay_old_seal(directory)   # the 5-line seal again, newest; seal.json removed
+  tamper.truncate_tail(directory, 8)
+  report = verify(directory, KEY)
+  assert not report.ok and report.damage == "edited_seal"
+
+
+def test_a_file_that_is_not_a_database_is_corrupt_not_a_crash(tmp_path):
+  (tmp_path / "lines.sqlite").write_bytes(os.urandom(4096))
+  report = verify(str(tmp_path), KEY)
+  assert (report.ok, report.damage) == (False, "corrupt_file")
 
 
 def test_seals_are_checked(sealed_store, tmp_path):
@@ -145,3 +180,17 @@ def test_the_store_commands_round_trip(tmp_path):
   bad = _cli("put", *common, "--key=1,0", "--value=1,2")
   assert bad.returncode == 1 and "must have 3 entries" in bad.stderr
   assert _cli("verify", *common).returncode == 0
+
+
+def test_key_files_are_hex_and_never_overwritten(tmp_path):
+  key = keys.new_key_file(str(tmp_path / "k"))
+  assert keys.read_key_file(str(tmp_path / "k")) == key
+  assert oct(os.stat(tmp_path / "k").st_mode & 0o777) == "0o600"
+  with pytest.raises(ValueError, match="never overwritten"):
+    keys.new_key_file(str(tmp_path / "k"))
+  (tmp_path / "typo").write_text(key.hex()[:-1] + "\n")
+  with pytest.raises(ValueError, match="even number of digits"):
+    keys.read_key_file(str(tmp_path / "typo"))
+  (tmp_path / "short").write_text("abcd")
+  with pytest.raises(ValueError, match="16-64 bytes"):
+    keys.read_key_file(str(tmp_path / "short"))
