@@ -144,16 +144,24 @@ def generate(model: nn.Module, params: Any, prompt: Any, *, max_new_tokens: int,
                        top_k=int(top_k))
   tokens, logits = [], [last]
   for i in range(max_new_tokens):
-    host_token = np.asarray(jax.device_get(token))
-    tokens.append(host_token)
-    if callback is not None:
-      callback(i, host_token)
+    _emit(i, token, tokens, callback)
     if i + 1 == max_new_tokens:
       break
     last, memory, token = decode(params, token, memory, jax.random.fold_in(key, i + 1))
     logits.append(last)
-  new = np.stack(tokens, axis=1)
-  return SampleResult(tokens=np.concatenate([prompt, new], axis=1),
+  return _result(prompt, tokens, logits, memory)
+
+
+def _emit(i: int, token: jax.Array, tokens: list, callback: Optional[TokenCallback]) -> None:
+  """Brings sampled token i to the host, keeps it and tells the callback."""
+  host_token = np.asarray(jax.device_get(token))
+  tokens.append(host_token)
+  if callback is not None:
+    callback(i, host_token)
+
+
+def _result(prompt: np.ndarray, tokens: list, logits: list, memory: Any) -> SampleResult:
+  return SampleResult(tokens=np.concatenate([prompt, np.stack(tokens, axis=1)], axis=1),
                       logits=np.asarray(jax.device_get(jnp.stack(logits, axis=1))),
                       memory=memory)
 
@@ -186,14 +194,8 @@ def _generate_biased(model, params, prompt, max_new_tokens, temperature, top_k, 
     last = _biased(logits_bias, last, hidden)
     logits.append(last)
     token = sample(last, jax.random.fold_in(key, i))
-    host_token = np.asarray(jax.device_get(token))
-    tokens.append(host_token)
-    if callback is not None:
-      callback(i, host_token)
+    _emit(i, token, tokens, callback)
     if i + 1 == max_new_tokens:
       break
     last, memory, hidden = hidden_lib.step(model, params, token, memory, site=site)
-  new = np.stack(tokens, axis=1)
-  return SampleResult(tokens=np.concatenate([prompt, new], axis=1),
-                      logits=np.asarray(jax.device_get(jnp.stack(logits, axis=1))),
-                      memory=memory)
+  return _result(prompt, tokens, logits, memory)
