@@ -140,5 +140,11 @@ def seal_mac(secret: bytes, count: int, last_anchor: bytes, merkle_root: bytes,
   return hashlib.blake2b(data, key=secret, digest_size=ANCHOR_BYTES, person=b"mk-seal").digest()
 
 
+def index_mac(secret: bytes, count: int, last_anchor: bytes, data: bytes) -> bytes:
+  """The keyed MAC over a cached vector index and the lines it covers."""
+  return hashlib.blake2b(_framed(VERSION, struct.pack(">Q", count), last_anchor, data),
+                         key=secret, digest_size=ANCHOR_BYTES, person=b"mk-index").digest()
+
+
 def is_finite_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -48,16 +48,51 @@ class VectorIndex:
     self.config = config
     self.keys = Growing(dim)
     self._faiss = None
+    self._preloaded = 0   # keys a loaded faiss index already holds
     self.kind = "exact" if config.index in ("auto", "exact") else config.index
 
   def __len__(self) -> int:
     return self.keys.size
 
+  @property
+  def built(self) -> bool:
+    """Whether a faiss index answers the searches (else numpy over `keys`)."""
+    return self._faiss is not None
+
+  def settings(self) -> dict:
+    """What shapes a built faiss index: a cached one is reused only under the same settings."""
+    c = self.config
+    return {"dim": self.dim, "index": c.index, "exact_max": c.exact_max, "hnsw_m": c.hnsw_m,
+            "hnsw_ef_construction": c.hnsw_ef_construction, "ivf_lists": c.ivf_lists}
+
+  def serialize(self) -> bytes:
+    """The built faiss index's bytes (for a cache beside the log)."""
+    import faiss
+    return faiss.serialize_index(self._faiss).tobytes()
+
+  def preload(self, data: bytes, kind: str) -> None:
+    """Uses a serialized faiss index holding the first keys, before any key is added; `add`
+    then extends `keys` from the log and gives the faiss index only the keys it lacks."""
+    import faiss
+    if len(self):
+      raise ValueError("preload comes before any key is added")
+    index = faiss.deserialize_index(np.frombuffer(data, np.uint8))
+    if index.d != self.dim:
+      raise ValueError(f"a cached index of width {index.d}, the store's keys have {self.dim}")
+    if kind == "hnsw":
+      index.hnsw.efSearch = self.config.hnsw_ef_search
+    elif kind == "ivf":
+      index.nprobe = min(self.config.ivf_probe, index.nlist)
+    self._faiss, self.kind, self._preloaded = index, kind, index.ntotal
+
   def add(self, unit_keys: np.ndarray) -> None:
     unit_keys = np.ascontiguousarray(unit_keys, np.float32)
+    start = self.keys.size
     self.keys.extend(unit_keys)
     if self._faiss is not None:
-      self._faiss.add(unit_keys)
+      held = max(0, self._preloaded - start)   # of these, already in a preloaded index
+      if held < len(unit_keys):
+        self._faiss.add(unit_keys[held:])
     elif self.kind != "exact" or (self.config.index == "auto"
                                   and len(self) > self.config.exact_max):
       self._build()

@@ -19,6 +19,7 @@ from memkernel.store import encoding
 
 DB_NAME = "lines.sqlite"
 SEAL_NAME = "seal.json"
+INDEX_NAME, INDEX_META_NAME = "index.faiss", "index.json"   # a derived cache, MACed
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS lines (
@@ -178,6 +179,13 @@ def rows_by_seq(conn: sqlite3.Connection, seqs: list[int]) -> dict[int, Row]:
     found = conn.execute(f"SELECT {LINE_COLUMNS} FROM lines WHERE seq IN ({marks})", chunk)
     out.update({int(v[0]): _row(v) for v in found.fetchall()})
   return out
+
+
+def anchor_at(conn: sqlite3.Connection, position: int) -> Optional[bytes]:
+  """The anchor of the line at `position` in seq order (0-based), or None."""
+  row = conn.execute("SELECT anchor FROM lines ORDER BY seq LIMIT 1 OFFSET ?",
+                     (position,)).fetchone()
+  return None if row is None else _bytes(row[0])
 
 
 def last_line(conn: sqlite3.Connection) -> Optional[tuple[int, bytes, int]]:

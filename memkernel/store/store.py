@@ -60,6 +60,7 @@ class MemoryLineStore:
     self._last_seq = -1
     self._since_seal = 0
     self._closed = False
+    self._cached = self._load_index_cache()   # lines a cached index covered (0: none)
     self._catch_up()
 
   # -- opening and closing ------------------------------------------------------------------
@@ -130,11 +131,58 @@ class MemoryLineStore:
     return dims
 
   def close(self) -> None:
-    """Closes the database (every acknowledged line is already durable)."""
+    """Closes the database (every acknowledged line is already durable), after caching a built
+    faiss index that has grown since it was loaded."""
     with self._lock:
       if not self._closed:
-        self._conn.close()
-        self._closed = True
+        try:
+          self._save_index_cache()
+        finally:
+          self._conn.close()
+          self._closed = True
+
+  # -- the index cache ----------------------------------------------------------------------
+  # Rebuilding HNSW over 10^6 keys takes minutes, so a built index is kept beside the log:
+  # index.faiss and index.json (the lines it covers, the anchor of the last of them, its
+  # settings and a keyed MAC). It is used only if all of these match the log and the config;
+  # otherwise it is ignored and rebuilt. The log stays the truth.
+
+  def _index_paths(self) -> tuple[str, str]:
+    return (os.path.join(self.path, log.INDEX_NAME), os.path.join(self.path, log.INDEX_META_NAME))
+
+  def _load_index_cache(self) -> int:
+    data_path, meta_path = self._index_paths()
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+      count, last = int(meta["count"]), bytes.fromhex(meta["last_anchor"])
+      if meta["settings"] != self._index.settings() or count < 1:
+        return 0
+      if log.anchor_at(self._conn, count - 1) != last:
+        return 0
+      with open(data_path, "rb") as f:
+        data = f.read()
+      if encoding.index_mac(self._secret, count, last, data) != bytes.fromhex(meta["mac"]):
+        logging.warning("memory-line store %s: the cached index does not verify; rebuilding",
+                        self.path)
+        return 0
+      self._index.preload(data, meta["kind"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError):
+      return 0   # no cache, or one that does not fit: the index is rebuilt from the log
+    return count
+
+  def _save_index_cache(self) -> None:
+    if not self._index.built or len(self._index) == self._cached:
+      return
+    data = self._index.serialize()
+    count, last = len(self._index), self._last_anchor
+    data_path, meta_path = self._index_paths()
+    log.write_atomically(data_path, data)
+    log.write_atomically(meta_path, json.dumps({
+        "count": count, "last_anchor": last.hex(), "kind": self._index.kind,
+        "settings": self._index.settings(),
+        "mac": encoding.index_mac(self._secret, count, last, data).hex()}).encode())
+    self._cached = count
 
   def __enter__(self) -> "MemoryLineStore":
     return self

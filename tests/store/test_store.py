@@ -288,3 +288,30 @@ def test_a_negative_floor_cannot_turn_the_bias_inside_out(tmp_path):
     store.put(-np.eye(8)[0] + 0.01 * np.eye(8)[1], [5.0, 0.0, 0.0])   # weight below 0
     bias = store.bias_vector(np.eye(8)[0], 2)
   np.testing.assert_allclose(bias, [1.0, 0.0, 0.0], rtol=1e-6)   # only the positive weight
+
+
+def test_a_built_index_is_cached_beside_the_log_and_checked_before_use(tmp_path):
+  rng = np.random.default_rng(10)
+  keys = rng.normal(size=(400, 8))
+  queries = keys[:20] + 0.05 * rng.normal(size=(20, 8))
+  config = {"index": "hnsw"}
+  with MemoryLineStore.open(str(tmp_path), KEY, key_dim=8, value_dim=3, config=config,
+                            clock=Clock()) as store:
+    store.put_many(keys[:300], rng.normal(size=(300, 3)))
+    expected = [[l.seq for l in store.query(q, 5)] for q in queries]
+  assert (tmp_path / "index.faiss").exists() and (tmp_path / "index.json").exists()
+  with MemoryLineStore.open(str(tmp_path), KEY, config=config, clock=Clock()) as store:
+    assert store._cached == 300   # loaded, not rebuilt
+    assert [[l.seq for l in store.query(q, 5)] for q in queries] == expected
+    store.put_many(keys[300:], rng.normal(size=(100, 3)))   # beyond the cache
+    assert store._index._faiss.ntotal == 400   # the 100 new keys were added to it
+    assert store.query(keys[350], 1)[0].seq == 350
+  # A cache that does not verify, or that another config would not build, is ignored.
+  data = bytearray((tmp_path / "index.faiss").read_bytes())
+  data[-1] ^= 1
+  (tmp_path / "index.faiss").write_bytes(bytes(data))
+  with MemoryLineStore.open(str(tmp_path), KEY, config=config, clock=Clock()) as store:
+    assert store._cached == 0 and store._index.built
+    assert store.query(keys[350], 1)[0].seq == 350
+  with MemoryLineStore.open(str(tmp_path), KEY, config={"index": "flat"}) as store:
+    assert store._cached == 0 and store._index.kind == "flat"
