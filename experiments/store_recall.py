@@ -15,8 +15,6 @@ conflicting ones (the facts' keys with other values) with the chosen setting and
 store. Both regenerate the facts from `--facts_seed`; the answer key never enters the model.
 """
 
-import itertools
-import json
 import os
 import shlex
 import sys
@@ -27,11 +25,8 @@ from absl import logging
 from experiments import _cli
 from memkernel import family as family_lib
 from memkernel import runs
-from memkernel import store_bias
 from memkernel import store_recall
 from memkernel.store import keys as keys_lib
-from memkernel.store import store as store_lib
-from memkernel.store import verification
 
 COMMANDS = ("write", "ask")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run of the scattered MQAR task.")
@@ -57,19 +52,6 @@ def _load():
   return family_lib.build(config), params, task
 
 
-def _write(model, params, task, key):
-  facts = store_recall.make_facts(task.vocab_size, _FACTS.value, _FACTS_SEED.value)
-  width = model.config.d_model
-  with store_lib.MemoryLineStore.open(_STORE.value, key, key_dim=width,
-                                      value_dim=task.vocab_size) as store:
-    if len(store):
-      raise ValueError(f"{_STORE.value} already holds {len(store)} lines; write to a new store")
-    n = store_recall.write_facts(store, model, params, task, facts, site=_SITE.value,
-                                 seed=_FACTS_SEED.value)
-    seal = store.seal()
-  print(f"wrote {n} fact lines to {_STORE.value} (site {_SITE.value}); sealed {seal.count}")
-
-
 def _settings() -> tuple[list[float], list[float]]:
   alphas = _cli.parse_numbers(_ALPHAS.value, "alphas")
   floors = _cli.parse_numbers(_FLOORS.value, "floors")
@@ -80,63 +62,35 @@ def _settings() -> tuple[list[float], list[float]]:
   return alphas, floors
 
 
+def _write(model, params, task, key):
+  seal = store_recall.write_store(_STORE.value, key, model, params, task, site=_SITE.value,
+                                  facts=_FACTS.value, facts_seed=_FACTS_SEED.value)
+  print(f"wrote {seal.count} fact lines to {_STORE.value} (site {_SITE.value}); sealed")
+
+
 def _ask(model, params, task, key):
   alphas, floors = _settings()
-  verification.require_ok(_STORE.value, key)
-  facts = store_recall.make_facts(task.vocab_size, _FACTS.value, _FACTS_SEED.value)
-  site, docs = _SITE.value, _DOCS.value
-  evaluate = lambda bias, stream: {
-      "questions": store_recall.ask(model, params, task, facts, docs=docs, stream=stream,
-                                    bias=bias, site=site),
-      "in_context": store_recall.in_context(model, params, task, facts, docs=docs,
-                                            stream=stream, bias=bias, site=site),
-      "conflicting": store_recall.in_context(model, params, task, facts, docs=docs,
-                                             stream=stream, bias=bias, site=site,
-                                             conflicting=True)}
-  base = {"validation": evaluate(None, store_recall.VALIDATION)}
-  tried = []
-  for floor, alpha in itertools.product(floors, alphas):
-    with store_lib.MemoryLineStore.open(_STORE.value, key,
-                                        config={"similarity_floor": floor}) as store:
-      bias = store_bias.StoreBias(store, alpha=alpha, k=_K.value, vocab_size=task.vocab_size)
-      tried.append({"alpha": alpha, "similarity_floor": floor,
-                    **evaluate(bias, store_recall.VALIDATION)})
-    v = tried[-1]
-    print(f"validation alpha {alpha:g} floor {floor:g}: questions "
-          f"{v['questions']['accuracy']:.4f}, in-context {v['in_context']['queries']['accuracy']:.4f}, "
-          f"other loss {v['in_context']['other_positions']['loss']:.4f}", flush=True)
-  chosen = store_recall.choose(tried, base["validation"])
-  result = {"site": site, "facts": _FACTS.value, "k": _K.value, "validation": tried,
-            "no_store": {"validation": base["validation"],
-                         "test": evaluate(None, store_recall.TEST)}}
-  with store_lib.MemoryLineStore.open(_STORE.value, key) as store:
-    result["site_match"] = store_recall.site_match(store, model, params, task, facts, site=site,
-                                                   docs=docs, stream=store_recall.TEST)
-    result["lines"] = len(store)
-  if chosen is not None:
-    with store_lib.MemoryLineStore.open(
-        _STORE.value, key, config={"similarity_floor": chosen["similarity_floor"]}) as store:
-      bias = store_bias.StoreBias(store, alpha=chosen["alpha"], k=_K.value,
-                                  vocab_size=task.vocab_size)
-      result["chosen"] = {"alpha": chosen["alpha"],
-                          "similarity_floor": chosen["similarity_floor"],
-                          "test": evaluate(bias, store_recall.TEST)}
-  else:
-    result["chosen"] = None
+  result = store_recall.ask_store(
+      _STORE.value, key, model, params, task, site=_SITE.value, facts=_FACTS.value,
+      facts_seed=_FACTS_SEED.value, docs=_DOCS.value, alphas=alphas, floors=floors, k=_K.value,
+      progress=lambda m: print(m, flush=True))
   result["command"] = "python -m experiments.store_recall " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
-  none_q = result["no_store"]["test"]["questions"]
-  print(f"test questions without the store: {none_q['accuracy']:.4f} +- {none_q['accuracy_se']:.4f}"
-        f" ({none_q['queries']} queries); nearest line asks the same key: "
-        f"{result['site_match']:.4f}")
-  if chosen is not None:
-    t = result["chosen"]["test"]
+  none = result["no_store"]["test"]
+  print(f"test questions without the store: {none['questions']['accuracy']:.4f} +- "
+        f"{none['questions']['accuracy_se']:.4f} ({none['questions']['queries']} queries); "
+        f"the nearest line asks the same key: {result['site_match']:.4f}")
+  chosen = result["chosen"]
+  if chosen is None:
+    print("no setting kept the in-context accuracy and the other positions' loss: none chosen")
+  else:
+    t = chosen["test"]
     print(f"with the store (alpha {chosen['alpha']:g}, floor {chosen['similarity_floor']:g}): "
           f"questions {t['questions']['accuracy']:.4f} +- {t['questions']['accuracy_se']:.4f}; "
           f"in-context {t['in_context']['queries']['accuracy']:.4f} (without: "
-          f"{result['no_store']['test']['in_context']['queries']['accuracy']:.4f})")
-  else:
-    print("no setting kept the in-context accuracy and the other positions' loss: none chosen")
+          f"{none['in_context']['queries']['accuracy']:.4f}); conflicting "
+          f"{t['conflicting']['queries']['accuracy']:.4f} (without: "
+          f"{none['conflicting']['queries']['accuracy']:.4f})")
   if _OUT.value:
     runs.write_json(_OUT.value, result)
     print(f"wrote {_OUT.value}")

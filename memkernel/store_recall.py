@@ -18,7 +18,8 @@ documents that pair the facts' keys with other values.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+import itertools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,8 @@ import numpy as np
 from memkernel import hidden as hidden_lib
 from memkernel import probes
 from memkernel import store_bias
+from memkernel.store import store as store_lib
+from memkernel.store import verification
 
 VALIDATION, TEST = 1, 2   # question streams: tune alpha on one, report on the other
 
@@ -210,3 +213,68 @@ def choose(validation: list[dict], baseline: dict, *, max_accuracy_drop: float =
         and v["in_context"]["other_positions"]["loss"]
         <= baseline["in_context"]["other_positions"]["loss"] * (1 + max_loss_rise)]
   return max(ok, key=lambda v: v["questions"]["accuracy"], default=None)
+
+
+def write_store(directory: str, key: bytes, model, params, task: probes.TaskConfig, *,
+                site: str, facts: int, facts_seed: int) -> store_lib.Seal:
+  """Process 1: a new store at `directory` holding a line per fact, sealed.
+
+  Raises:
+    ValueError: the store already holds lines.
+  """
+  chosen = make_facts(task.vocab_size, facts, facts_seed)
+  with store_lib.MemoryLineStore.open(directory, key, key_dim=model.config.d_model,
+                                      value_dim=task.vocab_size) as store:
+    if len(store):
+      raise ValueError(f"{directory} already holds {len(store)} lines; write to a new store")
+    write_facts(store, model, params, task, chosen, site=site, seed=facts_seed)
+    return store.seal()
+
+
+def ask_store(directory: str, key: bytes, model, params, task: probes.TaskConfig, *, site: str,
+              facts: int, facts_seed: int, docs: int, alphas, floors, k: int,
+              progress: Callable[[str], None] = print) -> dict:
+  """Process 2: verifies the store, chooses alpha and the floor on the validation stream
+  (`choose`), and evaluates the test stream with that setting and without the store.
+
+  Returns the JSON-ready result: every validation setting, the no-store baselines, how often the
+  nearest line asks the same key (`site_match`), and the chosen setting's test scores (None if
+  no setting kept the in-context documents).
+  """
+  verification.require_ok(directory, key)
+  chosen_facts = make_facts(task.vocab_size, facts, facts_seed)
+
+  def evaluate(bias, stream):
+    common = dict(docs=docs, stream=stream, bias=bias, site=site)
+    return {"questions": ask(model, params, task, chosen_facts, **common),
+            "in_context": in_context(model, params, task, chosen_facts, **common),
+            "conflicting": in_context(model, params, task, chosen_facts, conflicting=True,
+                                      **common)}
+
+  def with_store(floor, alpha, stream):
+    with store_lib.MemoryLineStore.open(directory, key,
+                                        config={"similarity_floor": floor}) as store:
+      bias = store_bias.StoreBias(store, alpha=alpha, k=k, vocab_size=task.vocab_size)
+      return evaluate(bias, stream)
+
+  baseline = evaluate(None, VALIDATION)
+  tried = []
+  for floor, alpha in itertools.product(floors, alphas):
+    tried.append({"alpha": alpha, "similarity_floor": floor,
+                  **with_store(floor, alpha, VALIDATION)})
+    v = tried[-1]
+    progress(f"validation alpha {alpha:g} floor {floor:g}: questions "
+             f"{v['questions']['accuracy']:.4f}, in-context "
+             f"{v['in_context']['queries']['accuracy']:.4f}, other loss "
+             f"{v['in_context']['other_positions']['loss']:.4f}")
+  best = choose(tried, baseline)
+  result = {"site": site, "facts": facts, "k": k, "validation": tried,
+            "no_store": {"validation": baseline, "test": evaluate(None, TEST)}}
+  with store_lib.MemoryLineStore.open(directory, key) as store:
+    result["site_match"] = site_match(store, model, params, task, chosen_facts, site=site,
+                                      docs=docs, stream=TEST)
+    result["lines"] = len(store)
+  result["chosen"] = None if best is None else {
+      "alpha": best["alpha"], "similarity_floor": best["similarity_floor"],
+      "test": with_store(best["similarity_floor"], best["alpha"], TEST)}
+  return result

@@ -237,8 +237,8 @@ def require_ok(directory: str, key: bytes) -> Report:
 
 
 def _uninitialised(conn: sqlite3.Connection, directory: str) -> bool:
-  """Whether the store's creation never finished (a crash inside `open`): no key check, no
-  line and no seal file, so nothing was ever acknowledged."""
+  """Whether the store's creation never finished (a crash inside `open`): no meta, line or seal
+  row and no seal file, so nothing was ever acknowledged."""
   tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
             .fetchall()}
   has_rows = lambda table: table in tables and conn.execute(

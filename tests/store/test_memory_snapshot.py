@@ -33,7 +33,7 @@ scan = jax.jit(lambda t, m: model.apply({{"params": params}}, t, m, method=model
 def test_a_stream_resumes_in_a_new_process_exactly(tmp_path, name):
   scope = {}
   exec(SETUP.format(name=name), scope)  # pylint: disable=exec-used
-  model, config, scan, tokens = scope["model"], scope["config"], scope["scan"], scope["tokens"]
+  config, scan, tokens = scope["config"], scope["scan"], scope["tokens"]
   from memkernel import family
   full, _ = scan(tokens, family.init_memory(config, 2))
   _, memory = scan(tokens[:, :32], family.init_memory(config, 2))

@@ -315,3 +315,15 @@ def test_a_built_index_is_cached_beside_the_log_and_checked_before_use(tmp_path)
     assert store.query(keys[350], 1)[0].seq == 350
   with MemoryLineStore.open(str(tmp_path), KEY, config={"index": "flat"}) as store:
     assert store._cached == 0 and store._index.kind == "flat"
+
+
+def test_the_benchmark_measures_every_column_it_reports(tmp_path):
+  from memkernel.store import bench
+  rows = bench.run([600], dim=8, queries=16, workdir=str(tmp_path), progress=lambda m: None)
+  table = bench.markdown(rows)
+  assert table.count("\n") == 3 and "| 600 | exact |" in table
+  row = rows[0]
+  assert row["verifies"] and row["index_recall_at_10"] == 1.0
+  assert row["query"]["p50_ms"] > 0 and row["open_cached_s"] >= 0
+  bench.plot(rows, str(tmp_path / "latency.png"))
+  assert (tmp_path / "latency.png").stat().st_size > 0
