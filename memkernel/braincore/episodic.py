@@ -1,0 +1,119 @@
+"""Episodic memory (seed 002, EM): a fixed number of items per example, read by top-k and written
+through a gate that evicts the weakest item. Pure JAX: jittable, no Flax, no host code.
+
+Shapes: B batch, M items, Q queries, K items read, D key width, E value width.
+
+    memory = init_episodic(batch_size=2, items=256, key_dim=64, value_dim=64)
+    out_BQE, weights_BQK, index_BQK = read(memory, queries_BQD, k=4)
+    memory = write(memory, key_BD, value_BE, gate_B)       # at a span boundary
+    memory = decay(memory, 0.9)                           # strengths fade
+    memory = reset_rows(memory, reset_B)                  # a document boundary under 'reset'
+
+An item is (key, value, strength); strength 0 means empty. A read scores the live items by
+q . k / sqrt(D) + log(strength), keeps the k best and mixes their values with a softmax over
+those k scores (one-query cross-attention over the retrieved items), so a weak item needs a
+closer key to win. A write offers one candidate per example with a gate in [0, 1]: it replaces
+the weakest item if the gate exceeds that item's strength, and is stored with the gate as its
+strength (a gate of 0 writes nothing). Every example owns its items: no state crosses the batch.
+
+What gradients flow: into the read's queries, the stored keys and values (from the candidates
+that wrote them) and, through log(strength), into the gate of every write that landed. The
+choice of slot (the weakest item) and of the k items read are selections, with no gradient.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class EpisodicMemory:
+  """Per-example items: keys [B, M, D], values [B, M, E], strengths [B, M] (0: empty)."""
+  keys_BMD: jax.Array
+  values_BME: jax.Array
+  strength_BM: jax.Array
+
+
+def init_episodic(batch_size: int, items: int, key_dim: int, value_dim: int,
+                  dtype=jnp.float32) -> EpisodicMemory:
+  """An empty memory: every strength 0."""
+  for name, value in (("batch_size", batch_size), ("items", items), ("key_dim", key_dim),
+                      ("value_dim", value_dim)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"init_episodic: {name} must be a positive integer, got {value!r}")
+  return EpisodicMemory(jnp.zeros((batch_size, items, key_dim), dtype),
+                        jnp.zeros((batch_size, items, value_dim), dtype),
+                        jnp.zeros((batch_size, items), jnp.float32))
+
+
+def read(memory: EpisodicMemory, queries_BQD: jax.Array, k: int):
+  """The k best live items per query and their softmax-weighted values.
+
+  Returns:
+    (out [B, Q, E], weights [B, Q, K], index [B, Q, K]): weights sum to 1 over the live items
+    read and are 0 for the slots of a memory with fewer than k live items; out is 0 for a query
+    of an empty memory.
+  """
+  items, key_dim = memory.keys_BMD.shape[1:]
+  if not 1 <= k <= items:
+    raise ValueError(f"read: k must lie in [1, {items}] (the items), got {k}")
+  if queries_BQD.shape[-1] != key_dim or queries_BQD.ndim != 3:
+    raise ValueError(f"read: queries must be [B, Q, {key_dim}], got {queries_BQD.shape}")
+  live_BM = memory.strength_BM > 0
+  scores_BQM = jnp.einsum("bqd,bmd->bqm", queries_BQD.astype(jnp.float32),
+                          memory.keys_BMD.astype(jnp.float32)) / jnp.sqrt(key_dim)
+  scores_BQM = scores_BQM + jnp.log(jnp.where(live_BM, memory.strength_BM, 1.0))[:, None, :]
+  scores_BQM = jnp.where(live_BM[:, None, :], scores_BQM, -jnp.inf)
+  top_BQK, index_BQK = jax.lax.top_k(scores_BQM, k)
+  found_BQK = jnp.isfinite(top_BQK)
+  shifted = jnp.where(found_BQK, top_BQK - jnp.max(jnp.where(found_BQK, top_BQK, -1e30), -1,
+                                                   keepdims=True), -jnp.inf)
+  exp_BQK = jnp.where(found_BQK, jnp.exp(shifted), 0.0)
+  weights_BQK = exp_BQK / jnp.maximum(exp_BQK.sum(-1, keepdims=True), 1e-30)
+  values_BQKE = jax.vmap(lambda v_ME, i_QK: v_ME[i_QK])(memory.values_BME, index_BQK)
+  out_BQE = jnp.einsum("bqk,bqke->bqe", weights_BQK, values_BQKE.astype(jnp.float32))
+  return out_BQE, weights_BQK, index_BQK
+
+
+def write(memory: EpisodicMemory, key_BD: jax.Array, value_BE: jax.Array,
+          gate_B: jax.Array) -> EpisodicMemory:
+  """Offers one candidate item per example: it replaces the weakest item where its gate is
+  above that item's strength, with the gate as its strength."""
+  b, _, key_dim = memory.keys_BMD.shape
+  value_dim = memory.values_BME.shape[-1]
+  if key_BD.shape != (b, key_dim) or value_BE.shape != (b, value_dim) or gate_B.shape != (b,):
+    raise ValueError(f"write: key [{b}, {key_dim}], value [{b}, {value_dim}] and gate [{b}] "
+                     f"expected, got {key_BD.shape}, {value_BE.shape}, {gate_B.shape}")
+  gate_B = jnp.clip(gate_B.astype(jnp.float32), 0.0, 1.0)
+  slot_B = jnp.argmin(memory.strength_BM, axis=-1)
+  weakest_B = jnp.take_along_axis(memory.strength_BM, slot_B[:, None], axis=-1)[:, 0]
+  lands_B = gate_B > weakest_B
+  at_BM = jax.nn.one_hot(slot_B, memory.strength_BM.shape[1], dtype=bool) & lands_B[:, None]
+  return EpisodicMemory(
+      keys_BMD=jnp.where(at_BM[..., None], key_BD[:, None, :].astype(memory.keys_BMD.dtype),
+                         memory.keys_BMD),
+      values_BME=jnp.where(at_BM[..., None],
+                           value_BE[:, None, :].astype(memory.values_BME.dtype),
+                           memory.values_BME),
+      strength_BM=jnp.where(at_BM, gate_B[:, None], memory.strength_BM))
+
+
+def decay(memory: EpisodicMemory, factor) -> EpisodicMemory:
+  """Every strength times `factor` (a scalar or one per example, in [0, 1])."""
+  factor = jnp.clip(jnp.asarray(factor, jnp.float32), 0.0, 1.0)
+  if factor.ndim == 1:
+    factor = factor[:, None]
+  return memory.replace(strength_BM=memory.strength_BM * factor)
+
+
+def reset_rows(memory: EpisodicMemory, reset_B: jax.Array) -> EpisodicMemory:
+  """Empties the memory of the examples where `reset_B` is true (a document boundary under
+  'reset'); the others keep theirs."""
+  return memory.replace(strength_BM=jnp.where(reset_B[:, None], 0.0, memory.strength_BM))
+
+
+def occupancy(memory: EpisodicMemory) -> jax.Array:
+  """Fraction of live items per example [B]."""
+  return jnp.mean(memory.strength_BM > 0, axis=-1)

@@ -1,0 +1,87 @@
+"""The brain-core's episodic memory: reads find what writes stored, the weakest item goes first,
+every example owns its items, and gradients reach the gate through the reads."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memkernel.braincore import episodic
+
+
+def _filled(strengths):
+  """A memory of one example whose item i has key e_i, value i + 1 and the given strength."""
+  m = len(strengths)
+  return episodic.EpisodicMemory(jnp.eye(m)[None] * 4.0, (jnp.arange(m) + 1.0)[None, :, None],
+                                 jnp.asarray(strengths, jnp.float32)[None])
+
+
+def test_a_written_item_is_what_a_later_read_returns():
+  memory = episodic.init_episodic(2, items=8, key_dim=4, value_dim=3)
+  key = jnp.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]) * 4.0
+  value = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+  out, weights, _ = episodic.read(memory, key[:, None], k=2)
+  np.testing.assert_array_equal(out, 0.0)            # empty: nothing to read
+  np.testing.assert_array_equal(weights, 0.0)
+  memory = episodic.write(memory, key, value, jnp.array([0.9, 0.9]))
+  out, weights, _ = episodic.read(memory, key[:, None], k=2)
+  chex.assert_shape(out, (2, 1, 3))
+  np.testing.assert_allclose(out[:, 0], value, rtol=1e-6)   # the only live item
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(episodic.occupancy(memory), [1 / 8, 1 / 8])
+
+
+def test_the_weakest_item_is_evicted_only_by_a_stronger_gate():
+  memory = _filled([0.5, 0.2, 0.9, 0.7])
+  new_key, new_value = jnp.full((1, 4), 0.5), jnp.array([[100.0]])
+  weak = episodic.write(memory, new_key, new_value, jnp.array([0.1]))   # below 0.2: no write
+  chex.assert_trees_all_equal(weak, memory)
+  strong = episodic.write(memory, new_key, new_value, jnp.array([0.3]))
+  np.testing.assert_allclose(strong.strength_BM[0], [0.5, 0.3, 0.9, 0.7])
+  np.testing.assert_allclose(strong.values_BME[0, :, 0], [1.0, 100.0, 3.0, 4.0])
+  np.testing.assert_allclose(strong.keys_BMD[0, 1], new_key[0])
+
+
+def test_every_example_owns_its_items():
+  memory = episodic.init_episodic(3, items=4, key_dim=2, value_dim=2)
+  memory = episodic.write(memory, jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.array([0.8, 0.0, 0.8]))
+  np.testing.assert_array_equal(episodic.occupancy(memory), [0.25, 0.0, 0.25])
+  reset = episodic.reset_rows(memory, jnp.array([True, False, False]))
+  np.testing.assert_array_equal(episodic.occupancy(reset), [0.0, 0.0, 0.25])
+  faded = episodic.decay(memory, jnp.array([0.5, 1.0, 0.25]))
+  np.testing.assert_allclose(faded.strength_BM[:, 0], [0.4, 0.0, 0.2])
+
+
+def test_a_stronger_item_wins_between_equally_close_keys():
+  memory = episodic.EpisodicMemory(jnp.ones((1, 2, 2)), jnp.array([[[1.0], [2.0]]]),
+                                   jnp.array([[0.2, 0.8]]))
+  out, weights, index = episodic.read(memory, jnp.ones((1, 1, 2)), k=2)
+  assert int(index[0, 0, 0]) == 1
+  np.testing.assert_allclose(weights[0, 0], [0.8, 0.2], rtol=1e-5)   # softmax of log strengths
+  np.testing.assert_allclose(out[0, 0, 0], 0.8 * 2.0 + 0.2 * 1.0, rtol=1e-5)
+
+
+def test_gradients_reach_the_gate_and_the_candidate_through_a_later_read():
+  memory = _filled([0.5, 0.0, 0.9, 0.7])
+
+  def loss(gate, value):
+    written = episodic.write(memory, jnp.array([[0.0, 4.0, 0.0, 0.0]]), value, gate)
+    out, _, _ = episodic.read(written, jnp.array([[[0.0, 1.0, 0.0, 1.0]]]), k=2)
+    return out.sum()
+
+  d_gate, d_value = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.array([0.6]), jnp.array([[7.0]]))
+  assert float(jnp.abs(d_gate).sum()) > 0
+  assert float(jnp.abs(d_value).sum()) > 0
+
+
+def test_bad_shapes_and_k_are_named():
+  memory = episodic.init_episodic(1, items=4, key_dim=2, value_dim=2)
+  with pytest.raises(ValueError, match="k must lie in"):
+    episodic.read(memory, jnp.ones((1, 1, 2)), k=5)
+  with pytest.raises(ValueError, match="queries must be"):
+    episodic.read(memory, jnp.ones((1, 3)), k=1)
+  with pytest.raises(ValueError, match="write: key"):
+    episodic.write(memory, jnp.ones((1, 3)), jnp.ones((1, 2)), jnp.ones((1,)))
+  with pytest.raises(ValueError, match="items must be a positive integer"):
+    episodic.init_episodic(1, items=0, key_dim=2, value_dim=2)
