@@ -1,0 +1,102 @@
+"""The brain-core family's one typed config: `BrainCoreConfig`, frozen and validated when built.
+
+Defaults from seed 002 (sections 2-8): working memory over the last 256 tokens, an episodic
+store of 256 items read 4 at a time, rank-8 procedural fast weights, plasticity spans of 64
+tokens; at a document boundary working memory resets while episodic and procedural memory decay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from memkernel import fields
+
+BOUNDARIES = ("reset", "carry", "decay")
+SCAN_IMPLS = ("linear", "associative")
+
+
+@dataclasses.dataclass(frozen=True)
+class BrainCoreConfig:
+  """Hyper-parameters of the brain-core model.
+
+  Attributes:
+    vocab_size: token ids (V).
+    d_model: residual width (D).
+    num_layers: blocks, each an affine-scan core, working memory, episodic read and an MLP.
+    num_heads: working-memory attention heads; d_model // num_heads must be even (RoPE).
+    mlp_ratio: MLP hidden width relative to d_model.
+    max_seq_len: longest accepted input; no parameter depends on it.
+    scan_impl: the core's recurrence, 'linear' (lax.scan) or 'associative'.
+    window: working memory: the sliding-window attention's span (W), itself included.
+    em_items: episodic items per example and layer (M).
+    em_k: items an episodic read retrieves (k <= M).
+    em_key_dim: width of episodic keys and values.
+    em_decay: strengths times this at every span boundary.
+    pm_rank: rank of the procedural fast weights (R).
+    pm_lr: the fast weights' learning rate at a consolidation.
+    pm_decay: fast weights times this at every span boundary.
+    pm_budget: the fast weights' Frobenius-norm bound per example.
+    span: plasticity span (P): episodic and procedural memory are read-only inside a span and
+      written at its end; the sequence is processed span by span.
+    plasticity: False keeps episodic and procedural memory empty: the base model exactly.
+    wm_boundary, em_boundary, pm_boundary: what a document boundary does to each memory:
+      'reset', 'carry' or 'decay' (by `boundary_decay`; working memory cannot decay).
+    boundary_decay: the factor of a 'decay' boundary.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  max_seq_len: int = 512
+  scan_impl: str = "linear"
+  window: int = 256
+  em_items: int = 256
+  em_k: int = 4
+  em_key_dim: int = 64
+  em_decay: float = 0.999
+  pm_rank: int = 8
+  pm_lr: float = 0.1
+  pm_decay: float = 0.99
+  pm_budget: float = 1.0
+  span: int = 64
+  plasticity: bool = True
+  wm_boundary: str = "reset"
+  em_boundary: str = "decay"
+  pm_boundary: str = "decay"
+  boundary_decay: float = 0.5
+
+  def __post_init__(self):
+    s = "BrainCoreConfig"
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_seq_len",
+                 "window", "em_items", "em_k", "em_key_dim", "pm_rank", "span"):
+      fields.check_int(s, name, getattr(self, name), 1)
+    if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+      raise ValueError(f"{s}: d_model // num_heads must be an even integer (RoPE rotates "
+                       f"pairs), got d_model={self.d_model}, num_heads={self.num_heads}")
+    if self.em_k > self.em_items:
+      raise ValueError(f"{s}.em_k must be <= em_items ({self.em_items}), got {self.em_k}")
+    if self.scan_impl not in SCAN_IMPLS:
+      raise ValueError(f"{s}.scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}")
+    for name in ("em_decay", "pm_decay", "boundary_decay"):
+      value = getattr(self, name)
+      fields.check_number(s, name, value, 0.0, strict=False)
+      if value > 1:
+        raise ValueError(f"{s}.{name} must be <= 1, got {value!r}")
+    fields.check_number(s, "pm_lr", self.pm_lr, 0.0, strict=False)
+    fields.check_number(s, "pm_budget", self.pm_budget, 0.0, strict=True)
+    if not isinstance(self.plasticity, bool):
+      raise ValueError(f"{s}.plasticity must be a bool, got {self.plasticity!r}")
+    for name in ("wm_boundary", "em_boundary", "pm_boundary"):
+      if getattr(self, name) not in BOUNDARIES:
+        raise ValueError(f"{s}.{name} must be one of {BOUNDARIES}, got {getattr(self, name)!r}")
+    if self.wm_boundary == "decay":
+      raise ValueError(f"{s}.wm_boundary must be 'reset' or 'carry': a window of tokens cannot "
+                       "decay")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any], what: str = "model") -> "BrainCoreConfig":
+    """From a mapping or `ConfigDict`; unknown fields are named."""
+    return fields.from_mapping(cls, values, what)
