@@ -9,7 +9,7 @@ is traced; every invalid value raises `ValueError` naming its section, field and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Union
 
 import jax
 import ml_collections

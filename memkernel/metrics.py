@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memkernel.outputs import Outputs, RouteTrace
+from memkernel.outputs import RouteTrace
 
 
 def routing_hits(leaves_BTHK: jax.Array, answer_leaves_BTA: jax.Array,

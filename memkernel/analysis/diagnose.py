@@ -46,7 +46,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from memkernel import ops
 from memkernel.analysis import audit as audit_lib
