@@ -8,8 +8,11 @@ and take an initial state, so a chunk of a sequence continues exactly where the 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _combine(left, right):
@@ -46,3 +49,12 @@ def linear_recurrence(a_BTD: jax.Array, b_BTD: jax.Array, h0_BD: jax.Array,
                             (jnp.swapaxes(a_BTD, 0, 1), jnp.swapaxes(b_BTD, 0, 1)))
     return jnp.swapaxes(h_TBD, 0, 1)
   raise ValueError(f"unknown scan impl {impl!r}; expected 'associative' or 'linear'")
+
+
+def timescale_gate_bias(count: int, min_timescale: float, max_timescale: float) -> np.ndarray:
+  """Gate logits for `count` channels whose decays exp(-1/tau) have tau log-spaced from
+  `min_timescale` to `max_timescale` tokens (clipped to [1e-4, 1 - 1e-4]), float64 [count]:
+  the initial spread of a recurrence's memory lengths."""
+  tau = np.exp(np.linspace(math.log(min_timescale), math.log(max_timescale), count))
+  a = np.clip(np.exp(-1.0 / tau), 1e-4, 1 - 1e-4)
+  return np.log(a) - np.log1p(-a)

@@ -5,25 +5,19 @@ The recurrence itself is the shared pure `memkernel.scan.linear_recurrence`.
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from memkernel.kernel.config import KernelConfig
-from memkernel.scan import linear_recurrence
+from memkernel.scan import linear_recurrence, timescale_gate_bias
 
 
 def _root_gate_bias(config: KernelConfig) -> np.ndarray:
   """Logit of a per-token decay exp(-1/tau), tau log-spaced; root r owns the r-th band of scales."""
   r, d = config.num_roots, config.d_model
-  lo, hi = math.log(config.min_timescale), math.log(config.max_timescale)
-  tau = np.exp(np.linspace(lo, hi, r * d)).reshape(r, d)
-  a = np.exp(-1.0 / tau)
-  a = np.clip(a, 1e-4, 1 - 1e-4)
-  return np.log(a) - np.log1p(-a)
+  return timescale_gate_bias(r * d, config.min_timescale, config.max_timescale).reshape(r, d)
 
 
 class LocalTrunk(nn.Module):
