@@ -221,6 +221,7 @@ def write_atomically(path: str, data: bytes) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
   try:
+    os.fchmod(fd, 0o644)   # mkstemp's 0600 would make results and exports private
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
