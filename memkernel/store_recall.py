@@ -163,12 +163,12 @@ def in_context(model, params, task: probes.TaskConfig, facts: Facts, *, docs: in
   if len(pool) < n:
     raise ValueError(f"{len(pool)} keys are free of facts; in-context documents need "
                      f"{n} (use fewer facts)")
+  stored = dict(zip(facts.keys.tolist(), facts.values.tolist()))
   all_tokens, all_mask, all_answers = [], [], []
   for _ in range(docs):
     keys = rng.choice(pool, size=n, replace=False)
     values = rng.integers(V // 2, V, size=n)
     if conflicting:   # never the stored value
-      stored = dict(zip(facts.keys.tolist(), facts.values.tolist()))
       values = np.array([v if v != stored[int(k)] else V // 2 + (v + 1 - V // 2) % (V // 2)
                          for k, v in zip(keys, values)])
     tokens, _, mask, answers = pair_documents(task, keys, values, rng)

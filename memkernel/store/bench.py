@@ -21,11 +21,12 @@ from typing import Callable, Sequence
 import numpy as np
 
 from memkernel.store import index as index_lib
+from memkernel.store import keys as keys_lib
 from memkernel.store import log
 from memkernel.store import store as store_lib
 from memkernel.store import verification
 
-KEY = bytes(range(32))
+KEY = keys_lib.STUDY_KEY
 
 
 def _clustered(rng, n: int, dim: int, centres: np.ndarray) -> np.ndarray:

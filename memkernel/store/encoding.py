@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import struct
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -145,6 +144,3 @@ def index_mac(secret: bytes, count: int, last_anchor: bytes, data: bytes) -> byt
   return hashlib.blake2b(_framed(VERSION, struct.pack(">Q", count), last_anchor, data),
                          key=secret, digest_size=ANCHOR_BYTES, person=b"mk-index").digest()
 
-
-def is_finite_number(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -21,11 +21,12 @@ from typing import Optional
 
 import numpy as np
 
+from memkernel.store import keys as keys_lib
 from memkernel.store import log
 from memkernel.store import store as store_lib
 from memkernel.store import verification
 
-KEY = bytes(range(32))   # the study's stores: a fixed key, so any of them can be inspected
+KEY = keys_lib.STUDY_KEY
 
 
 class DiskFailed(Exception):

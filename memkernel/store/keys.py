@@ -7,6 +7,10 @@ import secrets
 
 from memkernel.store import encoding
 
+# The key of the studies' own stores (reliability, faults, benchmark): fixed, so any store they
+# leave behind can be inspected. Never a key for a store that matters.
+STUDY_KEY = bytes(range(32))
+
 
 def new_key_file(path: str, nbytes: int = 32) -> bytes:
   """Writes a fresh random key to `path` (mode 0600) and returns it; never overwrites.

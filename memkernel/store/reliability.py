@@ -29,12 +29,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from memkernel.store import faults as faults_lib
+from memkernel.store import keys as keys_lib
 from memkernel.store import log
 from memkernel.store import store as store_lib
 from memkernel.store import tamper
 from memkernel.store import verification as verify_lib
 
-KEY = bytes(range(32))   # the studies' stores: a fixed key, so any of them can be inspected
+KEY = keys_lib.STUDY_KEY
 EXPECTED = {   # the tamper function -> the kind verify should name
     "flipped_byte": "flipped_byte", "raw_flipped_byte": "flipped_byte",
     "edited_field": "edited_field", "edited_tags": "edited_field",

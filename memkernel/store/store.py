@@ -93,6 +93,10 @@ class MemoryLineStore:
         raise ValueError(f"{name} must be a positive integer, got {dim!r}")
     if os.path.exists(path) and not os.path.isdir(path):
       raise ValueError(f"store path {path} is a file; it must be a directory")
+    if (not os.path.exists(os.path.join(path, log.DB_NAME))
+        and (key_dim is None or value_dim is None)):
+      raise ValueError(f"{path} holds no store yet: key_dim and value_dim are needed to "
+                       f"create one")
     os.makedirs(path, exist_ok=True)
     conn = log.connect(path, config.busy_timeout_s, vfs=vfs)
     try:
@@ -281,10 +285,10 @@ class MemoryLineStore:
     return [r.anchor.hex() for r in rows]
 
   def _chain(self, key_bytes, value_bytes, ctx_bytes) -> list[log.Row]:
-    """The new lines' fields, tags and anchors, following the newest stored line."""
-    last = log.last_line(self._conn)
-    seq, prev, last_ts = ((0, encoding.genesis(self._secret), 0) if last is None
-                          else (last[0] + 1, last[1], last[2]))
+    """The new lines' fields, tags and anchors, following the newest stored line (which
+    `_catch_up`, under the same write lock, has just loaded)."""
+    seq, prev = self._last_seq + 1, self._last_anchor
+    last_ts = int(self._ts.array[-1]) if self._ts.size else 0
     unit = index_lib.normalise(np.stack([np.frombuffer(k, "<f4") for k in key_bytes]))
     best = (self._index.search(unit, 1)[0][:, 0] if len(self._index)
             else np.full(len(unit), -np.inf))

@@ -143,6 +143,7 @@ def test_opening_checks_the_key_the_widths_and_the_path(tmp_path):
     MemoryLineStore.open(str(tmp_path / "s"), b"short", key_dim=8, value_dim=3)
   with pytest.raises(ValueError, match="key_dim and value_dim are needed"):
     MemoryLineStore.open(str(tmp_path / "s"), KEY)
+  assert not (tmp_path / "s").exists()   # refused before anything was created
   _store(tmp_path / "s").close()
   with pytest.raises(ValueError, match="the key does not match"):
     MemoryLineStore.open(str(tmp_path / "s"), bytes(32))
