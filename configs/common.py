@@ -2,9 +2,11 @@
 
 Layout of an experiment config (`memkernel.train.parse_config` validates it):
 
-  model_type  'kernel' | 'dense' | 'sliding_window': which model trains.
+  model_type  'kernel' | 'dense' | 'sliding_window' | 'braincore': which model trains.
   model       `memkernel.KernelConfig` fields (the kernel).
   peer        `memkernel.peers.PeerConfig` fields except `kind` (the attention peers).
+  braincore   `memkernel.braincore.BrainCoreConfig` fields (only with the `braincore` arg, so the
+              other configs, and the sweeps' hashes of them, are unchanged).
   task        `memkernel.probes.TaskConfig` fields.
   train       seed, steps, batch_size, lr, schedule, warmup_steps, decay_steps, weight_decay,
               clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle.
@@ -16,7 +18,7 @@ task and the kernel must share (vocab_size, leaf_size) are one `FieldReference` 
 
 `arg` (after the colon in `--config=configs/mqar.py:ARG`) is a comma-separated list of:
   smoke            tiny model, short sequences, ~20 steps: trains in seconds (tests, CI).
-  dense, sliding_window, kernel   the model_type.
+  dense, sliding_window, kernel, braincore   the model_type.
   oracle           feed the true answer leaves to the exact read (train and eval).
 """
 
@@ -26,7 +28,8 @@ from typing import Any, Optional
 
 import ml_collections
 
-ARGS = ("smoke", "kernel", "dense", "sliding_window", "oracle")
+MODEL_TYPES = ("kernel", "dense", "sliding_window", "braincore")
+ARGS = ("smoke",) + MODEL_TYPES + ("oracle",)
 
 
 def parse_arg(arg: Optional[str]) -> set[str]:
@@ -35,7 +38,7 @@ def parse_arg(arg: Optional[str]) -> set[str]:
   unknown = sorted(names - set(ARGS))
   if unknown:
     raise ValueError(f"unknown config arg(s) {unknown}; known: {list(ARGS)}")
-  model_types = names & {"kernel", "dense", "sliding_window"}
+  model_types = names & set(MODEL_TYPES)
   if len(model_types) > 1:
     raise ValueError(f"config arg names more than one model type: {sorted(model_types)}")
   return names
@@ -152,7 +155,23 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       stream="test",          # 'test' (report) or 'validation' (tune): disjoint eval streams.
   ))
 
-  for model_type in ("kernel", "dense", "sliding_window"):
+  if "braincore" in names:
+    # Seed 002's memories at the probes' widths; the seed's own sizes are the field defaults.
+    config.braincore = ml_collections.ConfigDict(dict(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        mlp_ratio=mlp_ratio,
+        num_heads=4,
+        window=256,
+        em_items=256,
+        em_k=4,
+        em_key_dim=64,
+        pm_rank=8,
+        span=64,
+        max_seq_len=seq_len,
+    ))
+  for model_type in MODEL_TYPES:
     if model_type in names:
       config.model_type = model_type
   if "oracle" in names:
@@ -173,6 +192,8 @@ def make_smoke(config: ml_collections.ConfigDict, *, d_model: ml_collections.Fie
   config.model.route_dim = 0
   config.model.max_timescale = 32.0
   config.peer.window = 32
+  if "braincore" in config:
+    config.braincore.update(dict(window=32, em_items=8, em_key_dim=16, pm_rank=4, span=16))
   config.train.update(dict(steps=20, batch_size=4, warmup_steps=2, log_every=5, eval_every=0,
                            ckpt_every=10))
   # Two lengths, so the smoke run also exercises evaluation beyond the training length.

@@ -86,6 +86,7 @@ FAMILIES: dict[str, str] = {
     "kernel": "memkernel.kernel.family:FAMILY",
     "dense": "memkernel.peers.family:DENSE",
     "sliding_window": "memkernel.peers.family:SLIDING_WINDOW",
+    "braincore": "memkernel.braincore.family:FAMILY",
 }
 
 

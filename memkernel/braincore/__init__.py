@@ -1,10 +1,10 @@
-"""The brain-core family (seed 002), being built: bounded working, episodic and procedural memory.
+"""The brain-core family (seed 002): bounded working, episodic and procedural memory.
 
-So far: `config` (`BrainCoreConfig`, the seed's defaults, validated), `core` (the affine-scan
-core, over `memkernel.scan`, with a per-token carry for document boundaries), `working` (WM: the
-last W tokens' attention in a ring buffer, the sliding-window peer's arithmetic) and two memories
-as pure JAX: `episodic` (EM: top-k read, a gated write that evicts the weakest item, decay) and
-`procedural` (PM: plastic low-rank fast weights with Hebbian eligibility traces, consolidated at
-span boundaries under a norm budget). The model, its forms and its registration as a family
-come with the rest of its issue.
+`config` (`BrainCoreConfig`, the seed's defaults, validated); `core` (the affine-scan core over
+`memkernel.scan`); `working` (WM: the last W tokens' attention in a ring buffer); `episodic` (EM:
+top-k read, a gated write evicting the weakest item, decay) and `procedural` (PM: low-rank fast
+weights with Hebbian traces, consolidated at span boundaries under a norm budget) as pure JAX;
+`state` (the one memory pytree); `layer` (one layer over a chunk, its span-boundary writes);
+`model` (`BrainCoreModel`: the parallel, scan and step forms over one chunk function); `costs`
+and `family` (its registration as `braincore`).
 """

@@ -40,8 +40,10 @@ class BrainCoreConfig:
     span: plasticity span (P): episodic and procedural memory are read-only inside a span and
       written at its end; the sequence is processed span by span.
     plasticity: False keeps episodic and procedural memory empty: the base model exactly.
-    wm_boundary, em_boundary, pm_boundary: what a document boundary does to each memory:
-      'reset', 'carry' or 'decay' (by `boundary_decay`; working memory cannot decay).
+    core_boundary, wm_boundary, em_boundary, pm_boundary: what a document boundary does to the
+      core's state and to each memory: 'reset', 'carry' or 'decay' (by `boundary_decay`;
+      working memory cannot decay). Episodic and procedural memory change at span starts
+      only, so their rule applies at the first span start of a new document.
     boundary_decay: the factor of a 'decay' boundary.
   """
 
@@ -63,6 +65,7 @@ class BrainCoreConfig:
   pm_budget: float = 1.0
   span: int = 64
   plasticity: bool = True
+  core_boundary: str = "reset"
   wm_boundary: str = "reset"
   em_boundary: str = "decay"
   pm_boundary: str = "decay"
@@ -89,12 +92,23 @@ class BrainCoreConfig:
     fields.check_number(s, "pm_budget", self.pm_budget, 0.0, strict=True)
     if not isinstance(self.plasticity, bool):
       raise ValueError(f"{s}.plasticity must be a bool, got {self.plasticity!r}")
-    for name in ("wm_boundary", "em_boundary", "pm_boundary"):
+    for name in ("core_boundary", "wm_boundary", "em_boundary", "pm_boundary"):
       if getattr(self, name) not in BOUNDARIES:
         raise ValueError(f"{s}.{name} must be one of {BOUNDARIES}, got {getattr(self, name)!r}")
     if self.wm_boundary == "decay":
       raise ValueError(f"{s}.wm_boundary must be 'reset' or 'carry': a window of tokens cannot "
                        "decay")
+
+  @property
+  def family(self) -> str:
+    return "braincore"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], what: str = "model") -> "BrainCoreConfig":

@@ -1,0 +1,196 @@
+"""One brain-core layer over one chunk of at most P tokens: core, working memory, the episodic
+read and the MLP with its procedural fast weights, and the span-boundary writes.
+
+Shapes: B batch, Q chunk tokens, D d_model, F MLP width, K episodic key width, R rank.
+
+    x + core(norm x)                         affine scan, state carried per token
+    x + WM(norm x)                           the last W tokens, ring buffer
+    x + out(EM.read(query(norm x)))          the items as of the span's start
+    x + W_out a + A (C a),  a = gelu(W_in norm x)   A: fast weights as of the span's start
+
+Inside a plasticity span episodic and procedural memory are read-only. The span pools its
+features u = norm x (before the episodic read) by a learned salience, online (`SpanPool`), and
+accumulates the Hebbian trace (W_out a_t)(C a_t)^T. When the span's last token has been read the
+layer writes: one episodic candidate (key and value projected from the pooled feature) offered
+with a gate sigmoid(w . [max salience, novelty, weakest strength, occupancy] + b), where novelty
+is 1 - the largest cosine of the candidate key with a live key, after every strength decays by
+`em_decay`; and the fast weights consolidate with the modulator tanh(w . pooled + b). Tokens
+after that point in the same chunk read the written memory and start the next span's pool and
+trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
+
+Sources (`drop` removes a source's addition to the residual stream, nothing else): 'working',
+'episodic', 'procedural'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memkernel.braincore import episodic as em_lib
+from memkernel.braincore import procedural as pm_lib
+from memkernel.braincore.config import BrainCoreConfig
+from memkernel.braincore.core import AffineCore
+from memkernel.braincore.state import LayerMemory, init_pool, pool_add
+from memkernel.braincore.working import WorkingMemory
+
+SOURCES = ("working", "episodic", "procedural")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCut:
+  """Where one chunk meets the plasticity spans (a chunk holds at most one span end).
+
+  Attributes:
+    before_Q: bool [Q], the tokens of the span the chunk starts in.
+    commit: the span the chunk starts in ends inside it or at its end (a bool, or a traced
+      scalar).
+    start_changed_B: bool [B], the chunk starts a span that starts a new document.
+    cut_changed_B: bool [B], the span that starts inside the chunk starts a new document.
+    aligned: static: the chunk starts a span, so every token is before the cut (no second read).
+  """
+  before_Q: jax.Array
+  commit: Any
+  start_changed_B: jax.Array
+  cut_changed_B: jax.Array
+  aligned: bool
+
+
+def _select(pred, on_true, on_false):
+  """`on_true` where a traced `pred` holds, else `on_false` (a Python bool picks statically)."""
+  if isinstance(pred, bool):
+    return on_true if pred else on_false
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+class BrainCoreLayer(nn.Module):
+  """One layer; `__call__` advances it over one chunk."""
+
+  config: BrainCoreConfig
+
+  def setup(self):
+    c = self.config
+    self.core_norm = nn.RMSNorm()
+    self.core = AffineCore(c.d_model, c.scan_impl)
+    self.wm_norm = nn.RMSNorm()
+    self.wm = WorkingMemory(c.d_model, c.num_heads, c.window, carry=c.wm_boundary == "carry")
+    self.mlp_norm = nn.RMSNorm()
+    self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, use_bias=False)
+    self.mlp_out = nn.Dense(c.d_model, use_bias=False)
+    if c.plasticity:
+      self.em_norm = nn.RMSNorm()
+      self.em_query = nn.Dense(c.em_key_dim, use_bias=False)
+      self.em_key = nn.Dense(c.em_key_dim, use_bias=False)
+      self.em_value = nn.Dense(c.em_key_dim, use_bias=False)
+      self.em_out = nn.Dense(c.d_model, use_bias=False)
+      self.salience = nn.Dense(1, use_bias=False)
+      self.em_gate = nn.Dense(1)
+      self.pm_code = nn.Dense(c.pm_rank, use_bias=False)
+      self.pm_modulator = nn.Dense(1)
+
+  # ----------------------------------------------------------------------------------------------
+  # Document boundaries.
+
+  def _em_boundary(self, em: em_lib.EpisodicMemory, changed_B: jax.Array):
+    rule = self.config.em_boundary
+    if rule == "reset":
+      return em_lib.reset_rows(em, changed_B)
+    if rule == "decay":
+      return em_lib.decay(em, jnp.where(changed_B, self.config.boundary_decay, 1.0))
+    return em
+
+  def _pm_boundary(self, pm: pm_lib.ProceduralMemory, changed_B: jax.Array):
+    rule = self.config.pm_boundary
+    if rule == "reset":
+      return pm_lib.reset_rows(pm, changed_B)
+    if rule == "decay":
+      return pm_lib.scale(pm, jnp.where(changed_B, self.config.boundary_decay, 1.0))
+    return pm
+
+  # ----------------------------------------------------------------------------------------------
+  # The span-boundary writes.
+
+  def _em_write(self, em: em_lib.EpisodicMemory, pool) -> tuple[em_lib.EpisodicMemory, jax.Array]:
+    """The memory after the span's candidate is offered, and the gate [B]."""
+    c = self.config
+    em = em_lib.decay(em, c.em_decay)
+    pooled_BD = pool.pooled()
+    key_BK = self.em_key(pooled_BD)
+    value_BK = self.em_value(pooled_BD)
+    live_BM = em.strength_BM > 0
+    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
+    cos_BM = jnp.einsum("bk,bmk->bm", unit(key_BK), unit(em.keys_BMD))
+    novelty_B = 1.0 - jnp.max(jnp.where(live_BM, cos_BM, -1.0), axis=-1).clip(-1.0, 1.0)
+    novelty_B = jnp.where(jnp.any(live_BM, axis=-1), novelty_B, 1.0)
+    features_B4 = jnp.stack([pool.max_B, novelty_B, jnp.min(em.strength_BM, axis=-1),
+                             em_lib.occupancy(em)], axis=-1)
+    gate_B = jax.nn.sigmoid(self.em_gate(features_B4)[:, 0])
+    return em_lib.write(em, key_BK, value_BK, gate_B), gate_B
+
+  def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
+    c = self.config
+    modulator_B = jnp.tanh(self.pm_modulator(pool.pooled())[:, 0])
+    return pm_lib.consolidate(pm, modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
+
+  # ----------------------------------------------------------------------------------------------
+
+  def __call__(self, x_BQD: jax.Array, memory: LayerMemory, segments_BQ: jax.Array,
+               core_carry_BQ: jax.Array, cut: SpanCut,
+               drop: frozenset = frozenset()) -> tuple[jax.Array, LayerMemory, dict]:
+    """(x after the layer [B, Q, D], the layer's memory after the chunk, {diagnostic: value})."""
+    c = self.config
+    y_BQD, core_BD = self.core(self.core_norm(x_BQD), memory.core_BD, core_carry_BQ)
+    x_BQD = x_BQD + y_BQD
+    y_BQD, window = self.wm(self.wm_norm(x_BQD), memory.window, segments_BQ)
+    if "working" not in drop:
+      x_BQD = x_BQD + y_BQD
+    if not c.plasticity:
+      h_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
+      return x_BQD + self.mlp_out(h_BQF), LayerMemory(core_BD, window), {}
+
+    before_Q, after_Q = cut.before_Q, ~cut.before_Q
+    em0 = self._em_boundary(memory.episodic, cut.start_changed_B)
+    pm0 = self._pm_boundary(memory.procedural, cut.start_changed_B)
+
+    # Episodic: pool this span's features, write its candidate, read.
+    u_BQD = self.em_norm(x_BQD)
+    salience_BQ = self.salience(u_BQD)[..., 0]
+    pool_before = pool_add(memory.pool, salience_BQ, u_BQD, before_Q)
+    em1, gate_B = self._em_write(em0, pool_before)
+    em1 = self._em_boundary(em1, cut.cut_changed_B)
+    query_BQK = self.em_query(u_BQD)
+    read_BQK = em_lib.read(em0, query_BQK, c.em_k)[0]
+    if not cut.aligned:
+      read_BQK = jnp.where(before_Q[None, :, None], read_BQK,
+                           em_lib.read(em1, query_BQK, c.em_k)[0])
+    if "episodic" not in drop:
+      x_BQD = x_BQD + self.em_out(read_BQK)
+
+    # Procedural: the MLP's output projection plus the fast weights' low-rank delta.
+    a_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
+    slow_BQD = self.mlp_out(a_BQF)
+    code_BQR = self.pm_code(a_BQF)
+    pm_before = pm_lib.accumulate(pm0, slow_BQD, code_BQR, before_Q[None, :].astype(jnp.float32))
+    pm1 = self._pm_boundary(self._pm_consolidate(pm_before, pool_before), cut.cut_changed_B)
+    delta_BQD = pm_lib.apply(pm0, code_BQR)
+    if not cut.aligned:
+      delta_BQD = jnp.where(before_Q[None, :, None], delta_BQD, pm_lib.apply(pm1, code_BQR))
+    x_BQD = x_BQD + slow_BQD
+    if "procedural" not in drop:
+      x_BQD = x_BQD + delta_BQD
+
+    # The memory after the chunk: the written one with the next span begun, or this span's.
+    b, d = u_BQD.shape[0], u_BQD.shape[2]
+    if cut.aligned:  # No token after the cut: the next span starts empty.
+      pool_after, pm_after = init_pool(b, d), pm1
+    else:
+      pool_after = pool_add(init_pool(b, d), salience_BQ, u_BQD, after_Q)
+      pm_after = pm_lib.accumulate(pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
+    em, pm, pool = _select(cut.commit, (em1, pm_after, pool_after), (em0, pm_before, pool_before))
+    landed = jnp.asarray(cut.commit, jnp.float32)
+    diagnostics = {"em_gate": jnp.mean(gate_B) * landed, "em_commits": landed}
+    return x_BQD, LayerMemory(core_BD, window, em, pm, pool), diagnostics

@@ -1,0 +1,256 @@
+"""The brain-core model (seed 002): embedding -> layers (`BrainCoreLayer`) -> RMSNorm -> LM head,
+processed plasticity span by plasticity span.
+
+The three forms of the family protocol (`memkernel.family`) share one chunk function:
+
+    logits, out = model.apply(variables, tokens, segments)                     # parallel
+    logits, memory = model.apply(variables, tokens, memory, method=model.scan)   # recurrent
+    logits, memory = model.apply(variables, token, memory, method=model.step)    # one token
+
+The parallel form is a `lax.scan` over spans of P tokens from an empty memory, parallel inside
+each span (the core's scan, the window's attention, the episodic read and the MLP over P tokens
+at once); `scan` runs chunks of P tokens from wherever the memory stands, a chunk straddling at
+most one span end; `step` is a chunk of one token. Tokens, not spans, are what a caller feeds:
+the memory remembers where its span stands (`BrainCoreMemory.position`).
+
+Documents (`segments`): the core and working memory apply their boundary rule at the token that
+starts a document; episodic and procedural memory at the first span start of a new document
+(a document starts on a span boundary: `Family.segment_align` is P).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memkernel import family as family_lib
+from memkernel.braincore import episodic as em_lib
+from memkernel.braincore.config import BrainCoreConfig
+from memkernel.braincore.layer import SOURCES, BrainCoreLayer, SpanCut
+from memkernel.braincore.state import BrainCoreMemory, init_memory
+from memkernel.outputs import Outputs
+
+_CARRY = {"reset": 0.0, "carry": 1.0}
+
+
+def sources(config: BrainCoreConfig) -> tuple[str, ...]:
+  """The sources an intervention may drop: working memory, and with plasticity episodic and
+  procedural memory."""
+  return SOURCES if config.plasticity else SOURCES[:1]
+
+
+def _check_tokens(tokens: Any, ndim: int, what: str):
+  if not hasattr(tokens, "ndim") or tokens.ndim != ndim:
+    raise ValueError(f"{what} must be an int array of rank {ndim}, got "
+                     f"{getattr(tokens, 'shape', type(tokens))}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{what} must have an integer dtype, got {tokens.dtype}")
+
+
+class BrainCoreModel(nn.Module):
+  """The brain-core language model; see the module docstring."""
+
+  config: BrainCoreConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(c.vocab_size, c.d_model)
+    self.layers = [BrainCoreLayer(c, name=f"layer_{i}") for i in range(c.num_layers)]
+    self.final_norm = nn.RMSNorm()
+    self.lm_head = nn.Dense(c.vocab_size, use_bias=False)
+
+  # ----------------------------------------------------------------------------------------------
+  # Checks.
+
+  def _drop(self, interventions: Any) -> frozenset:
+    """The sources `interventions` drops; a clear error for anything else it asks."""
+    if interventions is None:
+      return frozenset()
+    if getattr(interventions, "next_best_span", False) or getattr(interventions, "root_drop", ()):
+      raise ValueError("the brain-core family has no routes and no roots: only `drop` "
+                       "interventions apply to it")
+    drop = tuple(getattr(interventions, "drop", ()))
+    known = sources(self.config)
+    for name in drop:
+      if name not in known:
+        raise ValueError(f"Interventions.drop names source {name!r}, but the model's sources "
+                         f"are {known}")
+    return frozenset(drop)
+
+  def _check_memory(self, memory: Any, batch_size: int):
+    c = self.config
+    if not isinstance(memory, BrainCoreMemory):
+      raise ValueError(f"memory must be a BrainCoreMemory (from init_memory), got {type(memory)}")
+    layer = memory.layers[0] if memory.layers else None
+    if (len(memory.layers) != c.num_layers or memory.segment_B.shape != (batch_size,)
+        or (layer.episodic is None) == c.plasticity
+        or layer.window.k_BSNH.shape[1] != c.window
+        or (c.plasticity and layer.episodic.strength_BM.shape[1] != c.em_items)):
+      raise ValueError("memory does not match the model config or the batch (layers, window, "
+                       "plasticity, episodic items or batch size differ); build it with "
+                       "init_memory(config, batch_size)")
+
+  # ----------------------------------------------------------------------------------------------
+  # The one chunk function.
+
+  def _cut(self, q: int, memory: BrainCoreMemory, segments_BQ: jax.Array,
+           aligned: bool) -> SpanCut:
+    span = self.config.span
+    b = segments_BQ.shape[0]
+    offset = memory.position % span
+    start_changed_B = (offset == 0) & (segments_BQ[:, 0] != memory.segment_B)
+    if aligned:
+      return SpanCut(jnp.ones((q,), bool), q == span, start_changed_B, jnp.zeros((b,), bool),
+                     aligned=True)
+    cut = span - offset
+    cut_changed_B = jnp.zeros((b,), bool)
+    if q > 1:
+      i = jnp.clip(cut, 1, q - 1)
+      cut_changed_B = (cut < q) & (jnp.take(segments_BQ, i, axis=1)
+                                   != jnp.take(segments_BQ, i - 1, axis=1))
+    return SpanCut(jnp.arange(q) < cut, cut <= q, start_changed_B, cut_changed_B, aligned=False)
+
+  def _core_carry(self, segments_BQ: jax.Array, memory: BrainCoreMemory) -> jax.Array:
+    """[B, Q]: what multiplies the core's state at each token (1 inside a document)."""
+    c = self.config
+    previous_BQ = jnp.concatenate([memory.segment_B[:, None], segments_BQ[:, :-1]], axis=1)
+    factor = _CARRY.get(c.core_boundary, c.boundary_decay)
+    return jnp.where(segments_BQ != previous_BQ, factor, 1.0).astype(jnp.float32)
+
+  def _chunk(self, tokens_BQ: jax.Array, segments_BQ: jax.Array, memory: BrainCoreMemory, *,
+             aligned: bool, drop: frozenset):
+    """(logits [B, Q, V], the memory after the chunk, {diagnostic: value}); Q <= P."""
+    q = tokens_BQ.shape[1]
+    cut = self._cut(q, memory, segments_BQ, aligned)
+    carry_BQ = self._core_carry(segments_BQ, memory)
+    x_BQD = self.embed(tokens_BQ)
+    layers, diagnostics = [], {}
+    for i, (layer, layer_memory) in enumerate(zip(self.layers, memory.layers)):
+      x_BQD, layer_memory, d = layer(x_BQD, layer_memory, segments_BQ, carry_BQ, cut, drop)
+      layers.append(layer_memory)
+      diagnostics.update({f"layer_{i}/{k}": v for k, v in d.items()})
+    logits = self.lm_head(self.final_norm(x_BQD)).astype(jnp.float32)
+    return logits, BrainCoreMemory(tuple(layers), segments_BQ[:, -1], memory.position + q), \
+        diagnostics
+
+  def _run(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
+           aligned: bool, drop: frozenset):
+    """Chunks of P tokens (`nn.scan` over the whole ones, then the rest): (logits, memory,
+    diagnostics summed over chunks)."""
+    b, t = tokens.shape
+    chunk = self.config.span
+    n, tail = divmod(t, chunk)
+    logits, totals = [], {}
+    if n:
+      to_chunks = lambda y: jnp.swapaxes(y[:, :n * chunk].reshape(b, n, chunk), 0, 1)
+
+      def body(module, mem, xs):
+        out, mem, diag = module._chunk(xs[0], xs[1], mem, aligned=aligned, drop=drop)  # pylint: disable=protected-access
+        return mem, (out, diag)
+
+      memory, (logits_CBQV, diag) = nn.scan(body, variable_broadcast="params",
+                                            split_rngs={"params": False})(
+                                                self, memory, (to_chunks(tokens), to_chunks(segments)))
+      logits.append(jnp.swapaxes(logits_CBQV, 0, 1).reshape(b, n * chunk, -1))
+      totals = {k: jnp.sum(v) for k, v in diag.items()}
+    if tail:
+      out, memory, diag = self._chunk(tokens[:, n * chunk:], segments[:, n * chunk:], memory,
+                                      aligned=aligned, drop=drop)
+      logits.append(out)
+      totals = {k: totals.get(k, 0.0) + v for k, v in diag.items()}
+    return (jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]), memory, totals
+
+  def _outputs(self, memory: BrainCoreMemory, totals: dict) -> Outputs:
+    metrics = {}
+    for i, layer in enumerate(memory.layers):
+      if layer.episodic is None:
+        continue
+      commits = totals[f"layer_{i}/em_commits"]
+      metrics[f"layer_{i}/em_gate"] = totals[f"layer_{i}/em_gate"] / jnp.maximum(commits, 1.0)
+      metrics[f"layer_{i}/em_occupancy"] = jnp.mean(em_lib.occupancy(layer.episodic))
+      metrics[f"layer_{i}/pm_norm"] = jnp.mean(jnp.sqrt(jnp.sum(
+          jnp.square(layer.procedural.fast_BOR), axis=(1, 2))))
+    return Outputs(metrics=metrics, memory=memory)
+
+  # ----------------------------------------------------------------------------------------------
+  # The three forms.
+
+  def __call__(self, tokens: jax.Array, segments: Any = None, *, oracle_leaves: Any = None,
+               train: bool = False, loss_mask: Any = None,
+               interventions: Any = None) -> tuple[jax.Array, Outputs]:
+    """Parallel form (over spans), from an empty memory.
+
+    Args:
+      tokens: int32 [B, T], T <= max_seq_len.
+      segments: optional int32 [B, T] document index per token (non-decreasing; documents start
+        at multiples of `span`). None: one document.
+      oracle_leaves, train, loss_mask: the harness interface (no routes, nothing train-only).
+      interventions: sources to drop (`Interventions(drop=...)`, names from `sources`).
+
+    Returns:
+      logits float32 [B, T, V] and `Outputs` (diagnostics; the memory after the sequence).
+    """
+    del oracle_leaves, train, loss_mask
+    c = self.config
+    _check_tokens(tokens, 2, "tokens")
+    family_lib.check_segments(segments, tokens.shape, align=c.span)
+    if tokens.shape[1] > c.max_seq_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds BrainCoreConfig.max_seq_len="
+                       f"{c.max_seq_len}")
+    drop = self._drop(interventions)
+    segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
+                else jnp.asarray(segments, jnp.int32))
+    memory = init_memory(c, tokens.shape[0])
+    logits, memory, totals = self._run(tokens, segments, memory, aligned=True, drop=drop)
+    return logits, self._outputs(memory, totals)
+
+  def scan(self, tokens: jax.Array, memory: BrainCoreMemory, segments: Any = None, *,
+           interventions: Any = None, return_aux: bool = False):
+    """Recurrent form: consumes `tokens` [B, T] (any T >= 1) after `memory`, in chunks of
+    `span` tokens from wherever the memory stands.
+
+    Args:
+      tokens: int32 [B, T].
+      memory: the `BrainCoreMemory` before them.
+      segments: optional int32 [B, T] document index; None continues the memory's document.
+      interventions: as in the parallel form.
+      return_aux: also return `Outputs`.
+
+    Returns:
+      (logits float32 [B, T, V], memory') or, with return_aux, (logits, memory', Outputs).
+    """
+    _check_tokens(tokens, 2, "tokens")
+    b, t = tokens.shape
+    self._check_memory(memory, b)
+    family_lib.check_segments(segments, tokens.shape, align=1)
+    drop = self._drop(interventions)
+    if segments is None:
+      segments = jnp.broadcast_to(memory.segment_B[:, None], (b, t))
+    segments = jnp.asarray(segments, jnp.int32)
+    logits, memory, totals = self._run(tokens, segments, memory, aligned=False, drop=drop)
+    if return_aux:
+      return logits, memory, self._outputs(memory, totals)
+    return logits, memory
+
+  def step(self, token: jax.Array, memory: BrainCoreMemory, segment: Any = None, *,
+           interventions: Any = None, return_aux: bool = False):
+    """Decoding form: one token per stream (int32 [B]); as `scan` otherwise."""
+    _check_tokens(token, 1, "token")
+    self._check_memory(memory, token.shape[0])
+    family_lib.check_segments(segment, token.shape, align=1, what="segment")
+    drop = self._drop(interventions)
+    segment = memory.segment_B if segment is None else jnp.asarray(segment, jnp.int32)
+    logits, memory, totals = self._chunk(token[:, None], segment[:, None], memory,
+                                         aligned=False, drop=drop)
+    if return_aux:
+      return logits[:, 0], memory, self._outputs(memory, totals)
+    return logits[:, 0], memory
+
+
+def build(config: BrainCoreConfig) -> BrainCoreModel:
+  if not isinstance(config, BrainCoreConfig):
+    raise ValueError(f"build needs a BrainCoreConfig, got {type(config).__name__}")
+  return BrainCoreModel(config)

@@ -1,0 +1,99 @@
+"""The brain-core's memory: one typed pytree threaded through every form.
+
+Shapes: B batch, D d_model, W window, N heads, H head width, M episodic items, K episodic key
+width, R procedural rank.
+
+    memory = init_memory(config, batch_size)
+    logits, memory = model.apply(variables, tokens, memory, method=model.scan)
+
+Per layer: the core's state [B, D], the working memory's ring of the last W tokens, and with
+plasticity the episodic items, the procedural fast weights with the current span's eligibility
+trace, and the current span's pooled features (`SpanPool`, from which the span's episodic
+candidate and procedural modulator come at its end). Nothing in it grows with the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from memkernel.braincore import episodic
+from memkernel.braincore import procedural
+from memkernel.braincore.config import BrainCoreConfig
+from memkernel.braincore.working import WindowCache, init_window
+
+# The running maximum of an empty pool: finite, so exp(max - new max) never meets inf - inf.
+EMPTY_MAX = -1e30
+
+
+@flax.struct.dataclass
+class SpanPool:
+  """Online softmax pooling of one span's features by a learned salience: the running maximum
+  salience [B], the sum of exp(salience - maximum) [B] and the weighted feature sum [B, D].
+  Chunks of a span add up to the same pool as the span at once."""
+  max_B: jax.Array
+  sum_B: jax.Array
+  acc_BD: jax.Array
+
+  def pooled(self) -> jax.Array:
+    """The salience-weighted mean feature [B, D] (0 for an empty pool)."""
+    return self.acc_BD / jnp.maximum(self.sum_B, 1e-30)[:, None]
+
+
+def init_pool(batch_size: int, width: int) -> SpanPool:
+  return SpanPool(jnp.full((batch_size,), EMPTY_MAX, jnp.float32),
+                  jnp.zeros((batch_size,), jnp.float32),
+                  jnp.zeros((batch_size, width), jnp.float32))
+
+
+def pool_add(pool: SpanPool, salience_BQ: jax.Array, features_BQD: jax.Array,
+             mask_Q: jax.Array) -> SpanPool:
+  """The pool with the tokens where `mask_Q` is true added."""
+  z_BQ = jnp.where(mask_Q[None, :], salience_BQ.astype(jnp.float32), EMPTY_MAX)
+  new_max_B = jnp.maximum(pool.max_B, jnp.max(z_BQ, axis=-1))
+  keep_B = jnp.exp(pool.max_B - new_max_B)
+  w_BQ = jnp.exp(z_BQ - new_max_B[:, None]) * mask_Q[None, :]
+  return SpanPool(new_max_B, pool.sum_B * keep_B + jnp.sum(w_BQ, axis=-1),
+                  pool.acc_BD * keep_B[:, None]
+                  + jnp.einsum("bq,bqd->bd", w_BQ, features_BQD.astype(jnp.float32)))
+
+
+@flax.struct.dataclass
+class LayerMemory:
+  """One layer's state; `episodic`, `procedural` and `pool` are None without plasticity."""
+  core_BD: jax.Array
+  window: WindowCache
+  episodic: Optional[episodic.EpisodicMemory] = None
+  procedural: Optional[procedural.ProceduralMemory] = None
+  pool: Optional[SpanPool] = None
+
+
+@flax.struct.dataclass
+class BrainCoreMemory:
+  """Every layer's state, the document of the last token [B] and the tokens seen (shared by
+  the batch; where the stream stands inside its plasticity span)."""
+  layers: tuple[LayerMemory, ...]
+  segment_B: jax.Array
+  position: jax.Array
+
+
+def init_memory(config: BrainCoreConfig, batch_size: int) -> BrainCoreMemory:
+  """The empty memory of `batch_size` streams."""
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    raise ValueError(f"init_memory: batch_size must be a positive integer, got {batch_size!r}")
+  c = config
+  layers = []
+  for _ in range(c.num_layers):
+    layer = LayerMemory(core_BD=jnp.zeros((batch_size, c.d_model), jnp.float32),
+                        window=init_window(batch_size, c.window, c.num_heads, c.head_dim))
+    if c.plasticity:
+      layer = layer.replace(
+          episodic=episodic.init_episodic(batch_size, c.em_items, c.em_key_dim, c.em_key_dim),
+          procedural=procedural.init_procedural(batch_size, c.d_model, c.pm_rank),
+          pool=init_pool(batch_size, c.d_model))
+    layers.append(layer)
+  return BrainCoreMemory(tuple(layers), jnp.zeros((batch_size,), jnp.int32),
+                         jnp.zeros((), jnp.int32))

@@ -1,0 +1,264 @@
+"""The brain-core model: its three forms agree, it is causal, it reads before it writes, its
+document boundaries hold in every form, plasticity off is the base model, and the writes train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memkernel import costs
+from memkernel import family as family_lib
+from memkernel.braincore.config import BrainCoreConfig
+from memkernel.braincore.model import BrainCoreModel
+from memkernel.braincore.state import init_memory
+from memkernel.kernel.interventions import Interventions
+
+SPAN = 8
+CONFIG = BrainCoreConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mlp_ratio=2,
+                         max_seq_len=64, window=12, em_items=4, em_k=2, em_key_dim=8, span=SPAN,
+                         pm_rank=2, pm_lr=1.0, pm_budget=10.0)
+T = 37  # four whole spans and a part
+
+
+def _tokens(seed=1, b=2, t=T):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, CONFIG.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  model = BrainCoreModel(CONFIG)
+  return model, model.init(jax.random.key(0), _tokens()[:, :SPAN])
+
+
+def _forms(config):
+  """Jitted (parallel, scan, step) of `config`'s model."""
+  model = BrainCoreModel(config)
+  parallel = jax.jit(lambda v, t, s: model.apply(v, t, s)[0])
+  scan = jax.jit(lambda v, t, m, s: model.apply(v, t, m, s, method=model.scan))
+  step = jax.jit(lambda v, t, m, s: model.apply(v, t, m, s, method=model.step))
+  return parallel, scan, step
+
+
+def _by_chunks(scan, variables, config, tokens, segments, sizes):
+  memory, out, i = init_memory(config, tokens.shape[0]), [], 0
+  for q in sizes:
+    logits, memory = scan(variables, tokens[:, i:i + q], memory, segments[:, i:i + q])
+    out.append(logits)
+    i += q
+  assert i == tokens.shape[1]
+  return jnp.concatenate(out, axis=1), memory
+
+
+def _by_steps(step, variables, config, tokens, segments):
+  memory, out = init_memory(config, tokens.shape[0]), []
+  for i in range(tokens.shape[1]):
+    logits, memory = step(variables, tokens[:, i], memory, segments[:, i])
+    out.append(logits)
+  return jnp.stack(out, axis=1), memory
+
+
+def _all_forms(config, variables, tokens, segments):
+  """{form: logits} for the parallel form, scan in chunks that straddle span ends (3 tokens,
+  then 10: one span end inside, then 24: three), and step."""
+  parallel, scan, step = _forms(config)
+  return {"parallel": parallel(variables, tokens, segments),
+          "scan": _by_chunks(scan, variables, config, tokens, segments, [3, 10, 24])[0],
+          "step": _by_steps(step, variables, config, tokens, segments)[0]}
+
+
+class TestForms:
+
+  def test_three_forms_agree(self, model_and_params):
+    _, variables = model_and_params
+    tokens = _tokens()
+    segments = jnp.zeros_like(tokens)
+    logits = _all_forms(CONFIG, variables, tokens, segments)
+    for name, value in logits.items():
+      np.testing.assert_allclose(value, logits["parallel"], atol=1e-4, err_msg=name)
+
+  def test_memories_agree(self, model_and_params):
+    model, variables = model_and_params
+    tokens = _tokens()
+    _, scan, step = _forms(CONFIG)
+    segments = jnp.zeros_like(tokens)
+    parallel_memory = model.apply(variables, tokens)[1].memory
+    ragged = _by_chunks(scan, variables, CONFIG, tokens, segments, [3, 10, 24])[1]
+    stepped = _by_steps(step, variables, CONFIG, tokens, segments)[1]
+    for other in (ragged, stepped):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), parallel_memory,
+                   other)
+    assert int(ragged.position) == T
+
+  def test_causal(self, model_and_params):
+    _, variables = model_and_params
+    parallel, _, _ = _forms(CONFIG)
+    tokens = _tokens()
+    cut = 19
+    future = tokens.at[:, cut:].set((tokens[:, cut:] + 7) % CONFIG.vocab_size)
+    segments = jnp.zeros_like(tokens)
+    a, b = parallel(variables, tokens, segments), parallel(variables, future, segments)
+    np.testing.assert_array_equal(a[:, :cut], b[:, :cut])
+    assert float(jnp.max(jnp.abs(a[:, cut:] - b[:, cut:]))) > 1e-3
+
+  def test_memory_is_bounded(self):
+    short = costs.state_bytes(CONFIG)
+    long = costs.state_bytes(dataclasses.replace(CONFIG, max_seq_len=1 << 20))
+    assert short == long
+
+
+def _first_difference(a, b):
+  differs = np.any(np.abs(np.asarray(a) - np.asarray(b)) > 1e-6, axis=(0, 2))
+  return int(np.argmax(differs)) if differs.any() else None
+
+
+class TestReadsBeforeWrites:
+  """A write at the end of span s is first read by span s + 1's first token, in every form."""
+
+  @pytest.mark.parametrize("param", ["em_gate", "em_value", "pm_modulator"])
+  def test_a_write_is_read_from_the_next_span(self, model_and_params, param):
+    _, variables = model_and_params
+    tokens, segments = _tokens(), jnp.zeros((2, T), jnp.int32)
+    # These parameters shape only what a span end writes: the logits move from span 1 on.
+    changed = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 1.0 if any(getattr(k, "key", None) == param for k in path) else x,
+        variables)
+    before = _all_forms(CONFIG, variables, tokens, segments)
+    after = _all_forms(CONFIG, changed, tokens, segments)
+    for form in before:
+      first = _first_difference(before[form], after[form])
+      if param == "em_gate":  # A lone item's strength does not change its read: a span later.
+        assert first in (SPAN, 2 * SPAN), form
+      else:
+        assert first == SPAN, form
+
+  def test_span_zero_reads_nothing(self, model_and_params):
+    model, variables = model_and_params
+    tokens = _tokens()
+    full = model.apply(variables, tokens)[0]
+    dropped = model.apply(variables, tokens,
+                          interventions=Interventions(drop=("episodic", "procedural")))[0]
+    np.testing.assert_array_equal(full[:, :SPAN], dropped[:, :SPAN])
+    assert _first_difference(full, dropped) == SPAN
+
+
+class TestPlasticity:
+
+  def test_off_is_the_base_model(self, model_and_params):
+    model, variables = model_and_params
+    base_config = dataclasses.replace(CONFIG, plasticity=False)
+    base = BrainCoreModel(base_config)
+    base_variables = base.init(jax.random.key(3), _tokens()[:, :SPAN])
+
+    def pick(tree, like):  # The plastic model's parameters of the base model's layout.
+      return {k: pick(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+    shared = pick(jax.device_get(variables), jax.device_get(base_variables))
+    tokens = _tokens(seed=4)
+    base_logits = base.apply(shared, tokens)[0]
+    off = model.apply(variables, tokens,
+                      interventions=Interventions(drop=("episodic", "procedural")))[0]
+    np.testing.assert_array_equal(base_logits, off)
+    assert costs.num_params(base_config) < costs.num_params(CONFIG)
+    # And in the recurrent forms of the base model itself.
+    logits = _all_forms(base_config, shared, tokens, jnp.zeros_like(tokens))
+    for name, value in logits.items():
+      np.testing.assert_allclose(value, base_logits, atol=1e-4, err_msg=name)
+
+  def test_writes_train(self, model_and_params):
+    """Gradients reach every write's parameters from the spans after it, and none from the
+    span before the first write."""
+    model, variables = model_and_params
+    tokens = _tokens()
+    targets = jnp.roll(tokens, -1, axis=1)
+
+    def loss(v, lo, hi):
+      logits = model.apply(v, tokens)[0][:, lo:hi]
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, lo:hi, None],
+                                           axis=-1))
+
+    grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))
+    late = grad(variables, SPAN, T)["params"]
+    early = grad(variables, 0, SPAN)["params"]
+    for layer in ("layer_0", "layer_1"):
+      for name in ("em_gate", "em_key", "em_value", "salience", "pm_modulator", "pm_code"):
+        g_late = jax.tree.leaves(late[layer][name])
+        g_early = jax.tree.leaves(early[layer][name])
+        assert all(np.isfinite(g).all() for g in g_late), (layer, name)
+        assert max(float(jnp.max(jnp.abs(g))) for g in g_late) > 0, (layer, name)
+        if name != "pm_code":  # The code also carries the (empty) read in span 0.
+          assert max(float(jnp.max(jnp.abs(g))) for g in g_early) == 0, (layer, name)
+
+  def test_interventions_name_sources(self, model_and_params):
+    model, variables = model_and_params
+    with pytest.raises(ValueError, match="sources are"):
+      model.apply(variables, _tokens(), interventions=Interventions(drop=("tree",)))
+    with pytest.raises(ValueError, match="no routes"):
+      model.apply(variables, _tokens(), interventions=Interventions(next_best_span=True))
+
+
+class TestDocuments:
+  """Two documents in one stream; documents start on span boundaries."""
+
+  def _stream(self):
+    tokens = _tokens(seed=5, t=T)
+    segments = jnp.where(jnp.arange(T) >= 2 * SPAN, 1, 0)[None].repeat(2, 0).astype(jnp.int32)
+    return tokens, segments
+
+  def test_reset_everything_is_a_fresh_start(self):
+    config = dataclasses.replace(CONFIG, core_boundary="reset", wm_boundary="reset",
+                                 em_boundary="reset", pm_boundary="reset")
+    model = BrainCoreModel(config)
+    variables = model.init(jax.random.key(0), _tokens()[:, :SPAN])
+    tokens, segments = self._stream()
+    alone = model.apply(variables, tokens[:, 2 * SPAN:])[0]
+    for name, logits in _all_forms(config, variables, tokens, segments).items():
+      np.testing.assert_allclose(logits[:, 2 * SPAN:], alone, atol=1e-4, err_msg=name)
+
+  @pytest.mark.parametrize("memory", ["core", "wm", "em", "pm"])
+  def test_a_carried_memory_crosses_the_boundary(self, memory):
+    """Carrying any one memory makes the second document see the first, in every form alike."""
+    rules = dict(core_boundary="reset", wm_boundary="reset", em_boundary="reset",
+                 pm_boundary="reset")
+    rules[f"{memory}_boundary"] = "carry"
+    config = dataclasses.replace(CONFIG, **rules)
+    model = BrainCoreModel(config)
+    variables = model.init(jax.random.key(0), _tokens()[:, :SPAN])
+    tokens, segments = self._stream()
+    alone = model.apply(variables, tokens[:, 2 * SPAN:])[0]
+    forms = _all_forms(config, variables, tokens, segments)
+    assert float(jnp.max(jnp.abs(forms["parallel"][:, 2 * SPAN:] - alone))) > 1e-4
+    for name, logits in forms.items():
+      np.testing.assert_allclose(logits, forms["parallel"], atol=1e-4, err_msg=name)
+
+  def test_misaligned_documents_are_refused(self, model_and_params):
+    model, variables = model_and_params
+    tokens = _tokens()
+    segments = jnp.where(jnp.arange(T) >= SPAN + 3, 1, 0)[None].repeat(2, 0)
+    with pytest.raises(ValueError, match=f"multiples of {SPAN}"):
+      model.apply(variables, tokens, segments)
+
+
+class TestFamily:
+
+  def test_registered(self):
+    family = family_lib.get("braincore")
+    assert family.sources(CONFIG) == ("working", "episodic", "procedural")
+    assert family.sources(dataclasses.replace(CONFIG, plasticity=False)) == ("working",)
+    assert family.segment_align(CONFIG) == SPAN
+    assert set(family.boundaries(CONFIG)) == {"core", "working", "episodic", "procedural"}
+    parts = costs.flops_by_part(CONFIG, 64)
+    assert set(parts) == {"core", "working", "episodic", "mlp", "procedural", "head"}
+    assert costs.flops(CONFIG, 64, train=True) == 3 * costs.flops(CONFIG, 64)
+
+  def test_bad_memory_is_refused(self, model_and_params):
+    model, variables = model_and_params
+    other = init_memory(dataclasses.replace(CONFIG, em_items=2, em_k=1), 2)
+    with pytest.raises(ValueError, match="init_memory"):
+      model.apply(variables, _tokens(), other, method=model.scan)
+    with pytest.raises(ValueError, match="max_seq_len"):
+      model.apply(variables, _tokens(t=65))
