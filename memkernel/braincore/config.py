@@ -33,6 +33,8 @@ class BrainCoreConfig:
     em_k: items an episodic read retrieves (k <= M).
     em_key_dim: width of episodic keys and values.
     em_decay: strengths times this at every span boundary.
+    em_writes: episodic candidates a span offers at its end: its tokens in `em_writes` equal
+      consecutive parts, each pooled by salience to one candidate (1: the seed's one per span).
     pm_rank: rank of the procedural fast weights (R).
     pm_lr: the fast weights' learning rate at a consolidation.
     pm_decay: fast weights times this at every span boundary.
@@ -59,6 +61,7 @@ class BrainCoreConfig:
   em_k: int = 4
   em_key_dim: int = 64
   em_decay: float = 0.999
+  em_writes: int = 1
   pm_rank: int = 8
   pm_lr: float = 0.1
   pm_decay: float = 0.99
@@ -74,13 +77,16 @@ class BrainCoreConfig:
   def __post_init__(self):
     s = "BrainCoreConfig"
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_seq_len",
-                 "window", "em_items", "em_k", "em_key_dim", "pm_rank", "span"):
+                 "window", "em_items", "em_k", "em_key_dim", "em_writes", "pm_rank", "span"):
       fields.check_int(s, name, getattr(self, name), 1)
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
       raise ValueError(f"{s}: d_model // num_heads must be an even integer (RoPE rotates "
                        f"pairs), got d_model={self.d_model}, num_heads={self.num_heads}")
     if self.em_k > self.em_items:
       raise ValueError(f"{s}.em_k must be <= em_items ({self.em_items}), got {self.em_k}")
+    if self.span % self.em_writes or self.em_writes > self.em_items:
+      raise ValueError(f"{s}.em_writes must divide span ({self.span}) and be <= em_items "
+                       f"({self.em_items}), got {self.em_writes}")
     if self.scan_impl not in SCAN_IMPLS:
       raise ValueError(f"{s}.scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}")
     for name in ("em_decay", "pm_decay", "boundary_decay"):

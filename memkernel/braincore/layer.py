@@ -9,12 +9,14 @@ Shapes: B batch, Q chunk tokens, D d_model, F MLP width, K episodic key width, R
     x + W_out a + A (C a),  a = gelu(W_in norm x)   A: fast weights as of the span's start
 
 Inside a plasticity span episodic and procedural memory are read-only. The span pools its
-features u = norm x (before the episodic read) by a learned salience, online (`SpanPool`), and
-accumulates the Hebbian trace (W_out a_t)(C a_t)^T. When the span's last token has been read the
-layer writes: one episodic candidate (key and value projected from the pooled feature) offered
-with a gate sigmoid(w . [max salience, novelty, weakest strength, occupancy] + b), where novelty
-is 1 - the largest cosine of the candidate key with a live key, after every strength decays by
-`em_decay`; and the fast weights consolidate with the modulator tanh(w . pooled + b). Tokens
+features u = norm x (before the episodic read) by a learned salience, online, one pool per part
+of the span (`SpanPool`; `em_writes` equal parts, 1 by default), and accumulates the Hebbian
+trace (W_out a_t)(C a_t)^T. When the span's last token has been read the layer writes: after
+every strength decays by `em_decay`, each part's episodic candidate (key and value projected
+from its pooled feature) is offered in turn with a gate sigmoid(w . [max salience, novelty,
+weakest strength, occupancy] + b), novelty being 1 - the largest cosine of the candidate key
+with a live key; and the fast weights consolidate with the modulator tanh(w . pooled + b), the
+pooled feature averaged over the parts. Tokens
 after that point in the same chunk read the written memory and start the next span's pool and
 trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
 
@@ -47,6 +49,7 @@ class SpanCut:
 
   Attributes:
     before_Q: bool [Q], the tokens of the span the chunk starts in.
+    part_Q: int32 [Q], the part of its span each token pools into (`em_writes` parts).
     commit: the span the chunk starts in ends inside it or at its end (a bool, or a traced
       scalar).
     start_changed_B: bool [B], the chunk starts a span that starts a new document.
@@ -54,6 +57,7 @@ class SpanCut:
     aligned: static: the chunk starts a span, so every token is before the cut (no second read).
   """
   before_Q: jax.Array
+  part_Q: jax.Array
   commit: Any
   start_changed_B: jax.Array
   cut_changed_B: jax.Array
@@ -115,25 +119,28 @@ class BrainCoreLayer(nn.Module):
   # The span-boundary writes.
 
   def _em_write(self, em: em_lib.EpisodicMemory, pool) -> tuple[em_lib.EpisodicMemory, jax.Array]:
-    """The memory after the span's candidate is offered, and the gate [B]."""
-    c = self.config
-    em = em_lib.decay(em, c.em_decay)
-    pooled_BD = pool.pooled()
-    key_BK = self.em_key(pooled_BD)
-    value_BK = self.em_value(pooled_BD)
-    live_BM = em.strength_BM > 0
+    """The memory after the span's candidates are offered, and their gates [B, C]."""
+    em = em_lib.decay(em, self.config.em_decay)
+    pooled_BCD = pool.pooled()
+    keys_BCK, values_BCK = self.em_key(pooled_BCD), self.em_value(pooled_BCD)
     unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
-    cos_BM = jnp.einsum("bk,bmk->bm", unit(key_BK), unit(em.keys_BMD))
-    novelty_B = 1.0 - jnp.max(jnp.where(live_BM, cos_BM, -1.0), axis=-1).clip(-1.0, 1.0)
-    novelty_B = jnp.where(jnp.any(live_BM, axis=-1), novelty_B, 1.0)
-    features_B4 = jnp.stack([pool.max_B, novelty_B, jnp.min(em.strength_BM, axis=-1),
-                             em_lib.occupancy(em)], axis=-1)
-    gate_B = jax.nn.sigmoid(self.em_gate(features_B4)[:, 0])
-    return em_lib.write(em, key_BK, value_BK, gate_B), gate_B
+    gates = []
+    for part in range(pooled_BCD.shape[1]):
+      key_BK = keys_BCK[:, part]
+      live_BM = em.strength_BM > 0
+      cos_BM = jnp.einsum("bk,bmk->bm", unit(key_BK), unit(em.keys_BMD))
+      novelty_B = 1.0 - jnp.max(jnp.where(live_BM, cos_BM, -1.0), axis=-1).clip(-1.0, 1.0)
+      novelty_B = jnp.where(jnp.any(live_BM, axis=-1), novelty_B, 1.0)
+      features_B4 = jnp.stack([pool.max_BC[:, part], novelty_B,
+                               jnp.min(em.strength_BM, axis=-1), em_lib.occupancy(em)], axis=-1)
+      gate_B = jax.nn.sigmoid(self.em_gate(features_B4)[:, 0])
+      em = em_lib.write(em, key_BK, values_BCK[:, part], gate_B)
+      gates.append(gate_B)
+    return em, jnp.stack(gates, axis=1)
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
     c = self.config
-    modulator_B = jnp.tanh(self.pm_modulator(pool.pooled())[:, 0])
+    modulator_B = jnp.tanh(self.pm_modulator(jnp.mean(pool.pooled(), axis=1))[:, 0])
     return pm_lib.consolidate(pm, modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
 
   # ----------------------------------------------------------------------------------------------
@@ -159,8 +166,9 @@ class BrainCoreLayer(nn.Module):
     # Episodic: pool this span's features, write its candidate, read.
     u_BQD = self.em_norm(x_BQD)
     salience_BQ = self.salience(u_BQD)[..., 0]
-    pool_before = pool_add(memory.pool, salience_BQ, u_BQD, before_Q)
-    em1, gate_B = self._em_write(em0, pool_before)
+    in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
+    pool_before = pool_add(memory.pool, salience_BQ, u_BQD, before_Q[:, None] & in_part_QC)
+    em1, gates_BC = self._em_write(em0, pool_before)
     em1 = self._em_boundary(em1, cut.cut_changed_B)
     query_BQK = self.em_query(u_BQD)
     read_BQK = em_lib.read(em0, query_BQK, c.em_k)[0]
@@ -186,11 +194,12 @@ class BrainCoreLayer(nn.Module):
     # The memory after the chunk: the written one with the next span begun, or this span's.
     b, d = u_BQD.shape[0], u_BQD.shape[2]
     if cut.aligned:  # No token after the cut: the next span starts empty.
-      pool_after, pm_after = init_pool(b, d), pm1
+      pool_after, pm_after = init_pool(b, c.em_writes, d), pm1
     else:
-      pool_after = pool_add(init_pool(b, d), salience_BQ, u_BQD, after_Q)
+      pool_after = pool_add(init_pool(b, c.em_writes, d), salience_BQ, u_BQD,
+                            after_Q[:, None] & in_part_QC)
       pm_after = pm_lib.accumulate(pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
     em, pm, pool = _select(cut.commit, (em1, pm_after, pool_after), (em0, pm_before, pool_before))
     landed = jnp.asarray(cut.commit, jnp.float32)
-    diagnostics = {"em_gate": jnp.mean(gate_B) * landed, "em_commits": landed}
+    diagnostics = {"em_gate": jnp.mean(gates_BC) * landed, "em_commits": landed}
     return x_BQD, LayerMemory(core_BD, window, em, pm, pool), diagnostics

@@ -102,16 +102,18 @@ class BrainCoreModel(nn.Module):
     b = segments_BQ.shape[0]
     offset = memory.position % span
     start_changed_B = (offset == 0) & (segments_BQ[:, 0] != memory.segment_B)
+    part_Q = ((offset + jnp.arange(q)) % span) // (span // self.config.em_writes)
     if aligned:
-      return SpanCut(jnp.ones((q,), bool), q == span, start_changed_B, jnp.zeros((b,), bool),
-                     aligned=True)
+      return SpanCut(jnp.ones((q,), bool), part_Q, q == span, start_changed_B,
+                     jnp.zeros((b,), bool), aligned=True)
     cut = span - offset
     cut_changed_B = jnp.zeros((b,), bool)
     if q > 1:
       i = jnp.clip(cut, 1, q - 1)
       cut_changed_B = (cut < q) & (jnp.take(segments_BQ, i, axis=1)
                                    != jnp.take(segments_BQ, i - 1, axis=1))
-    return SpanCut(jnp.arange(q) < cut, cut <= q, start_changed_B, cut_changed_B, aligned=False)
+    return SpanCut(jnp.arange(q) < cut, part_Q, cut <= q, start_changed_B, cut_changed_B,
+                   aligned=False)
 
   def _core_carry(self, segments_BQ: jax.Array, memory: BrainCoreMemory) -> jax.Array:
     """[B, Q]: what multiplies the core's state at each token (1 inside a document)."""

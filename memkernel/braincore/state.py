@@ -31,34 +31,35 @@ EMPTY_MAX = -1e30
 
 @flax.struct.dataclass
 class SpanPool:
-  """Online softmax pooling of one span's features by a learned salience: the running maximum
-  salience [B], the sum of exp(salience - maximum) [B] and the weighted feature sum [B, D].
-  Chunks of a span add up to the same pool as the span at once."""
-  max_B: jax.Array
-  sum_B: jax.Array
-  acc_BD: jax.Array
+  """Online softmax pooling of one span's features by a learned salience, one pool per part of
+  the span (C = `em_writes`): the running maximum salience [B, C], the sum of
+  exp(salience - maximum) [B, C] and the weighted feature sum [B, C, D]. Chunks of a span add up
+  to the same pool as the span at once."""
+  max_BC: jax.Array
+  sum_BC: jax.Array
+  acc_BCD: jax.Array
 
   def pooled(self) -> jax.Array:
-    """The salience-weighted mean feature [B, D] (0 for an empty pool)."""
-    return self.acc_BD / jnp.maximum(self.sum_B, 1e-30)[:, None]
+    """The salience-weighted mean feature of each part [B, C, D] (0 for an empty part)."""
+    return self.acc_BCD / jnp.maximum(self.sum_BC, 1e-30)[..., None]
 
 
-def init_pool(batch_size: int, width: int) -> SpanPool:
-  return SpanPool(jnp.full((batch_size,), EMPTY_MAX, jnp.float32),
-                  jnp.zeros((batch_size,), jnp.float32),
-                  jnp.zeros((batch_size, width), jnp.float32))
+def init_pool(batch_size: int, parts: int, width: int) -> SpanPool:
+  return SpanPool(jnp.full((batch_size, parts), EMPTY_MAX, jnp.float32),
+                  jnp.zeros((batch_size, parts), jnp.float32),
+                  jnp.zeros((batch_size, parts, width), jnp.float32))
 
 
 def pool_add(pool: SpanPool, salience_BQ: jax.Array, features_BQD: jax.Array,
-             mask_Q: jax.Array) -> SpanPool:
-  """The pool with the tokens where `mask_Q` is true added."""
-  z_BQ = jnp.where(mask_Q[None, :], salience_BQ.astype(jnp.float32), EMPTY_MAX)
-  new_max_B = jnp.maximum(pool.max_B, jnp.max(z_BQ, axis=-1))
-  keep_B = jnp.exp(pool.max_B - new_max_B)
-  w_BQ = jnp.exp(z_BQ - new_max_B[:, None]) * mask_Q[None, :]
-  return SpanPool(new_max_B, pool.sum_B * keep_B + jnp.sum(w_BQ, axis=-1),
-                  pool.acc_BD * keep_B[:, None]
-                  + jnp.einsum("bq,bqd->bd", w_BQ, features_BQD.astype(jnp.float32)))
+             mask_QC: jax.Array) -> SpanPool:
+  """The pool with each token added to the parts where `mask_QC` [Q, C] is true."""
+  z_BQC = jnp.where(mask_QC[None], salience_BQ.astype(jnp.float32)[..., None], EMPTY_MAX)
+  new_max_BC = jnp.maximum(pool.max_BC, jnp.max(z_BQC, axis=1))
+  keep_BC = jnp.exp(pool.max_BC - new_max_BC)
+  w_BQC = jnp.exp(z_BQC - new_max_BC[:, None, :]) * mask_QC[None]
+  return SpanPool(new_max_BC, pool.sum_BC * keep_BC + jnp.sum(w_BQC, axis=1),
+                  pool.acc_BCD * keep_BC[..., None]
+                  + jnp.einsum("bqc,bqd->bcd", w_BQC, features_BQD.astype(jnp.float32)))
 
 
 @flax.struct.dataclass
@@ -93,7 +94,7 @@ def init_memory(config: BrainCoreConfig, batch_size: int) -> BrainCoreMemory:
       layer = layer.replace(
           episodic=episodic.init_episodic(batch_size, c.em_items, c.em_key_dim, c.em_key_dim),
           procedural=procedural.init_procedural(batch_size, c.d_model, c.pm_rank),
-          pool=init_pool(batch_size, c.d_model))
+          pool=init_pool(batch_size, c.em_writes, c.d_model))
     layers.append(layer)
   return BrainCoreMemory(tuple(layers), jnp.zeros((batch_size,), jnp.int32),
                          jnp.zeros((), jnp.int32))

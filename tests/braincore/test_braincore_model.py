@@ -21,6 +21,7 @@ from memkernel.kernel.interventions import Interventions
 SPAN = 8
 CONFIG = BrainCoreConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, mlp_ratio=2,
                          max_seq_len=64, window=12, em_items=4, em_k=2, em_key_dim=8, span=SPAN,
+                         em_writes=2,
                          pm_rank=2, pm_lr=1.0, pm_budget=10.0)
 T = 37  # four whole spans and a part
 
