@@ -161,8 +161,8 @@ def _recurrent_metrics(model_config: Any, params, batch, chunk: int,
   for k, v in total.items():
     if k.startswith("layer_"):
       out[k] = v / want
-  num_leaves = -(-length // model_config.leaf_size)
   for i, (heads, k) in slots.items():
+    num_leaves = -(-length // model_config.leaf_size)
     out[f"layer_{i}/routing_recall_blind"] = float(metrics_lib.query_blind_recall(
         batch["answer_leaves"], batch["mask"], heads * k, num_leaves))
     out[f"layer_{i}/routing_recall_blind/head"] = float(metrics_lib.query_blind_recall(

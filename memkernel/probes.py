@@ -12,6 +12,7 @@ Batch layout (B batch, T = `seq_len` tokens):
                                query key's position the target is its value); 0 where unscored.
   mask          float32[B, T]  1.0 at scored positions, 0.0 elsewhere. Every sequence of a task has the
                                same number of scored positions (`TaskConfig.num_queries`).
+  segments      int32[B, T]    (cross_doc only) the document index of each token.
   answer_leaves int32[B, T, 2] at a scored position t: the index of the leaf
                                (`position // leaf_size`) holding the token the answer must be read from;
                                slot 1 is the second leaf for tasks that need two (far_compare), else -1.
@@ -65,6 +66,11 @@ Tasks (V = vocab_size, n = num_pairs):
                    max(a_k, b_k) by token id (compare_target 'max'), or GREATER if a_k > b_k else
                    LESS ('order', one bit per query). a_k != b_k. Answer leaves: (leaf of a_k, leaf
                    of b_k).
+  cross_doc        scattered mqar across a document boundary: the pairs in document 0 (the first
+                   half), the queries in document 1 (the rest); the batch carries `segments`
+                   (0 then 1). A model whose memory resets at a document boundary sees no pair
+                   and is at chance (1 / (V / 2) among the values); one that carries its memory
+                   across documents can answer.
   passkey          one fact in long filler: filler from [NUM_SPECIAL, V); "MARKER v" (v from the
                    same range) at a uniformly random place before the last leaf; the last token is
                    MARKER, whose target is v. One scored position per sequence. Answer leaf: the
@@ -82,7 +88,9 @@ import jax.numpy as jnp
 
 from memkernel import fields
 
-TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare", "passkey")
+TASKS = ("copy", "mqar", "induction", "noisy_retrieval", "far_compare", "passkey", "cross_doc")
+# Tasks whose batches hold two documents (`segments`).
+DOCUMENT_TASKS = ("cross_doc",)
 DISTANCES = ("power_law", "uniform")
 LAYOUTS = ("zoology", "scattered")
 COMPARE_TARGETS = ("max", "order")
@@ -172,17 +180,26 @@ class TaskConfig:
     if V // 2 - 1 < n:
       raise self._too_small("vocab_size", f"{n} distinct keys need V // 2 - 1 >= num_pairs")
     if self.layout == "scattered":
-      split = self.scattered_split
-      if split < 2 * n or self.seq_len - split < n:
-        raise self._too_small(
-            "seq_len", f"{n} pairs need {2 * n} tokens in the leaf-aligned first half ({split}) "
-            f"and {n} queries {n} tokens in the rest ({self.seq_len - split})")
+      self._validate_mqar_scattered()
       return
     if self.mqar_gap_slots < n:
       raise self._too_small(
           "seq_len", f"the kv block ends at {2 * n}, queries start at leaf boundary "
           f"{self.mqar_query_start} and {n} queries at stride 2 need seq_len >= "
           f"{self.mqar_query_start + 2 * n}")
+
+  def _validate_mqar_scattered(self):
+    n, V = self.num_pairs, self.vocab_size
+    if V // 2 - 1 < n:
+      raise self._too_small("vocab_size", f"{n} distinct keys need V // 2 - 1 >= num_pairs")
+    split = self.scattered_split
+    if split < 2 * n or self.seq_len - split < n:
+      raise self._too_small(
+          "seq_len", f"{n} pairs need {2 * n} tokens in the leaf-aligned first half ({split}) "
+          f"and {n} queries {n} tokens in the rest ({self.seq_len - split})")
+
+  def _validate_cross_doc(self):
+    self._validate_mqar_scattered()
 
   def _validate_copy(self):
     if self.vocab_size < 3:
@@ -287,6 +304,7 @@ class TaskConfig:
         "noisy_retrieval": self.num_pairs,
         "far_compare": self.num_compares,
         "passkey": 1,
+        "cross_doc": self.num_pairs,
     }[self.name]
 
   @classmethod
@@ -450,6 +468,7 @@ _GENERATORS: dict[str, Callable[[TaskConfig, jax.Array], tuple[jax.Array, ...]]]
     "noisy_retrieval": _noisy_retrieval,
     "far_compare": _far_compare,
     "passkey": _passkey,
+    "cross_doc": _mqar_scattered,
 }
 
 
@@ -465,7 +484,8 @@ def generate(task: TaskConfig, key: jax.Array, batch_size: int,
 
   Returns:
     A dict with `tokens` int32[B, T], `targets` int32[B, T], `mask` float32[B, T] and
-    `answer_leaves` int32[B, T, 2]; see the module docstring. Row i depends only on `key` and i, so
+    `answer_leaves` int32[B, T, 2], and for `DOCUMENT_TASKS` `segments` int32[B, T]; see the
+    module docstring. Row i depends only on `key` and i, so
     the first rows of a batch do not change with `batch_size`.
   """
   if seq_len is not None and seq_len != task.seq_len:
@@ -476,4 +496,8 @@ def generate(task: TaskConfig, key: jax.Array, batch_size: int,
   # Row i depends on (key, i) only, so a smaller batch is a prefix of a larger one.
   row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(batch_size))
   tokens, targets, mask, answer_leaves = jax.vmap(per_sequence)(row_keys)
-  return {"tokens": tokens, "targets": targets, "mask": mask, "answer_leaves": answer_leaves}
+  batch = {"tokens": tokens, "targets": targets, "mask": mask, "answer_leaves": answer_leaves}
+  if task.name in DOCUMENT_TASKS:  # Document 0 holds the pairs, document 1 the queries.
+    documents = (jnp.arange(task.seq_len) >= task.scattered_split).astype(jnp.int32)
+    batch["segments"] = jnp.broadcast_to(documents, tokens.shape)
+  return batch

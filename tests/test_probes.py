@@ -39,7 +39,7 @@ def _solve(task: probes.TaskConfig, tokens: np.ndarray, position: int):
   """Reference solver: the answer at `position` and the positions it is read from, from tokens alone."""
   n = task.num_pairs
   earlier = tokens[:position]
-  if task.name == "mqar" and task.layout == "scattered":
+  if task.name == "cross_doc" or (task.name == "mqar" and task.layout == "scattered"):
     (j,) = np.flatnonzero(earlier == tokens[position])  # a key occurs once before its query
     return tokens[j + 1], (j + 1,)
   if task.name == "passkey":
@@ -174,6 +174,20 @@ class TaskLayoutTest(parameterized.TestCase):
     self.assertLess(leaves.max(), task.scattered_split // task.leaf_size)
     zoology = _batch(_small("mqar", seq_len=512))
     self.assertLessEqual(zoology["answer_leaves"][..., 0].max(), 2 * n // task.leaf_size)
+
+  def test_cross_doc_asks_in_the_next_document(self):
+    task = _small("cross_doc", seq_len=512)
+    batch = _batch(task)
+    _check_solver(self, task, batch)
+    split = task.scattered_split
+    np.testing.assert_array_equal(batch["segments"][:, :split], 0)
+    np.testing.assert_array_equal(batch["segments"][:, split:], 1)
+    self.assertTrue((np.flatnonzero(batch["mask"].any(0)) >= split).all())
+    self.assertLess(batch["answer_leaves"][..., 0].max(), split // task.leaf_size)
+    # The same tokens as the scattered MQAR: only the documents are new.
+    scattered = _batch(_small("mqar", layout="scattered", seq_len=512))
+    np.testing.assert_array_equal(batch["tokens"], scattered["tokens"])
+    self.assertNotIn("segments", scattered)
 
   def test_passkey_fact_sits_anywhere_before_the_query(self):
     task = _small("passkey", seq_len=512)

@@ -42,7 +42,7 @@ from memkernel import experiment as experiment_lib
 from memkernel import evaluate as evaluate_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare", "passkey")
+TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare", "passkey", "cross_doc")
 # Fields that differ between two runs of the same steps.
 TIME_FIELDS = ("time", "steps_per_s")
 # The reference run: shared by the resume, SIGKILL and data-parallel tests (one compiled step).
@@ -183,6 +183,27 @@ class TrainTest(parameterized.TestCase):
     self.assertIn("block_0", params)
     with self.assertRaisesRegex(ValueError, f"beam_width applies to kernel runs.*{model_type}"):
       runs.evaluate_run(workdir, beam_width=4)
+
+  @parameterized.parameters("mqar_scattered", "cross_doc")
+  def test_braincore_trains_in_the_same_harness(self, task):
+    """The brain-core trains, evaluates and re-evaluates by its recurrent form; on cross_doc the
+    batches' documents reach every form (the recurrent evaluation scores what the parallel one
+    does)."""
+    workdir = self.workdir(f"braincore_{task}")
+    config = smoke_config(task, "smoke,braincore", {"train.steps": 3})
+    summary = train_lib.train_and_evaluate(config, workdir)
+    self.assertEqual(summary["model_type"], "braincore")
+    self.assertTrue(np.isfinite(summary["lengths"]["64"]["loss"]))
+    (row,) = read_rows(workdir)
+    self.assertIn("layer_0/em_occupancy", row)
+    model_config, params = load_run(workdir)
+    self.assertEqual((model_config.family, model_config.span, model_config.em_items), ("braincore", 16, 8))
+    self.assertIn("layer_0", params)
+    parallel = runs.evaluate_run(workdir, lengths=(128,), batches=1, batch_size=2)
+    recurrent = runs.evaluate_run(workdir, lengths=(128,), batches=1, batch_size=2, chunk=40)
+    for k in ("loss", "accuracy", "queries"):
+      self.assertAlmostEqual(recurrent["lengths"]["128"][k], parallel["lengths"]["128"][k],
+                             places=4, msg=k)
 
   # -- resume --------------------------------------------------------------------------------
 
@@ -392,7 +413,8 @@ class TrainTest(parameterized.TestCase):
   def test_every_config_and_variant_validates(self):
     for name, task in [(t, t) for t in TASKS] + [("mqar_scattered", "mqar")]:
       module = importlib.import_module(f"configs.{name}")
-      for arg in (None, "smoke", "dense", "sliding_window", "oracle", "smoke,oracle,dense"):
+      for arg in (None, "smoke", "dense", "sliding_window", "oracle", "smoke,oracle,dense",
+                  "braincore", "smoke,braincore"):
         config = module.get_config(arg)
         experiment = experiment_lib.parse_config(config)
         self.assertEqual(experiment.task.name, task)
@@ -400,6 +422,8 @@ class TrainTest(parameterized.TestCase):
           self.assertEqual(experiment.task.layout,
                            "scattered" if name == "mqar_scattered" else "zoology")
         self.assertEqual(config.model.d_model, config.peer.d_model)
+        if "braincore" in (arg or ""):
+          self.assertEqual(experiment.model.d_model, config.model.d_model)
         self.assertEqual(config.task.vocab_size, config.model.vocab_size)
         self.assertIn("python -m experiments.train", module.__doc__)
       with self.assertRaisesRegex(ValueError, "unknown config arg"):

@@ -40,8 +40,8 @@ def init_procedural(batch_size: int, out_dim: int, rank: int,
   for name, value in (("batch_size", batch_size), ("out_dim", out_dim), ("rank", rank)):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
       raise ValueError(f"init_procedural: {name} must be a positive integer, got {value!r}")
-  zeros = jnp.zeros((batch_size, out_dim, rank), dtype)
-  return ProceduralMemory(zeros, zeros)
+  shape = (batch_size, out_dim, rank)  # Two buffers: a caller may donate the memory.
+  return ProceduralMemory(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def apply(pm: ProceduralMemory, code_BTR: jax.Array) -> jax.Array:
