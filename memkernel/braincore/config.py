@@ -41,6 +41,14 @@ class BrainCoreConfig:
     pm_budget: the fast weights' Frobenius-norm bound per example.
     span: plasticity span (P): episodic and procedural memory are read-only inside a span and
       written at its end; the sequence is processed span by span.
+    wm_rope: rotary positions in working memory's attention. Off by default: it matches content
+      alone and the core carries order (as in hybrid recurrent-attention models); rotations of
+      random projections would blur the token shift's prior over distance.
+    token_shift: the keys of working memory and of episodic candidates also read the previous
+      token (not across a document boundary), initialised as an associative-recall prior: a
+      key is the previous token projected as a query projects the current one, so a query
+      starts out finding the token after its match (the kernel's `shift_init`); the core's
+      output then starts at a tenth of its scale, so a token's own embedding dominates.
     plasticity: False keeps episodic and procedural memory empty: the base model exactly.
     core_boundary, wm_boundary, em_boundary, pm_boundary: what a document boundary does to the
       core's state and to each memory: 'reset', 'carry' or 'decay' (by `boundary_decay`;
@@ -67,6 +75,8 @@ class BrainCoreConfig:
   pm_decay: float = 0.99
   pm_budget: float = 1.0
   span: int = 64
+  wm_rope: bool = False
+  token_shift: bool = True
   plasticity: bool = True
   core_boundary: str = "reset"
   wm_boundary: str = "reset"
@@ -96,8 +106,9 @@ class BrainCoreConfig:
         raise ValueError(f"{s}.{name} must be <= 1, got {value!r}")
     fields.check_number(s, "pm_lr", self.pm_lr, 0.0, strict=False)
     fields.check_number(s, "pm_budget", self.pm_budget, 0.0, strict=True)
-    if not isinstance(self.plasticity, bool):
-      raise ValueError(f"{s}.plasticity must be a bool, got {self.plasticity!r}")
+    for name in ("plasticity", "token_shift", "wm_rope"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{s}.{name} must be a bool, got {getattr(self, name)!r}")
     for name in ("core_boundary", "wm_boundary", "em_boundary", "pm_boundary"):
       if getattr(self, name) not in BOUNDARIES:
         raise ValueError(f"{s}.{name} must be one of {BOUNDARIES}, got {getattr(self, name)!r}")

@@ -27,6 +27,9 @@ class AffineCore(nn.Module):
 
   d_model: int
   scan_impl: str = "linear"
+  # Standard deviation of the output projection at initialisation, times d_model ** -0.5: below
+  # 1 the core enters the residual stream small, so a token's own embedding dominates it.
+  output_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, h0_BD: jax.Array,
@@ -42,6 +45,6 @@ class AffineCore(nn.Module):
     if carry_BT is not None:
       a_BTD = a_BTD * carry_BT[:, :, None].astype(jnp.float32)
     h_BTD = linear_recurrence(a_BTD, b_BTD, h0_BD, self.scan_impl)
-    y_BTD = nn.Dense(d, use_bias=False, kernel_init=nn.initializers.normal(d ** -0.5),
+    y_BTD = nn.Dense(d, use_bias=False, kernel_init=nn.initializers.normal(self.output_scale * d ** -0.5),
                      name="output")(h_BTD)
     return y_BTD, h_BTD[:, -1]

@@ -37,7 +37,7 @@ from memkernel.braincore import episodic as em_lib
 from memkernel.braincore import procedural as pm_lib
 from memkernel.braincore.config import BrainCoreConfig
 from memkernel.braincore.core import AffineCore
-from memkernel.braincore.state import LayerMemory, init_pool, pool_add
+from memkernel.braincore.state import LayerMemory, init_pool, pool_add, pool_width
 from memkernel.braincore.working import WorkingMemory
 
 SOURCES = ("working", "episodic", "procedural")
@@ -79,16 +79,23 @@ class BrainCoreLayer(nn.Module):
   def setup(self):
     c = self.config
     self.core_norm = nn.RMSNorm()
-    self.core = AffineCore(c.d_model, c.scan_impl)
+    self.core = AffineCore(c.d_model, c.scan_impl, output_scale=0.1 if c.token_shift else 1.0)
     self.wm_norm = nn.RMSNorm()
-    self.wm = WorkingMemory(c.d_model, c.num_heads, c.window, carry=c.wm_boundary == "carry")
+    self.wm = WorkingMemory(c.d_model, c.num_heads, c.window, carry=c.wm_boundary == "carry",
+                            shift=c.token_shift, rope=c.wm_rope)
     self.mlp_norm = nn.RMSNorm()
     self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, use_bias=False)
     self.mlp_out = nn.Dense(c.d_model, use_bias=False)
     if c.plasticity:
       self.em_norm = nn.RMSNorm()
-      self.em_query = nn.Dense(c.em_key_dim, use_bias=False)
-      self.em_key = nn.Dense(c.em_key_dim, use_bias=False)
+      d, k, lecun = c.d_model, c.em_key_dim, nn.initializers.lecun_normal()
+      query = self.param("em_query", lecun, (d, k))
+      self.em_query_kernel = query
+      if c.token_shift:  # The prior: a candidate's key is its predecessor projected as a query.
+        key_init = lambda *_: jnp.concatenate([jnp.zeros((d, k)), jnp.asarray(query)], axis=0)
+      else:
+        key_init = lecun
+      self.em_key_kernel = self.param("em_key", key_init, (pool_width(c), k))
       self.em_value = nn.Dense(c.em_key_dim, use_bias=False)
       self.em_out = nn.Dense(c.d_model, use_bias=False)
       self.salience = nn.Dense(1, use_bias=False)
@@ -121,11 +128,13 @@ class BrainCoreLayer(nn.Module):
   def _em_write(self, em: em_lib.EpisodicMemory, pool) -> tuple[em_lib.EpisodicMemory, jax.Array]:
     """The memory after the span's candidates are offered, and their gates [B, C]."""
     em = em_lib.decay(em, self.config.em_decay)
-    pooled_BCD = pool.pooled()
-    keys_BCK, values_BCK = self.em_key(pooled_BCD), self.em_value(pooled_BCD)
+    pooled_BCF = pool.pooled()  # F: the token's features, then its predecessor's (shift).
+    d = self.config.d_model
+    keys_BCK = pooled_BCF @ self.em_key_kernel
+    values_BCK = self.em_value(pooled_BCF[..., :d])
     unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
     gates = []
-    for part in range(pooled_BCD.shape[1]):
+    for part in range(pooled_BCF.shape[1]):
       key_BK = keys_BCK[:, part]
       live_BM = em.strength_BM > 0
       cos_BM = jnp.einsum("bk,bmk->bm", unit(key_BK), unit(em.keys_BMD))
@@ -140,24 +149,41 @@ class BrainCoreLayer(nn.Module):
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
     c = self.config
-    modulator_B = jnp.tanh(self.pm_modulator(jnp.mean(pool.pooled(), axis=1))[:, 0])
+    pooled_BD = jnp.mean(pool.pooled(), axis=1)[:, :c.d_model]
+    modulator_B = jnp.tanh(self.pm_modulator(pooled_BD)[:, 0])
     return pm_lib.consolidate(pm, modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
 
   # ----------------------------------------------------------------------------------------------
 
+  @staticmethod
+  def _previous(h_BQD: jax.Array, last_BD: jax.Array, new_document_BQ: jax.Array) -> jax.Array:
+    """Each token's predecessor's features [B, Q, D] (0 where a document starts)."""
+    previous_BQD = jnp.concatenate([last_BD[:, None], h_BQD[:, :-1]], axis=1)
+    return jnp.where(new_document_BQ[..., None], 0.0, previous_BQD)
+
   def __call__(self, x_BQD: jax.Array, memory: LayerMemory, segments_BQ: jax.Array,
-               core_carry_BQ: jax.Array, cut: SpanCut,
+               new_document_BQ: jax.Array, core_carry_BQ: jax.Array, cut: SpanCut,
                drop: frozenset = frozenset()) -> tuple[jax.Array, LayerMemory, dict]:
-    """(x after the layer [B, Q, D], the layer's memory after the chunk, {diagnostic: value})."""
+    """(x after the layer [B, Q, D], the layer's memory after the chunk, {diagnostic: value}).
+
+    `new_document_BQ` marks the tokens that start a document (the token shift does not cross
+    it); `core_carry_BQ` multiplies the core's state at each token (its boundary rule).
+    """
     c = self.config
     y_BQD, core_BD = self.core(self.core_norm(x_BQD), memory.core_BD, core_carry_BQ)
     x_BQD = x_BQD + y_BQD
-    y_BQD, window = self.wm(self.wm_norm(x_BQD), memory.window, segments_BQ)
+    h_BQD = self.wm_norm(x_BQD)
+    h_previous_BQD, wm_previous_BD = None, None
+    if c.token_shift:
+      h_previous_BQD = self._previous(h_BQD, memory.wm_previous_BD, new_document_BQ)
+      wm_previous_BD = h_BQD[:, -1]
+    y_BQD, window = self.wm(h_BQD, memory.window, segments_BQ, h_previous_BQD)
     if "working" not in drop:
       x_BQD = x_BQD + y_BQD
     if not c.plasticity:
       h_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
-      return x_BQD + self.mlp_out(h_BQF), LayerMemory(core_BD, window), {}
+      return (x_BQD + self.mlp_out(h_BQF),
+              LayerMemory(core_BD, window, wm_previous_BD=wm_previous_BD), {})
 
     before_Q, after_Q = cut.before_Q, ~cut.before_Q
     em0 = self._em_boundary(memory.episodic, cut.start_changed_B)
@@ -165,12 +191,18 @@ class BrainCoreLayer(nn.Module):
 
     # Episodic: pool this span's features, write its candidate, read.
     u_BQD = self.em_norm(x_BQD)
-    salience_BQ = self.salience(u_BQD)[..., 0]
+    features_BQF, em_previous_BD = u_BQD, None
+    if c.token_shift:
+      features_BQF = jnp.concatenate(
+          [u_BQD, self._previous(u_BQD, memory.em_previous_BD, new_document_BQ)], axis=-1)
+      em_previous_BD = u_BQD[:, -1]
+    salience_BQ = self.salience(features_BQF)[..., 0]
     in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
-    pool_before = pool_add(memory.pool, salience_BQ, u_BQD, before_Q[:, None] & in_part_QC)
+    pool_before = pool_add(memory.pool, salience_BQ, features_BQF,
+                           before_Q[:, None] & in_part_QC)
     em1, gates_BC = self._em_write(em0, pool_before)
     em1 = self._em_boundary(em1, cut.cut_changed_B)
-    query_BQK = self.em_query(u_BQD)
+    query_BQK = u_BQD @ self.em_query_kernel
     read_BQK = em_lib.read(em0, query_BQK, c.em_k)[0]
     if not cut.aligned:
       read_BQK = jnp.where(before_Q[None, :, None], read_BQK,
@@ -192,14 +224,15 @@ class BrainCoreLayer(nn.Module):
       x_BQD = x_BQD + delta_BQD
 
     # The memory after the chunk: the written one with the next span begun, or this span's.
-    b, d = u_BQD.shape[0], u_BQD.shape[2]
+    b, f = features_BQF.shape[0], features_BQF.shape[2]
     if cut.aligned:  # No token after the cut: the next span starts empty.
-      pool_after, pm_after = init_pool(b, c.em_writes, d), pm1
+      pool_after, pm_after = init_pool(b, c.em_writes, f), pm1
     else:
-      pool_after = pool_add(init_pool(b, c.em_writes, d), salience_BQ, u_BQD,
+      pool_after = pool_add(init_pool(b, c.em_writes, f), salience_BQ, features_BQF,
                             after_Q[:, None] & in_part_QC)
       pm_after = pm_lib.accumulate(pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
     em, pm, pool = _select(cut.commit, (em1, pm_after, pool_after), (em0, pm_before, pool_before))
     landed = jnp.asarray(cut.commit, jnp.float32)
     diagnostics = {"em_gate": jnp.mean(gates_BC) * landed, "em_commits": landed}
-    return x_BQD, LayerMemory(core_BD, window, em, pm, pool), diagnostics
+    return x_BQD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
+                              em_previous_BD), diagnostics

@@ -115,23 +115,24 @@ class BrainCoreModel(nn.Module):
     return SpanCut(jnp.arange(q) < cut, part_Q, cut <= q, start_changed_B, cut_changed_B,
                    aligned=False)
 
-  def _core_carry(self, segments_BQ: jax.Array, memory: BrainCoreMemory) -> jax.Array:
-    """[B, Q]: what multiplies the core's state at each token (1 inside a document)."""
-    c = self.config
+  def _new_documents(self, segments_BQ: jax.Array, memory: BrainCoreMemory) -> jax.Array:
+    """bool [B, Q]: the tokens that start a document (the first token of a stream does not)."""
     previous_BQ = jnp.concatenate([memory.segment_B[:, None], segments_BQ[:, :-1]], axis=1)
-    factor = _CARRY.get(c.core_boundary, c.boundary_decay)
-    return jnp.where(segments_BQ != previous_BQ, factor, 1.0).astype(jnp.float32)
+    return segments_BQ != previous_BQ
 
   def _chunk(self, tokens_BQ: jax.Array, segments_BQ: jax.Array, memory: BrainCoreMemory, *,
              aligned: bool, drop: frozenset):
     """(logits [B, Q, V], the memory after the chunk, {diagnostic: value}); Q <= P."""
     q = tokens_BQ.shape[1]
     cut = self._cut(q, memory, segments_BQ, aligned)
-    carry_BQ = self._core_carry(segments_BQ, memory)
+    new_BQ = self._new_documents(segments_BQ, memory)
+    factor = _CARRY.get(self.config.core_boundary, self.config.boundary_decay)
+    carry_BQ = jnp.where(new_BQ, factor, 1.0).astype(jnp.float32)
     x_BQD = self.embed(tokens_BQ)
     layers, diagnostics = [], {}
     for i, (layer, layer_memory) in enumerate(zip(self.layers, memory.layers)):
-      x_BQD, layer_memory, d = layer(x_BQD, layer_memory, segments_BQ, carry_BQ, cut, drop)
+      x_BQD, layer_memory, d = layer(x_BQD, layer_memory, segments_BQ, new_BQ, carry_BQ, cut,
+                                     drop)
       layers.append(layer_memory)
       diagnostics.update({f"layer_{i}/{k}": v for k, v in d.items()})
     logits = self.lm_head(self.final_norm(x_BQD)).astype(jnp.float32)

@@ -64,12 +64,15 @@ def pool_add(pool: SpanPool, salience_BQ: jax.Array, features_BQD: jax.Array,
 
 @flax.struct.dataclass
 class LayerMemory:
-  """One layer's state; `episodic`, `procedural` and `pool` are None without plasticity."""
+  """One layer's state; `episodic`, `procedural` and `pool` are None without plasticity, the
+  last token's working-memory and episodic inputs [B, D] (the token shift's) None without it."""
   core_BD: jax.Array
   window: WindowCache
   episodic: Optional[episodic.EpisodicMemory] = None
   procedural: Optional[procedural.ProceduralMemory] = None
   pool: Optional[SpanPool] = None
+  wm_previous_BD: Optional[jax.Array] = None
+  em_previous_BD: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -79,6 +82,11 @@ class BrainCoreMemory:
   layers: tuple[LayerMemory, ...]
   segment_B: jax.Array
   position: jax.Array
+
+
+def pool_width(config: BrainCoreConfig) -> int:
+  """Width of the pooled span features: the token's, and its predecessor's with the shift."""
+  return 2 * config.d_model if config.token_shift else config.d_model
 
 
 def init_memory(config: BrainCoreConfig, batch_size: int) -> BrainCoreMemory:
@@ -94,7 +102,11 @@ def init_memory(config: BrainCoreConfig, batch_size: int) -> BrainCoreMemory:
       layer = layer.replace(
           episodic=episodic.init_episodic(batch_size, c.em_items, c.em_key_dim, c.em_key_dim),
           procedural=procedural.init_procedural(batch_size, c.d_model, c.pm_rank),
-          pool=init_pool(batch_size, c.em_writes, c.d_model))
+          pool=init_pool(batch_size, c.em_writes, pool_width(c)))
+    if c.token_shift:
+      layer = layer.replace(wm_previous_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
+      if c.plasticity:
+        layer = layer.replace(em_previous_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
     layers.append(layer)
   return BrainCoreMemory(tuple(layers), jnp.zeros((batch_size,), jnp.int32),
                          jnp.zeros((), jnp.int32))

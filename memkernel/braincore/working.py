@@ -55,11 +55,21 @@ class WorkingMemory(nn.Module):
   num_heads: int
   window: int
   carry: bool = False
+  # Token shift: keys also read the previous token's input (`x_previous`). Initialised as an
+  # associative-recall prior: a key is the previous token projected exactly as a query projects
+  # the current one (k_j = R x_{j-1}, q_t = R x_t), so a query finds the token after its match.
+  shift: bool = False
+  # Rotary positions on queries and keys (the sliding-window peer's). Without them attention
+  # matches content alone and order comes from the recurrent core, as in hybrid models.
+  rope: bool = True
 
   @nn.compact
   def __call__(self, x_BQD: jax.Array, cache: WindowCache,
-               segments_BQ: Optional[jax.Array] = None) -> tuple[jax.Array, WindowCache]:
+               segments_BQ: Optional[jax.Array] = None,
+               x_previous_BQD: Optional[jax.Array] = None) -> tuple[jax.Array, WindowCache]:
     b, q = x_BQD.shape[:2]
+    if self.shift and x_previous_BQD is None:
+      raise ValueError("WorkingMemory(shift=True) needs x_previous_BQD, each token's predecessor")
     if self.d_model % self.num_heads:
       raise ValueError(f"WorkingMemory: d_model {self.d_model} is not a multiple of num_heads "
                        f"{self.num_heads}")
@@ -69,10 +79,16 @@ class WorkingMemory(nn.Module):
                        f"heads; this layer needs {(self.window,) + heads}")
     segments_BQ = jnp.zeros((b, q), jnp.int32) if segments_BQ is None else segments_BQ
     positions_Q = cache.position + jnp.arange(q, dtype=jnp.int32)
-    q_BQNH = attention.apply_rope(nn.DenseGeneral(heads, use_bias=False, name="query")(x_BQD),
-                                  positions_Q)
-    k_BQNH = attention.apply_rope(nn.DenseGeneral(heads, use_bias=False, name="key")(x_BQD),
-                                  positions_Q)
+    query = nn.DenseGeneral(heads, use_bias=False, name="query")
+    rope = attention.apply_rope if self.rope else lambda x, _: x
+    q_BQNH = rope(query(x_BQD), positions_Q)
+    key_init = nn.initializers.zeros if self.shift else nn.initializers.lecun_normal()
+    k_BQNH = nn.DenseGeneral(heads, use_bias=False, kernel_init=key_init, name="key")(x_BQD)
+    if self.shift:
+      r = query.variables["params"]["kernel"]
+      previous = self.param("key_previous", lambda *_: jnp.asarray(r), r.shape)
+      k_BQNH = k_BQNH + jnp.einsum("bqd,dnh->bqnh", x_previous_BQD, previous)
+    k_BQNH = rope(k_BQNH, positions_Q)
     v_BQNH = nn.DenseGeneral(heads, use_bias=False, name="value")(x_BQD)
     # Keys: the ring's (positions before the chunk), then the chunk's own.
     key_positions = jnp.concatenate([cache.slot_positions(), positions_Q])
