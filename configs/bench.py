@@ -1,4 +1,5 @@
-r"""Scaling benchmark: the kernel against dense attention, sliding-window attention and a pure scan.
+r"""Scaling benchmark: the kernel against dense attention, sliding-window attention, a pure scan and
+the brain-core.
 
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
       python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
@@ -28,7 +29,7 @@ blocks of 512 on the CPU, for memory), and f32 matmuls may use TF32 unless
 as `matmul_precision`).
 
 Fields:
-  models        comma-separated subset of kernel, dense, sliding_window, scan.
+  models        comma-separated subset of kernel, dense, sliding_window, scan, braincore.
   modes         comma-separated subset of forward, train, scan, decode.
   lengths       comma-separated sequence lengths (8k, 32k accepted).
   components    time the kernel's components at every length.
@@ -45,6 +46,8 @@ Fields:
                 short-length training aid) are off here; set train_beam_width / teacher_weight
                 to measure them.
   peer          every `memkernel.peers.PeerConfig` field except kind and max_seq_len.
+  braincore     every `memkernel.braincore.BrainCoreConfig` field except max_seq_len (the
+                seed's memories at the kernel's width).
   targets       lengths of the issue's target ratios in bench.md.
 """
 
@@ -57,6 +60,7 @@ import jax
 import ml_collections
 
 from memkernel.kernel.config import KernelConfig
+from memkernel.braincore.config import BrainCoreConfig
 from memkernel.peers import PeerConfig
 
 ARGS = ("smoke",)
@@ -80,7 +84,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   mlp_ratio = ml_collections.FieldReference(4)
 
   config = ml_collections.ConfigDict()
-  config.models = "kernel,dense,sliding_window,scan"
+  config.models = "kernel,dense,sliding_window,scan,braincore"
   config.modes = "forward,train,scan,decode"
   config.lengths = LENGTHS
   config.components = True
@@ -132,6 +136,17 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
       query_block=512 if jax.default_backend() == "cpu" else 0,
   ))
 
+  config.braincore = ml_collections.ConfigDict(dict(
+      _defaults(BrainCoreConfig, ("max_seq_len",)),
+      vocab_size=vocab_size,
+      d_model=d_model,
+      num_layers=num_layers,
+      mlp_ratio=mlp_ratio,
+      num_heads=4,
+      window=256,
+      scan_impl="linear" if jax.default_backend() == "cpu" else "associative",
+  ))
+
   config.targets = ml_collections.ConfigDict(dict(
       short_length=8192, long_length=32768, decode_short=1024, decode_long=32768))
 
@@ -145,6 +160,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
     config.decode_steps = 2
     config.ceiling_size = 256
     config.peer.window = 32
+    config.braincore.update(dict(window=32, em_items=8, em_key_dim=16, pm_rank=4, span=16))
     config.targets.update(dict(short_length=64, long_length=128, decode_short=64,
                                decode_long=128))
   return config

@@ -56,6 +56,8 @@ _REPS = flags.DEFINE_integer("node_reps", None, "Representative keys per tree no
                              "the run's model.node_reps).")
 _STREAM = flags.DEFINE_enum("stream", None, ["test", "validation"], "Evaluation stream: tune "
                             "choices on 'validation', report 'test' (default: the run's, 'test').")
+_DROP = flags.DEFINE_list("drop", [], "Memory sources to switch off, e.g. episodic,procedural "
+                          "(the family's source names; the run-time ablation).")
 _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -69,7 +71,8 @@ def main(argv):
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("reps", _REPS.value)] if _REPS.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else [])
-             + ([("chunk", _CHUNK.value)] if _CHUNK.value is not None else []))
+             + ([("chunk", _CHUNK.value)] if _CHUNK.value is not None else [])
+             + ([("drop", "+".join(_DROP.value))] if _DROP.value else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
@@ -79,7 +82,8 @@ def main(argv):
                              step=_STEP.value, beam_width=_BEAM.value,
                              stream=_STREAM.value, search_width=_SEARCH.value,
                              node_reps=_REPS.value, batch_size=_BATCH_SIZE.value,
-                             chunk=_CHUNK.value, progress=_CHUNK.value is not None)
+                             chunk=_CHUNK.value, progress=_CHUNK.value is not None,
+                             drop=_DROP.value)
   beam = (f" (beam {result['beam_width']}, search {result['search_width']}, "
           f"reps {result['node_reps']})"
           if result["beam_width"] is not None else "")

@@ -26,6 +26,7 @@ from memkernel import checkpoint as checkpoint_lib
 from memkernel import optim
 from memkernel import experiment as experiment_lib
 from memkernel import evaluate as evaluate_lib
+from memkernel.kernel.interventions import Interventions
 
 
 FIXED_TASK_FIELDS = ("name", "vocab_size", "leaf_size", "seq_len")
@@ -135,7 +136,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  stream: Optional[str] = None,
                  search_width: Optional[int] = None,
                  node_reps: Optional[int] = None, batch_size: Optional[int] = None,
-                 chunk: Optional[int] = None, progress: bool = False) -> dict[str, Any]:
+                 chunk: Optional[int] = None, progress: bool = False,
+                 drop: Sequence[str] = ()) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -164,9 +166,11 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
       of that many tokens, the memory carried (`evaluate.evaluate(chunk=)`), for lengths whose
       parallel form does not fit in memory.
     progress: print a line per batch to stderr.
+    drop: memory sources to switch off (names from the family's `sources`), the run-time
+      ablation of what each memory contributes.
 
   Returns:
-    {"step", "task", "beam_width", "search_width" and "node_reps" (None for a peer), "stream",
+    {"step", "task", "drop", "beam_width", "search_width" and "node_reps" (None for a peer), "stream",
     "batch_size", "chunk", "cost": {str(length): {"wall_s" (compiles included), "peak_rss_mib"
     (the process's peak so far) and, on an accelerator, "peak_device_mib"}}, "lengths":
     {str(length): {metric: mean over batches}}}.
@@ -187,6 +191,13 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
       raise ValueError(f"{name} must be {kind} integer, got {value!r}")
     experiment = dataclasses.replace(   # KernelConfig validates the combination.
         experiment, model=dataclasses.replace(experiment.model, **{name: value}))
+  drop = tuple(drop)
+  sources = experiment.family.sources(experiment.model)
+  unknown = [s for s in drop if s not in sources]
+  if unknown:
+    raise ValueError(f"drop names {unknown}, not sources of this {experiment.model_type} run "
+                     f"(its sources: {list(sources)})")
+  interventions = Interventions(drop=drop) if drop else None
   ev = experiment.eval
   for name, value in (("batches", batches), ("batch_size", batch_size)):
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -215,8 +226,9 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   for length in lengths:
     start = time.perf_counter()
     results.update(evaluate_lib.evaluate(experiment, params, lengths=(length,), chunk=chunk,
-                                         progress=progress))
+                                         progress=progress, interventions=interventions))
     cost[str(length)] = {"wall_s": time.perf_counter() - start, **evaluate_lib.peak_memory_mib()}
-  return {"step": step, "task": dataclasses.asdict(experiment.task), "beam_width": beam,
+  return {"step": step, "task": dataclasses.asdict(experiment.task), "drop": list(drop),
+          "beam_width": beam,
           "search_width": search, "node_reps": reps, "stream": ev.stream,
           "batch_size": ev.batch_size, "chunk": chunk, "cost": cost, "lengths": results}

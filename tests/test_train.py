@@ -204,6 +204,12 @@ class TrainTest(parameterized.TestCase):
     for k in ("loss", "accuracy", "queries"):
       self.assertAlmostEqual(recurrent["lengths"]["128"][k], parallel["lengths"]["128"][k],
                              places=4, msg=k)
+    dropped = runs.evaluate_run(workdir, lengths=(128,), batches=1, batch_size=2,
+                                drop=("episodic", "procedural"))
+    self.assertEqual(dropped["drop"], ["episodic", "procedural"])
+    self.assertNotEqual(dropped["lengths"]["128"]["loss"], parallel["lengths"]["128"]["loss"])
+    with self.assertRaisesRegex(ValueError, r"drop names \['tree'\].*'working'"):
+      runs.evaluate_run(workdir, drop=("tree",))
 
   # -- resume --------------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@
 is everything `experiments/bench.py` does. It measures, at each sequence length and at the same
 width and depth:
 
-* models: `kernel` (`KernelModel`), `dense` and `sliding_window` (`memkernel.peers`), and `scan`
-  (the kernel with its memory off: `use_tree_read=False, use_exact_read=False`, the trunk alone);
+* models: `kernel` (`KernelModel`), `dense` and `sliding_window` (`memkernel.peers`), `scan`
+  (the kernel with its memory off: `use_tree_read=False, use_exact_read=False`, the trunk alone)
+  and `braincore` (`memkernel.braincore`, bounded working, episodic and procedural memory);
 * modes: `forward` (the parallel form), `train` (forward + backward + the project's AdamW update,
   jitted, state donated), `scan` (the recurrent form `model.scan` from an empty memory: the
   kernel's tree, the dense peer's KV cache, the window's ring buffer) and `decode` (`model.step`
@@ -76,9 +77,10 @@ from memkernel.kernel import routing
 from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.config import KernelConfig
 from memkernel.kernel.model import KernelModel
+from memkernel.braincore.config import BrainCoreConfig
 from memkernel.peers import PeerConfig
 
-MODELS = ("kernel", "dense", "sliding_window", "scan")
+MODELS = ("kernel", "dense", "sliding_window", "scan", "braincore")
 MODES = ("forward", "train", "scan", "decode")
 # Kernel components: the parallel form's whole-sequence work, then the decoding form's events.
 SEQUENCE_COMPONENTS = bench_report.SEQUENCE_COMPONENTS
@@ -167,6 +169,7 @@ class BenchConfig:
     seed: parameters and random tokens.
     kernel: the kernel's KernelConfig (max_seq_len is set per length).
     peer: PeerConfig fields shared by both attention peers (kind and max_seq_len set per point).
+    braincore: BrainCoreConfig fields (max_seq_len set per point).
     targets: lengths of the target ratios in bench.md.
   """
 
@@ -186,6 +189,7 @@ class BenchConfig:
   seed: int
   kernel: KernelConfig
   peer: Mapping[str, Any]
+  braincore: Mapping[str, Any]
   targets: Targets
 
   def model_config(self, model: str, length: int):
@@ -196,12 +200,14 @@ class BenchConfig:
       if model == "scan":
         config = dataclasses.replace(config, use_tree_read=False, use_exact_read=False)
       return config
+    if model == "braincore":
+      return BrainCoreConfig.from_dict({**self.braincore, "max_seq_len": length})
     return PeerConfig.from_dict({**self.peer, "kind": model, "max_seq_len": length})
 
 
 _FIELDS = ("models", "modes", "lengths", "components", "observability", "batch_size", "warmup",
            "repeats", "decode_steps", "max_point_s", "max_memory_gb", "quadratic_max_length",
-           "ceiling_size", "seed", "model", "peer", "targets")
+           "ceiling_size", "seed", "model", "peer", "braincore", "targets")
 
 
 def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> BenchConfig:
@@ -243,6 +249,16 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Bench
     if peer.get(name) != getattr(kernel, name):
       raise ValueError(f"config.peer.{name}={peer.get(name)!r} must equal config.model.{name}="
                        f"{getattr(kernel, name)!r}: peers are measured at the kernel's size")
+  braincore = dict(config["braincore"])
+  if "max_seq_len" in braincore:
+    raise ValueError("config.braincore.max_seq_len is not a field: the benchmark sets it per point")
+  braincore_config = BrainCoreConfig.from_dict({**braincore, "max_seq_len": max(lengths)},
+                                               "config.braincore")
+  for name in ("vocab_size", "d_model", "num_layers", "mlp_ratio"):
+    if getattr(braincore_config, name) != getattr(kernel, name):
+      raise ValueError(f"config.braincore.{name}={getattr(braincore_config, name)!r} must equal "
+                       f"config.model.{name}={getattr(kernel, name)!r}: every model is measured "
+                       "at the kernel's size")
   targets = fields.from_mapping(Targets, config["targets"], "config.targets")
   for f in dataclasses.fields(Targets):
     fields.check_int("targets", f.name, getattr(targets, f.name), 1)
@@ -255,7 +271,7 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Bench
       max_memory_bytes=int(config["max_memory_gb"] * 2**30),
       quadratic_max_length=config["quadratic_max_length"],
       ceiling_size=config["ceiling_size"], seed=config["seed"], kernel=kernel, peer=peer,
-      targets=targets)
+      braincore=braincore, targets=targets)
 
 
 def _auto_memory_budget() -> int:

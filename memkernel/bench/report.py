@@ -78,6 +78,9 @@ def target_checks(rows: Sequence[dict], targets: Mapping[str, int]) -> list[dict
   for mode in ("forward", "train"):
     add(f"kernel / sliding_window {mode} peak memory at {long_}", 2.0, True,
         ("kernel", mode, long_), ("sliding_window", mode, long_), "peak_mem_bytes")
+  # The brain-core issue's target.
+  add(f"braincore / sliding_window forward tokens/s at {long_}", 0.5, False,
+      ("braincore", "forward", long_), ("sliding_window", "forward", long_), "tokens_per_s")
   return checks
 
 
