@@ -57,7 +57,7 @@ def _forms(model, params, tokens, segments, config):
 class RegistryTest(parameterized.TestCase):
 
   def test_names_and_unknown(self):
-    self.assertEqual(family.names(), ("kernel", "dense", "sliding_window"))
+    self.assertEqual(family.names(), ("kernel", "dense", "sliding_window", "braincore"))
     with self.assertRaisesRegex(ValueError, r"registered families .*'kernel'.*got 'lstm'"):
       family.get("lstm")
 

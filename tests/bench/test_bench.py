@@ -259,6 +259,7 @@ class ReportTest(absltest.TestCase):
       _row("dense", "train", 1024, tokens_per_s=125.0),
       _row("sliding_window", "forward", 8192, tokens_per_s=4096.0, peak_mem_bytes=200),
       _row("sliding_window", "train", 8192, "skipped"),
+      _row("braincore", "forward", 8192, tokens_per_s=1024.0),
       _row("kernel", "decode", 1024, median_s=0.5),
       _row("kernel", "decode", 8192, median_s=0.625),
       _row("kernel", "component", 8192, component="summarize", median_s=0.5),
@@ -277,9 +278,10 @@ class ReportTest(absltest.TestCase):
         ("kernel decode latency at 8192 / at 1024", 1.25, "<= 1.5", True),
         ("kernel / sliding_window forward peak memory at 8192", 1.5, "<= 2", True),
         ("kernel / sliding_window train peak memory at 8192", None, "<= 2", None),
+        ("braincore / sliding_window forward tokens/s at 8192", 0.25, ">= 0.5", False),
     ])
     self.assertEqual([c["note"] for c in checks],
-                     [""] * 7 + ["not measured: sliding_window train T=8192"])
+                     [""] * 7 + ["not measured: sliding_window train T=8192", ""])
 
   def test_breakdown_and_hot_path(self):
     self.assertEqual(report.forward_breakdown(self.ROWS, 8192, num_layers=2), {
