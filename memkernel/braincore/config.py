@@ -34,7 +34,8 @@ class BrainCoreConfig:
     em_key_dim: width of episodic keys and values.
     em_decay: strengths times this at every span boundary.
     em_writes: episodic candidates a span offers at its end: its tokens in `em_writes` equal
-      consecutive parts, each pooled by salience to one candidate (1: the seed's one per span).
+      consecutive parts, each pooled by salience to one candidate (1: the seed's one per span;
+      `span`: every token a candidate, the gate choosing what stays). Written in one scatter.
     pm_rank: rank of the procedural fast weights (R).
     pm_lr: the fast weights' learning rate at a consolidation.
     pm_decay: fast weights times this at every span boundary.

@@ -6,6 +6,7 @@ Shapes: B batch, M items, Q queries, K items read, D key width, E value width.
     memory = init_episodic(batch_size=2, items=256, key_dim=64, value_dim=64)
     out_BQE, weights_BQK, index_BQK = read(memory, queries_BQD, k=4)
     memory = write(memory, key_BD, value_BE, gate_B)       # at a span boundary
+    memory = write_many(memory, keys_BCD, values_BCE, gates_BC)   # C candidates at once
     memory = decay(memory, 0.9)                           # strengths fade
     memory = reset_rows(memory, reset_B)                  # a document boundary under 'reset'
 
@@ -86,18 +87,40 @@ def write(memory: EpisodicMemory, key_BD: jax.Array, value_BE: jax.Array,
   if key_BD.shape != (b, key_dim) or value_BE.shape != (b, value_dim) or gate_B.shape != (b,):
     raise ValueError(f"write: key [{b}, {key_dim}], value [{b}, {value_dim}] and gate [{b}] "
                      f"expected, got {key_BD.shape}, {value_BE.shape}, {gate_B.shape}")
-  gate_B = jnp.clip(gate_B.astype(jnp.float32), 0.0, 1.0)
-  slot_B = jnp.argmin(memory.strength_BM, axis=-1)
-  weakest_B = jnp.take_along_axis(memory.strength_BM, slot_B[:, None], axis=-1)[:, 0]
-  lands_B = gate_B > weakest_B
-  at_BM = jax.nn.one_hot(slot_B, memory.strength_BM.shape[1], dtype=bool) & lands_B[:, None]
+  return write_many(memory, key_BD[:, None], value_BE[:, None], gate_B[:, None])
+
+
+def write_many(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
+               gates_BC: jax.Array) -> EpisodicMemory:
+  """Offers C candidates per example at once: ranked by gate, the i-th strongest candidate
+  replaces the i-th weakest item where its gate is above that item's strength (C = 1 is
+  `write`). One scatter, whatever C: a span's candidates cost one write, not C."""
+  b, items, key_dim = memory.keys_BMD.shape
+  value_dim = memory.values_BME.shape[-1]
+  c = gates_BC.shape[-1] if gates_BC.ndim == 2 else -1
+  if (gates_BC.shape != (b, c) or keys_BCD.shape != (b, c, key_dim)
+      or values_BCE.shape != (b, c, value_dim) or not 1 <= c <= items):
+    raise ValueError(f"write_many: keys [{b}, C, {key_dim}], values [{b}, C, {value_dim}] and "
+                     f"gates [{b}, C] with 1 <= C <= {items} expected, got {keys_BCD.shape}, "
+                     f"{values_BCE.shape}, {gates_BC.shape}")
+  gates_BC = jnp.clip(gates_BC.astype(jnp.float32), 0.0, 1.0)
+  # Candidates strongest first; slots weakest first (both selections, outside the gradient).
+  order_BC = jnp.argsort(-jax.lax.stop_gradient(gates_BC), axis=-1)
+  take = lambda a: jnp.take_along_axis(a, order_BC.reshape(order_BC.shape + (1,) * (a.ndim - 2)),
+                                       axis=1)
+  gates_BC, keys_BCD, values_BCE = take(gates_BC), take(keys_BCD), take(values_BCE)
+  weakest_BC, slot_BC = jax.lax.top_k(-memory.strength_BM, c)
+  lands_BC = gates_BC > -weakest_BC
+  at_BCM = jax.nn.one_hot(slot_BC, items, dtype=jnp.float32) * lands_BC[..., None]
+  at_BM = jnp.sum(at_BCM, axis=1) > 0   # Slots are distinct: at most one candidate each.
+  place = lambda new_BCX, old_BMX: jnp.where(
+      at_BM[..., None], jnp.einsum("bcm,bcx->bmx", at_BCM, new_BCX.astype(jnp.float32)).astype(
+          old_BMX.dtype), old_BMX)
   return EpisodicMemory(
-      keys_BMD=jnp.where(at_BM[..., None], key_BD[:, None, :].astype(memory.keys_BMD.dtype),
-                         memory.keys_BMD),
-      values_BME=jnp.where(at_BM[..., None],
-                           value_BE[:, None, :].astype(memory.values_BME.dtype),
-                           memory.values_BME),
-      strength_BM=jnp.where(at_BM, gate_B[:, None], memory.strength_BM))
+      keys_BMD=place(keys_BCD, memory.keys_BMD),
+      values_BME=place(values_BCE, memory.values_BME),
+      strength_BM=jnp.where(at_BM, jnp.einsum("bcm,bc->bm", at_BCM, gates_BC),
+                            memory.strength_BM))
 
 
 def decay(memory: EpisodicMemory, factor) -> EpisodicMemory:

@@ -12,10 +12,10 @@ Inside a plasticity span episodic and procedural memory are read-only. The span 
 features u = norm x (before the episodic read) by a learned salience, online, one pool per part
 of the span (`SpanPool`; `em_writes` equal parts, 1 by default), and accumulates the Hebbian
 trace (W_out a_t)(C a_t)^T. When the span's last token has been read the layer writes: after
-every strength decays by `em_decay`, each part's episodic candidate (key and value projected
-from its pooled feature) is offered in turn with a gate sigmoid(w . [max salience, novelty,
-weakest strength, occupancy] + b), novelty being 1 - the largest cosine of the candidate key
-with a live key; and the fast weights consolidate with the modulator tanh(w . pooled + b), the
+every strength decays by `em_decay`, the parts' episodic candidates (key and value projected
+from each pooled feature) are offered at once (`episodic.write_many`), each with a gate
+sigmoid(w . [max salience, novelty, weakest strength, occupancy] + b), novelty being 1 - the
+largest cosine of the candidate key with a key live as the span ends; and the fast weights consolidate with the modulator tanh(w . pooled + b), the
 pooled feature averaged over the parts. Tokens
 after that point in the same chunk read the written memory and start the next span's pool and
 trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
@@ -133,19 +133,17 @@ class BrainCoreLayer(nn.Module):
     keys_BCK = pooled_BCF @ self.em_key_kernel
     values_BCK = self.em_value(pooled_BCF[..., :d])
     unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
-    gates = []
-    for part in range(pooled_BCF.shape[1]):
-      key_BK = keys_BCK[:, part]
-      live_BM = em.strength_BM > 0
-      cos_BM = jnp.einsum("bk,bmk->bm", unit(key_BK), unit(em.keys_BMD))
-      novelty_B = 1.0 - jnp.max(jnp.where(live_BM, cos_BM, -1.0), axis=-1).clip(-1.0, 1.0)
-      novelty_B = jnp.where(jnp.any(live_BM, axis=-1), novelty_B, 1.0)
-      features_B4 = jnp.stack([pool.max_BC[:, part], novelty_B,
-                               jnp.min(em.strength_BM, axis=-1), em_lib.occupancy(em)], axis=-1)
-      gate_B = jax.nn.sigmoid(self.em_gate(features_B4)[:, 0])
-      em = em_lib.write(em, key_BK, values_BCK[:, part], gate_B)
-      gates.append(gate_B)
-    return em, jnp.stack(gates, axis=1)
+    # Every candidate's novelty against the items as the span ends, then one write of them all.
+    live_BM = em.strength_BM > 0
+    cos_BCM = jnp.einsum("bck,bmk->bcm", unit(keys_BCK), unit(em.keys_BMD))
+    novelty_BC = 1.0 - jnp.max(jnp.where(live_BM[:, None], cos_BCM, -1.0), axis=-1).clip(-1, 1)
+    novelty_BC = jnp.where(jnp.any(live_BM, axis=-1, keepdims=True), novelty_BC, 1.0)
+    shape = novelty_BC.shape
+    features_BC4 = jnp.stack([pool.max_BC, novelty_BC,
+                              jnp.broadcast_to(jnp.min(em.strength_BM, axis=-1)[:, None], shape),
+                              jnp.broadcast_to(em_lib.occupancy(em)[:, None], shape)], axis=-1)
+    gates_BC = jax.nn.sigmoid(self.em_gate(features_BC4)[..., 0])
+    return em_lib.write_many(em, keys_BCK, values_BCK, gates_BC), gates_BC
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
     c = self.config

@@ -43,6 +43,24 @@ def test_the_weakest_item_is_evicted_only_by_a_stronger_gate():
   np.testing.assert_allclose(strong.keys_BMD[0, 1], new_key[0])
 
 
+def test_many_candidates_take_the_weakest_items_strongest_first():
+  memory = _filled([0.5, 0.2, 0.9, 0.1, 0.7])
+  keys = jnp.stack([jnp.full((5,), float(i)) for i in (1, 2, 3)])[None]
+  values = jnp.array([[[10.0], [20.0], [30.0]]])
+  # Ranked by gate: candidate 2 (0.6) takes item 3 (0.1), candidate 0 (0.4) item 1 (0.2),
+  # candidate 1 (0.3) would take item 0 (0.5) but is weaker: not written.
+  written = episodic.write_many(memory, keys, values, jnp.array([[0.4, 0.3, 0.6]]))
+  np.testing.assert_allclose(written.strength_BM[0], [0.5, 0.4, 0.9, 0.6, 0.7])
+  np.testing.assert_allclose(written.values_BME[0, :, 0], [1.0, 10.0, 3.0, 30.0, 5.0])
+  np.testing.assert_allclose(written.keys_BMD[0, 3], keys[0, 2])
+  # One candidate is `write`.
+  one = episodic.write_many(memory, keys[:, :1], values[:, :1], jnp.array([[0.3]]))
+  chex.assert_trees_all_close(one, episodic.write(memory, keys[:, 0], values[:, 0],
+                                                  jnp.array([0.3])))
+  with pytest.raises(ValueError, match="write_many: keys"):
+    episodic.write_many(memory, jnp.ones((1, 6, 5)), jnp.ones((1, 6, 1)), jnp.ones((1, 6)))
+
+
 def test_every_example_owns_its_items():
   memory = episodic.init_episodic(3, items=4, key_dim=2, value_dim=2)
   memory = episodic.write(memory, jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.array([0.8, 0.0, 0.8]))
