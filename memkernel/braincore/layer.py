@@ -132,7 +132,9 @@ class BrainCoreLayer(nn.Module):
     d = self.config.d_model
     keys_BCK = pooled_BCF @ self.em_key_kernel
     values_BCK = self.em_value(pooled_BCF[..., :d])
-    unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-6)
+    # A zero key (a document's first token has no predecessor) has a zero unit and a finite
+    # gradient: the norm's own gradient at 0 is 0 / 0.
+    unit = lambda v: v * jax.lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True) + 1e-12)
     # Every candidate's novelty against the items as the span ends, then one write of them all.
     live_BM = em.strength_BM > 0
     cos_BCM = jnp.einsum("bck,bmk->bcm", unit(keys_BCK), unit(em.keys_BMD))

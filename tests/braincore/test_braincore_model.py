@@ -194,6 +194,17 @@ class TestPlasticity:
         if name != "pm_code":  # The code also carries the (empty) read in span 0.
           assert max(float(jnp.max(jnp.abs(g))) for g in g_early) == 0, (layer, name)
 
+  def test_every_token_a_candidate_has_finite_gradients(self):
+    """With `em_writes = span` a document's first token is a candidate with no predecessor: its
+    key starts at exactly zero, and the novelty's cosine must not make the gradient NaN."""
+    config = dataclasses.replace(CONFIG, num_layers=1, em_items=16, em_writes=SPAN)
+    model = BrainCoreModel(config)
+    tokens = _tokens(t=4 * SPAN)
+    variables = model.init(jax.random.key(0), tokens)
+    grads = jax.jit(jax.grad(lambda v: jnp.mean(model.apply(v, tokens)[0] ** 2)))(variables)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+      assert np.isfinite(g).all(), jax.tree_util.keystr(path)
+
   def test_interventions_name_sources(self, model_and_params):
     model, variables = model_and_params
     with pytest.raises(ValueError, match="sources are"):
