@@ -8,9 +8,17 @@ compilation cache, in one temporary directory per pytest run, lets every xdist w
 subprocess reuse them. The directory is made by the first process that loads this file (pytest's
 controller), reaches the workers and subprocesses through the environment, which they inherit,
 and is removed at exit.
+
+Every compiled program keeps its machine code mapped in the process, and XLA's CPU backend maps
+each program in many pieces: one test module can add 8,000 memory maps. An xdist worker that runs
+half the suite would pass the kernel's limit on maps per process (vm.max_map_count, 65,530 by
+default) and crash inside the compiler. So after every test module the in-memory compilation
+caches are cleared and the programs freed; the next module that needs one reads it back from the
+persistent cache.
 """
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -30,5 +38,14 @@ if _CACHE_ENV not in os.environ:
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Frees the module's compiled programs once it ends (see the module docstring)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
