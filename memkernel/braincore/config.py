@@ -14,6 +14,7 @@ from memkernel import fields
 
 BOUNDARIES = ("reset", "carry", "decay")
 SCAN_IMPLS = ("linear", "associative")
+EM_FEATURES = ("input", "mixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,11 @@ class BrainCoreConfig:
     em_writes: episodic candidates a span offers at its end: its tokens in `em_writes` equal
       consecutive parts, each pooled by salience to one candidate (1: the seed's one per span;
       `span`: every token a candidate, the gate choosing what stays). Written in one scatter.
+    em_features: what episodic keys, values and queries are projected from: 'input', the layer's
+      input (the token as the layers below left it), or 'mixed', the residual after the layer's
+      core and working memory. 'mixed' was the first design: its features take on the context's
+      common direction, so a token's key in one document and its query in the next stop matching
+      (measured in docs/results/braincore/: cross-document recall at chance).
     pm_rank: rank of the procedural fast weights (R).
     pm_lr: the fast weights' learning rate at a consolidation.
     pm_decay: fast weights times this at every span boundary.
@@ -71,6 +77,7 @@ class BrainCoreConfig:
   em_key_dim: int = 64
   em_decay: float = 0.999
   em_writes: int = 1
+  em_features: str = "input"
   pm_rank: int = 8
   pm_lr: float = 0.1
   pm_decay: float = 0.99
@@ -98,6 +105,8 @@ class BrainCoreConfig:
     if self.span % self.em_writes or self.em_writes > self.em_items:
       raise ValueError(f"{s}.em_writes must divide span ({self.span}) and be <= em_items "
                        f"({self.em_items}), got {self.em_writes}")
+    if self.em_features not in EM_FEATURES:
+      raise ValueError(f"{s}.em_features must be one of {EM_FEATURES}, got {self.em_features!r}")
     if self.scan_impl not in SCAN_IMPLS:
       raise ValueError(f"{s}.scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}")
     for name in ("em_decay", "pm_decay", "boundary_decay"):

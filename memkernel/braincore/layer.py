@@ -5,20 +5,22 @@ Shapes: B batch, Q chunk tokens, D d_model, F MLP width, K episodic key width, R
 
     x + core(norm x)                         affine scan, state carried per token
     x + WM(norm x)                           the last W tokens, ring buffer
-    x + out(EM.read(query(norm x)))          the items as of the span's start
+    x + out(EM.read(query(norm u)))          the items as of the span's start; u: the layer's input
     x + W_out a + A (C a),  a = gelu(W_in norm x)   A: fast weights as of the span's start
 
-Inside a plasticity span episodic and procedural memory are read-only. The span pools its
-features u = norm x (before the episodic read) by a learned salience, online, one pool per part
-of the span (`SpanPool`; `em_writes` equal parts, 1 by default), and accumulates the Hebbian
-trace (W_out a_t)(C a_t)^T. When the span's last token has been read the layer writes: after
-every strength decays by `em_decay`, the parts' episodic candidates (key and value projected
-from each pooled feature) are offered at once (`episodic.write_many`), each with a gate
-sigmoid(w . [max salience, novelty, weakest strength, occupancy] + b), novelty being 1 - the
-largest cosine of the candidate key with a key live as the span ends; and the fast weights
+Inside a plasticity span episodic and procedural memory are read-only. Episodic memory sees the
+layer's input u (`em_features`; 'mixed': x after the core and working memory): a token keeps
+its identity there, so the key a fact was stored under in one document matches the query its
+key token makes in another. The span pools its features norm u by a learned salience, online,
+one pool per part of the span (`SpanPool`; `em_writes` equal parts, 1 by default), and
+accumulates the Hebbian trace (W_out a_t)(C a_t)^T. When the span's last token has been read the
+layer writes: after every strength decays by `em_decay`, the parts' episodic candidates (key and
+value projected from each pooled feature) are offered at once (`episodic.write_many`), each with
+a gate sigmoid(w . [max salience, novelty, weakest strength, occupancy] + b), novelty being 1 -
+the largest cosine of the candidate key with a key live as the span ends; and the fast weights
 consolidate with the modulator tanh(w . pooled + b), the pooled feature averaged over the parts.
-Tokens after that point in the same chunk read the written memory and start the next span's pool and
-trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
+Tokens after that point in the same chunk read the written memory and start the next span's pool
+and trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
 
 Sources (`drop` removes a source's addition to the residual stream, nothing else): 'working',
 'episodic', 'procedural'.
@@ -170,6 +172,7 @@ class BrainCoreLayer(nn.Module):
     it); `core_carry_BQ` multiplies the core's state at each token (its boundary rule).
     """
     c = self.config
+    x_input_BQD = x_BQD
     y_BQD, core_BD = self.core(self.core_norm(x_BQD), memory.core_BD, core_carry_BQ)
     x_BQD = x_BQD + y_BQD
     h_BQD = self.wm_norm(x_BQD)
@@ -190,7 +193,7 @@ class BrainCoreLayer(nn.Module):
     pm0 = self._pm_boundary(memory.procedural, cut.start_changed_B)
 
     # Episodic: pool this span's features, write its candidate, read.
-    u_BQD = self.em_norm(x_BQD)
+    u_BQD = self.em_norm(x_input_BQD if c.em_features == "input" else x_BQD)
     features_BQF, em_previous_BD = u_BQD, None
     if c.token_shift:
       features_BQF = jnp.concatenate(

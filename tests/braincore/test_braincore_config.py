@@ -21,6 +21,7 @@ def test_the_defaults_are_the_seeds():
     ({"wm_boundary": "decay"}, "cannot decay"),
     ({"em_boundary": "forget"}, "em_boundary must be one of"),
     ({"scan_impl": "fast"}, "scan_impl must be one of"),
+    ({"em_features": "output"}, "em_features must be one of"),
     ({"plasticity": 1}, "plasticity must be a bool"),
     ({"windw": 8}, "unknown field"),
 ])

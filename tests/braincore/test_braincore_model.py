@@ -13,6 +13,7 @@ import pytest
 
 from memkernel import costs
 from memkernel import family as family_lib
+from memkernel.braincore import episodic as em_lib
 from memkernel.braincore.config import BrainCoreConfig
 from memkernel.braincore.model import BrainCoreModel
 from memkernel.braincore.state import init_memory
@@ -246,6 +247,40 @@ class TestDocuments:
     assert float(jnp.max(jnp.abs(forms["parallel"][:, 2 * SPAN:] - alone))) > 1e-4
     for name, logits in forms.items():
       np.testing.assert_allclose(logits, forms["parallel"], atol=1e-4, err_msg=name)
+
+  @pytest.mark.parametrize("features", ["input", "mixed"])
+  def test_a_token_finds_what_followed_it_in_the_last_document(self, features, monkeypatch):
+    """With `em_features='input'` an untrained layer's episodic read at a token of document 1
+    retrieves (mostly) the item written from the token that followed it in document 0: the
+    stored key (its predecessor, projected as a query) and the query are one vector. With 'mixed'
+    the features carry the context too, and the read misses some."""
+    config = dataclasses.replace(CONFIG, num_layers=1, em_items=16, em_writes=SPAN,
+                                 em_features=features)
+    model = BrainCoreModel(config)
+    first = jax.random.permutation(jax.random.key(3), CONFIG.vocab_size)[:SPAN][None]
+    asked = jax.random.permutation(jax.random.key(4), SPAN - 1)  # Token i is followed by i+1.
+    tokens = jnp.concatenate([first, first[:, asked], first[:, :1]], axis=1).astype(jnp.int32)
+    segments = jnp.repeat(jnp.arange(2, dtype=jnp.int32), SPAN)[None]
+    variables = model.init(jax.random.key(0), tokens[:, :SPAN])
+    reads, writes = [], []
+    read, write_many = em_lib.read, em_lib.write_many
+    monkeypatch.setattr(em_lib, "read", lambda m, q, k: reads.append(read(m, q, k)) or reads[-1])
+    monkeypatch.setattr(em_lib, "write_many", lambda m, k, v, g: writes.append(v) or
+                        write_many(m, k, v, g))
+    memory = init_memory(config, 1)
+    for begin in range(0, 2 * SPAN, SPAN // 2):  # Chunks shorter than a span run eagerly.
+      _, memory = model.apply(variables, tokens[:, begin:begin + SPAN // 2], memory,
+                              segments[:, begin:begin + SPAN // 2], method=model.scan)
+    # Per chunk one write (committed by the second) and two reads (before and after its cut).
+    values = writes[1][0]                                          # [SPAN, K], position order
+    out = jnp.concatenate([reads[4][0][0], reads[6][0][0]])[:SPAN - 1]   # document 1's reads
+    unit = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    nearest = jnp.argmax(unit(out) @ unit(values[1:]).T, axis=-1) + 1  # Item 0 has a zero key.
+    found = int(jnp.sum(nearest == asked + 1))
+    if features == "input":
+      assert found == SPAN - 1, (nearest, asked + 1)
+    else:
+      assert found < SPAN - 1, (nearest, asked + 1)
 
   def test_misaligned_documents_are_refused(self, model_and_params):
     model, variables = model_and_params
