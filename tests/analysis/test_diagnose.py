@@ -14,7 +14,6 @@ import memkernel
 from memkernel import metrics as metrics_lib
 from memkernel import probes
 from memkernel.analysis import diagnose
-from memkernel.kernel import routing
 from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.state import level_offset
 

@@ -11,7 +11,6 @@ analytic FLOP count is O(T log T).
 * Config validation names the field; the FLOP model's growth.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,16 +19,12 @@ import tempfile
 from unittest import mock
 
 import jax
-import jax.numpy as jnp
 from absl.testing import absltest
 from absl.testing import parameterized
 
 from configs import bench as bench_config
-from memkernel import KernelModel
-from memkernel import peers
 from memkernel.bench import bench
 from memkernel.bench import report
-from memkernel.kernel.config import KernelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_LENGTHS = (64, 128)

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import parameterized
 
-from memkernel import ops
 from memkernel import metrics as metrics_lib
 from memkernel.kernel import read as read_lib
 from memkernel.kernel import routing
