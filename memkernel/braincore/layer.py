@@ -127,8 +127,10 @@ class BrainCoreLayer(nn.Module):
   # ----------------------------------------------------------------------------------------------
   # The span-boundary writes.
 
-  def _em_write(self, em: em_lib.EpisodicMemory, pool) -> tuple[em_lib.EpisodicMemory, jax.Array]:
-    """The memory after the span's candidates are offered, and their gates [B, C]."""
+  def _em_write(self, em: em_lib.EpisodicMemory,
+                pool) -> tuple[em_lib.EpisodicMemory, jax.Array, jax.Array]:
+    """The memory after the span's candidates are offered, their gates [B, C] and the fraction
+    of them stored [B] (the write density)."""
     em = em_lib.decay(em, self.config.em_decay)
     pooled_BCF = pool.pooled()  # F: the token's features, then its predecessor's (shift).
     d = self.config.d_model
@@ -147,7 +149,8 @@ class BrainCoreLayer(nn.Module):
                               jnp.broadcast_to(jnp.min(em.strength_BM, axis=-1)[:, None], shape),
                               jnp.broadcast_to(em_lib.occupancy(em)[:, None], shape)], axis=-1)
     gates_BC = jax.nn.sigmoid(self.em_gate(features_BC4)[..., 0])
-    return em_lib.write_many(em, keys_BCK, values_BCK, gates_BC), gates_BC
+    density_B = em_lib.landed(em, gates_BC) / gates_BC.shape[-1]
+    return em_lib.write_many(em, keys_BCK, values_BCK, gates_BC), gates_BC, density_B
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
     c = self.config
@@ -203,7 +206,7 @@ class BrainCoreLayer(nn.Module):
     in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
     pool_before = pool_add(memory.pool, salience_BQ, features_BQF,
                            before_Q[:, None] & in_part_QC)
-    em1, gates_BC = self._em_write(em0, pool_before)
+    em1, gates_BC, density_B = self._em_write(em0, pool_before)
     em1 = self._em_boundary(em1, cut.cut_changed_B)
     query_BQK = u_BQD @ self.em_query_kernel
     read_BQK = em_lib.read(em0, query_BQK, c.em_k)[0]
@@ -235,7 +238,8 @@ class BrainCoreLayer(nn.Module):
                             after_Q[:, None] & in_part_QC)
       pm_after = pm_lib.accumulate(pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
     em, pm, pool = _select(cut.commit, (em1, pm_after, pool_after), (em0, pm_before, pool_before))
-    landed = jnp.asarray(cut.commit, jnp.float32)
-    diagnostics = {"em_gate": jnp.mean(gates_BC) * landed, "em_commits": landed}
+    committed = jnp.asarray(cut.commit, jnp.float32)
+    diagnostics = {"em_gate": jnp.mean(gates_BC) * committed,
+                   "em_density": jnp.mean(density_B) * committed, "em_commits": committed}
     return x_BQD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
                               em_previous_BD), diagnostics

@@ -173,6 +173,8 @@ class BrainCoreModel(nn.Module):
         continue
       commits = totals[f"layer_{i}/em_commits"]
       metrics[f"layer_{i}/em_gate"] = totals[f"layer_{i}/em_gate"] / jnp.maximum(commits, 1.0)
+      metrics[f"layer_{i}/em_density"] = (totals[f"layer_{i}/em_density"]
+                                          / jnp.maximum(commits, 1.0))
       metrics[f"layer_{i}/em_occupancy"] = jnp.mean(em_lib.occupancy(layer.episodic))
       metrics[f"layer_{i}/pm_norm"] = jnp.mean(jnp.sqrt(jnp.sum(
           jnp.square(layer.procedural.fast_BOR), axis=(1, 2))))

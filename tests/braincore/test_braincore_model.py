@@ -195,6 +195,18 @@ class TestPlasticity:
         if name != "pm_code":  # The code also carries the (empty) read in span 0.
           assert max(float(jnp.max(jnp.abs(g))) for g in g_early) == 0, (layer, name)
 
+  def test_write_density_is_the_share_of_candidates_stored(self, model_and_params):
+    """Into an empty memory every candidate lands (density 1); over a longer stream the
+    density is a share, and the occupancy what the writes left."""
+    model, variables = model_and_params
+    _, first = model.apply(variables, _tokens(t=SPAN))
+    _, stream = model.apply(variables, _tokens())
+    for i in range(CONFIG.num_layers):
+      assert float(first.metrics[f"layer_{i}/em_density"]) == 1.0
+      assert 0.0 <= float(stream.metrics[f"layer_{i}/em_density"]) <= 1.0
+      np.testing.assert_allclose(first.metrics[f"layer_{i}/em_occupancy"],
+                                 CONFIG.em_writes / CONFIG.em_items)
+
   def test_every_token_a_candidate_has_finite_gradients(self):
     """With `em_writes = span` a document's first token is a candidate with no predecessor: its
     key starts at exactly zero, and the novelty's cosine must not make the gradient NaN."""
