@@ -227,7 +227,8 @@ class TestPlasticity:
 
 
 class TestDocuments:
-  """Two documents in one stream; documents start on span boundaries."""
+  """Two documents in one stream; documents start on span boundaries. One layer: the rules are
+  per layer, and each test compiles every form anew."""
 
   def _stream(self):
     tokens = _tokens(seed=5, t=T)
@@ -235,8 +236,8 @@ class TestDocuments:
     return tokens, segments
 
   def test_reset_everything_is_a_fresh_start(self):
-    config = dataclasses.replace(CONFIG, core_boundary="reset", wm_boundary="reset",
-                                 em_boundary="reset", pm_boundary="reset")
+    config = dataclasses.replace(CONFIG, num_layers=1, core_boundary="reset",
+                                 wm_boundary="reset", em_boundary="reset", pm_boundary="reset")
     model = BrainCoreModel(config)
     variables = model.init(jax.random.key(0), _tokens()[:, :SPAN])
     tokens, segments = self._stream()
@@ -250,7 +251,7 @@ class TestDocuments:
     rules = dict(core_boundary="reset", wm_boundary="reset", em_boundary="reset",
                  pm_boundary="reset")
     rules[f"{memory}_boundary"] = "carry"
-    config = dataclasses.replace(CONFIG, **rules)
+    config = dataclasses.replace(CONFIG, num_layers=1, **rules)
     model = BrainCoreModel(config)
     variables = model.init(jax.random.key(0), _tokens()[:, :SPAN])
     tokens, segments = self._stream()
