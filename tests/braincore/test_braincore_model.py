@@ -263,10 +263,10 @@ class TestDocuments:
 
   @pytest.mark.parametrize("features", ["input", "mixed"])
   def test_a_token_finds_what_followed_it_in_the_last_document(self, features, monkeypatch):
-    """With `em_features='input'` an untrained layer's episodic read at a token of document 1
-    retrieves (mostly) the item written from the token that followed it in document 0: the
-    stored key (its predecessor, projected as a query) and the query are one vector. With 'mixed'
-    the features carry the context too, and the read misses some."""
+    """With `em_features='input'` what an untrained layer's episodic read returns at each token
+    of document 1 is, of all stored values, nearest the one written from the token that
+    followed it in document 0: the stored key (its predecessor, projected as a query) and the
+    query are one vector. With 'mixed' the features carry the context too: the read misses some."""
     config = dataclasses.replace(CONFIG, num_layers=1, em_items=16, em_writes=SPAN,
                                  em_features=features)
     model = BrainCoreModel(config)
