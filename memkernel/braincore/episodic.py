@@ -6,8 +6,8 @@ Shapes: B batch, M items, Q queries, K items read, D key width, E value width.
     memory = init_episodic(batch_size=2, items=256, key_dim=64, value_dim=64)
     out_BQE, weights_BQK, index_BQK = read(memory, queries_BQD, k=4)
     memory = write(memory, key_BD, value_BE, gate_B)       # at a span boundary
-    stored_B = landed(memory, gates_BC)                   # how many of C candidates would land
     memory = write_many(memory, keys_BCD, values_BCE, gates_BC)   # C candidates at once
+    memory, stored_B = offer(memory, keys_BCD, values_BCE, gates_BC)   # and how many it stored
     memory = decay(memory, 0.9)                           # strengths fade
     memory = reset_rows(memory, reset_B)                  # a document boundary under 'reset'
 
@@ -96,6 +96,13 @@ def write_many(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Arra
   """Offers C candidates per example at once: ranked by gate, the i-th strongest candidate
   replaces the i-th weakest item where its gate is above that item's strength (C = 1 is
   `write`). One scatter, whatever C: a span's candidates cost one write, not C."""
+  return offer(memory, keys_BCD, values_BCE, gates_BC)[0]
+
+
+def offer(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
+          gates_BC: jax.Array) -> tuple[EpisodicMemory, jax.Array]:
+  """`write_many`, and how many of the C candidates it stored per example [B] (the write
+  density is this over C)."""
   b, items, key_dim = memory.keys_BMD.shape
   value_dim = memory.values_BME.shape[-1]
   c = gates_BC.shape[-1] if gates_BC.ndim == 2 else -1
@@ -105,37 +112,24 @@ def write_many(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Arra
                      f"gates [{b}, C] with 1 <= C <= {items} expected, got {keys_BCD.shape}, "
                      f"{values_BCE.shape}, {gates_BC.shape}")
   gates_BC = jnp.clip(gates_BC.astype(jnp.float32), 0.0, 1.0)
-  order_BC, slot_BC, lands_BC = _match(memory, gates_BC)
+  # Candidates strongest first; slots weakest first (both selections, outside the gradient).
+  order_BC = jnp.argsort(-jax.lax.stop_gradient(gates_BC), axis=-1)
   take = lambda a: jnp.take_along_axis(a, order_BC.reshape(order_BC.shape + (1,) * (a.ndim - 2)),
                                        axis=1)
   gates_BC, keys_BCD, values_BCE = take(gates_BC), take(keys_BCD), take(values_BCE)
+  weakest_BC, slot_BC = jax.lax.top_k(-memory.strength_BM, c)
+  lands_BC = gates_BC > -weakest_BC
   at_BCM = jax.nn.one_hot(slot_BC, items, dtype=jnp.float32) * lands_BC[..., None]
   at_BM = jnp.sum(at_BCM, axis=1) > 0   # Slots are distinct: at most one candidate each.
   place = lambda new_BCX, old_BMX: jnp.where(
       at_BM[..., None], jnp.einsum("bcm,bcx->bmx", at_BCM, new_BCX.astype(jnp.float32)).astype(
           old_BMX.dtype), old_BMX)
-  return EpisodicMemory(
+  written = EpisodicMemory(
       keys_BMD=place(keys_BCD, memory.keys_BMD),
       values_BME=place(values_BCE, memory.values_BME),
       strength_BM=jnp.where(at_BM, jnp.einsum("bcm,bc->bm", at_BCM, gates_BC),
                             memory.strength_BM))
-
-
-def _match(memory: EpisodicMemory, gates_BC: jax.Array):
-  """(order [B, C], slot [B, C], lands [B, C]): the candidates strongest first, the slots
-  weakest first (both selections, outside the gradient), and whether the i-th strongest
-  candidate's gate is above the i-th weakest item's strength."""
-  order_BC = jnp.argsort(-jax.lax.stop_gradient(gates_BC), axis=-1)
-  sorted_BC = jnp.take_along_axis(gates_BC, order_BC, axis=1)
-  weakest_BC, slot_BC = jax.lax.top_k(-memory.strength_BM, gates_BC.shape[-1])
-  return order_BC, slot_BC, sorted_BC > -weakest_BC
-
-
-def landed(memory: EpisodicMemory, gates_BC: jax.Array) -> jax.Array:
-  """How many of C candidates with these gates `write_many` would store, per example [B]: the
-  write density is this over C."""
-  gates_BC = jnp.clip(gates_BC.astype(jnp.float32), 0.0, 1.0)
-  return jnp.sum(_match(memory, gates_BC)[2], axis=-1)
+  return written, jnp.sum(lands_BC, axis=-1)
 
 
 def decay(memory: EpisodicMemory, factor) -> EpisodicMemory:

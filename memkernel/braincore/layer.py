@@ -149,8 +149,8 @@ class BrainCoreLayer(nn.Module):
                               jnp.broadcast_to(jnp.min(em.strength_BM, axis=-1)[:, None], shape),
                               jnp.broadcast_to(em_lib.occupancy(em)[:, None], shape)], axis=-1)
     gates_BC = jax.nn.sigmoid(self.em_gate(features_BC4)[..., 0])
-    density_B = em_lib.landed(em, gates_BC) / gates_BC.shape[-1]
-    return em_lib.write_many(em, keys_BCK, values_BCK, gates_BC), gates_BC, density_B
+    em, stored_B = em_lib.offer(em, keys_BCK, values_BCK, gates_BC)
+    return em, gates_BC, stored_B / gates_BC.shape[-1]
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
     c = self.config

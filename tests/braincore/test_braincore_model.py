@@ -276,10 +276,9 @@ class TestDocuments:
     segments = jnp.repeat(jnp.arange(2, dtype=jnp.int32), SPAN)[None]
     variables = model.init(jax.random.key(0), tokens[:, :SPAN])
     reads, writes = [], []
-    read, write_many = em_lib.read, em_lib.write_many
+    read, offer = em_lib.read, em_lib.offer
     monkeypatch.setattr(em_lib, "read", lambda m, q, k: reads.append(read(m, q, k)) or reads[-1])
-    monkeypatch.setattr(em_lib, "write_many", lambda m, k, v, g: writes.append(v) or
-                        write_many(m, k, v, g))
+    monkeypatch.setattr(em_lib, "offer", lambda m, k, v, g: writes.append(v) or offer(m, k, v, g))
     memory = init_memory(config, 1)
     for begin in range(0, 2 * SPAN, SPAN // 2):  # Chunks shorter than a span run eagerly.
       _, memory = model.apply(variables, tokens[:, begin:begin + SPAN // 2], memory,

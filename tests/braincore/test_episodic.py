@@ -61,18 +61,21 @@ def test_many_candidates_take_the_weakest_items_strongest_first():
     episodic.write_many(memory, jnp.ones((1, 6, 5)), jnp.ones((1, 6, 1)), jnp.ones((1, 6)))
 
 
-def test_landed_counts_the_candidates_write_many_stores():
+def test_offer_counts_the_candidates_it_stores():
   memory = _filled([0.5, 0.2, 0.9, 0.1, 0.7])
-  np.testing.assert_array_equal(episodic.landed(memory, jnp.array([[0.4, 0.3, 0.6]])), [2])
-  np.testing.assert_array_equal(episodic.landed(memory, jnp.array([[0.05, 0.01]])), [0])
-  # Random memories and gates: the count is the items write_many changed.
+  keys, values = jnp.ones((1, 3, 5)), jnp.ones((1, 3, 1))
+  written, stored = episodic.offer(memory, keys, values, jnp.array([[0.4, 0.3, 0.6]]))
+  np.testing.assert_array_equal(stored, [2])
+  np.testing.assert_allclose(written.strength_BM[0], [0.5, 0.4, 0.9, 0.6, 0.7])
+  _, stored = episodic.offer(memory, keys[:, :2], values[:, :2], jnp.array([[0.05, 0.01]]))
+  np.testing.assert_array_equal(stored, [0])
+  # Random memories and gates: the count is the items the write changed.
   k1, k2 = jax.random.split(jax.random.key(0))
   strengths = jax.random.uniform(k1, (3, 6)) * (jax.random.uniform(k2, (3, 6)) > 0.3)
   memory = episodic.EpisodicMemory(jnp.zeros((3, 6, 2)), jnp.zeros((3, 6, 1)), strengths)
   gates = jax.random.uniform(jax.random.key(1), (3, 4))
-  written = episodic.write_many(memory, jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)), gates)
-  np.testing.assert_array_equal(episodic.landed(memory, gates),
-                                jnp.sum(written.strength_BM != strengths, axis=-1))
+  written, stored = episodic.offer(memory, jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)), gates)
+  np.testing.assert_array_equal(stored, jnp.sum(written.strength_BM != strengths, axis=-1))
 
 
 def test_every_example_owns_its_items():
