@@ -8,6 +8,7 @@ Shapes: B batch, M items, Q queries, K items read, D key width, E value width.
     memory = write(memory, key_BD, value_BE, gate_B)       # at a span boundary
     memory = write_many(memory, keys_BCD, values_BCE, gates_BC)   # C candidates at once
     memory, stored_B = offer(memory, keys_BCD, values_BCE, gates_BC)   # and how many it stored
+    memory, stored_B = offer(memory, keys_BCD, values_BCE, gates_BC, threshold=0.5)  # gate > 0.5
     memory = decay(memory, 0.9)                           # strengths fade
     memory = reset_rows(memory, reset_B)                  # a document boundary under 'reset'
 
@@ -15,8 +16,8 @@ An item is (key, value, strength); strength 0 means empty. A read scores the liv
 q . k / sqrt(D) + log(strength), keeps the k best and mixes their values with a softmax over
 those k scores (one-query cross-attention over the retrieved items), so a weak item needs a
 closer key to win. A write offers one candidate per example with a gate in [0, 1]: it replaces
-the weakest item if the gate exceeds that item's strength, and is stored with the gate as its
-strength (a gate of 0 writes nothing). Every example owns its items: no state crosses the batch.
+the weakest item if the gate exceeds that item's strength and the write threshold (0 unless
+given), and is stored with the gate as its strength (a gate of 0 writes nothing). Every example owns its items: no state crosses the batch.
 
 What gradients flow: into the read's queries, the stored keys and values (from the candidates
 that wrote them) and, through log(strength), into the gate of every write that landed. The
@@ -92,17 +93,20 @@ def write(memory: EpisodicMemory, key_BD: jax.Array, value_BE: jax.Array,
 
 
 def write_many(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
-               gates_BC: jax.Array) -> EpisodicMemory:
+               gates_BC: jax.Array, threshold: float = 0.0) -> EpisodicMemory:
   """Offers C candidates per example at once: ranked by gate, the i-th strongest candidate
-  replaces the i-th weakest item where its gate is above that item's strength (C = 1 is
-  `write`). One scatter, whatever C: a span's candidates cost one write, not C."""
-  return offer(memory, keys_BCD, values_BCE, gates_BC)[0]
+  replaces the i-th weakest item where its gate is above that item's strength and above
+  `threshold` (C = 1 is `write`). One scatter, whatever C: a span's candidates cost one write,
+  not C."""
+  return offer(memory, keys_BCD, values_BCE, gates_BC, threshold)[0]
 
 
 def offer(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
-          gates_BC: jax.Array) -> tuple[EpisodicMemory, jax.Array]:
+          gates_BC: jax.Array, threshold: float = 0.0) -> tuple[EpisodicMemory, jax.Array]:
   """`write_many`, and how many of the C candidates it stored per example [B] (the write
   density is this over C)."""
+  if not 0.0 <= threshold < 1.0:
+    raise ValueError(f"write_many: threshold must lie in [0, 1), got {threshold!r}")
   b, items, key_dim = memory.keys_BMD.shape
   value_dim = memory.values_BME.shape[-1]
   c = gates_BC.shape[-1] if gates_BC.ndim == 2 else -1
@@ -118,7 +122,7 @@ def offer(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
                                        axis=1)
   gates_BC, keys_BCD, values_BCE = take(gates_BC), take(keys_BCD), take(values_BCE)
   weakest_BC, slot_BC = jax.lax.top_k(-memory.strength_BM, c)
-  lands_BC = gates_BC > -weakest_BC
+  lands_BC = (gates_BC > -weakest_BC) & (gates_BC > threshold)
   at_BCM = jax.nn.one_hot(slot_BC, items, dtype=jnp.float32) * lands_BC[..., None]
   at_BM = jnp.sum(at_BCM, axis=1) > 0   # Slots are distinct: at most one candidate each.
   place = lambda new_BCX, old_BMX: jnp.where(

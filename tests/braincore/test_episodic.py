@@ -78,6 +78,19 @@ def test_offer_counts_the_candidates_it_stores():
   np.testing.assert_array_equal(stored, jnp.sum(written.strength_BM != strengths, axis=-1))
 
 
+def test_a_threshold_keeps_weak_candidates_out_even_of_empty_slots():
+  memory = episodic.init_episodic(1, 4, 2, 1)
+  keys, values = jnp.ones((1, 3, 2)), jnp.ones((1, 3, 1))
+  gates = jnp.array([[0.3, 0.7, 0.5]])
+  written, stored = episodic.offer(memory, keys, values, gates, threshold=0.5)
+  np.testing.assert_array_equal(stored, [1])  # 0.5 is not above the threshold.
+  np.testing.assert_allclose(jnp.sort(written.strength_BM[0]), [0.0, 0.0, 0.0, 0.7])
+  _, stored = episodic.offer(memory, keys, values, gates)
+  np.testing.assert_array_equal(stored, [3])  # No threshold: every gate above 0 lands.
+  with pytest.raises(ValueError, match="threshold must lie in"):
+    episodic.offer(memory, keys, values, gates, threshold=1.0)
+
+
 def test_every_example_owns_its_items():
   memory = episodic.init_episodic(3, items=4, key_dim=2, value_dim=2)
   memory = episodic.write(memory, jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.array([0.8, 0.0, 0.8]))
