@@ -42,6 +42,20 @@ class BrainCoreConfig:
       core and working memory. 'mixed' was the first design: its features take on the context's
       common direction, so a token's key in one document and its query in the next stop matching
       (measured in docs/results/braincore/: cross-document recall at chance).
+    em_threshold: a candidate is written only where its gate is above this (and above the
+      weakest item's strength); 0 writes every candidate with a positive gate while slots are
+      empty. In [0, 1).
+    em_teacher: weight of the write gate's hindsight loss (training only, the parallel form;
+      0: off): binary cross entropy of each candidate's gate against how near it comes to
+      being the best item of a later scored position's dense read over every candidate the
+      sequence offered before that position's span (1 for the best;
+      `memkernel.braincore.write_teacher`). It is the gate's only signal about candidates it
+      did not store.
+    em_novelty_init: the write gate's initial weight on novelty (its bias then starts at minus
+      half of it; 0: the LeCun initialisation of every weight, bias 0). A prior that a key
+      already stored is not worth a second item: the gate's few weights move slowly under
+      Adam, and without it the gate learned too slowly to tell a fact from the same key met
+      again later (docs/results/braincore/).
     pm_rank: rank of the procedural fast weights (R).
     pm_lr: the fast weights' learning rate at a consolidation.
     pm_decay: fast weights times this at every span boundary.
@@ -78,6 +92,9 @@ class BrainCoreConfig:
   em_decay: float = 0.999
   em_writes: int = 1
   em_features: str = "input"
+  em_threshold: float = 0.0
+  em_teacher: float = 0.0
+  em_novelty_init: float = 0.0
   pm_rank: int = 8
   pm_lr: float = 0.1
   pm_decay: float = 0.99
@@ -114,6 +131,12 @@ class BrainCoreConfig:
       fields.check_number(s, name, value, 0.0, strict=False)
       if value > 1:
         raise ValueError(f"{s}.{name} must be <= 1, got {value!r}")
+    fields.check_number(s, "em_threshold", self.em_threshold, 0.0, strict=False)
+    if self.em_threshold >= 1:
+      raise ValueError(f"{s}.em_threshold must be < 1 (a gate never exceeds 1), got "
+                       f"{self.em_threshold!r}")
+    fields.check_number(s, "em_teacher", self.em_teacher, 0.0, strict=False)
+    fields.check_number(s, "em_novelty_init", self.em_novelty_init, 0.0, strict=False)
     fields.check_number(s, "pm_lr", self.pm_lr, 0.0, strict=False)
     fields.check_number(s, "pm_budget", self.pm_budget, 0.0, strict=True)
     for name in ("plasticity", "token_shift", "wm_rope"):

@@ -73,6 +73,19 @@ def _select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def _gate_kernel_init(novelty: float):
+  """The write gate's kernel over [max salience, novelty, weakest strength, occupancy]: LeCun
+  normal, with the novelty weight set to `novelty` where it is not 0 (with the bias at -novelty
+  / 2 a candidate whose key is already stored starts near sigmoid(-novelty / 2), a new one near
+  sigmoid(novelty / 2))."""
+  lecun = nn.initializers.lecun_normal()
+
+  def init(key, shape, dtype=jnp.float32):
+    kernel = lecun(key, shape, dtype)
+    return kernel.at[1].set(novelty) if novelty else kernel
+  return init
+
+
 class BrainCoreLayer(nn.Module):
   """One layer; `__call__` advances it over one chunk."""
 
@@ -101,7 +114,8 @@ class BrainCoreLayer(nn.Module):
       self.em_value = nn.Dense(c.em_key_dim, use_bias=False)
       self.em_out = nn.Dense(c.d_model, use_bias=False)
       self.salience = nn.Dense(1, use_bias=False)
-      self.em_gate = nn.Dense(1)
+      self.em_gate = nn.Dense(1, kernel_init=_gate_kernel_init(c.em_novelty_init),
+                              bias_init=nn.initializers.constant(-c.em_novelty_init / 2))
       self.pm_code = nn.Dense(c.pm_rank, use_bias=False)
       self.pm_modulator = nn.Dense(1)
 
@@ -127,10 +141,10 @@ class BrainCoreLayer(nn.Module):
   # ----------------------------------------------------------------------------------------------
   # The span-boundary writes.
 
-  def _em_write(self, em: em_lib.EpisodicMemory,
-                pool) -> tuple[em_lib.EpisodicMemory, jax.Array, jax.Array]:
-    """The memory after the span's candidates are offered, their gates [B, C] and the fraction
-    of them stored [B] (the write density)."""
+  def _em_write(self, em: em_lib.EpisodicMemory, pool) -> tuple[em_lib.EpisodicMemory, dict]:
+    """The memory after the span's candidates are offered, and what the write did: the gates'
+    logits [B, C] ('logits'), the candidates' keys [B, C, K] ('keys') and the fraction of them
+    stored [B] ('density')."""
     em = em_lib.decay(em, self.config.em_decay)
     pooled_BCF = pool.pooled()  # F: the token's features, then its predecessor's (shift).
     d = self.config.d_model
@@ -148,9 +162,10 @@ class BrainCoreLayer(nn.Module):
     features_BC4 = jnp.stack([pool.max_BC, novelty_BC,
                               jnp.broadcast_to(jnp.min(em.strength_BM, axis=-1)[:, None], shape),
                               jnp.broadcast_to(em_lib.occupancy(em)[:, None], shape)], axis=-1)
-    gates_BC = jax.nn.sigmoid(self.em_gate(features_BC4)[..., 0])
-    em, stored_B = em_lib.offer(em, keys_BCK, values_BCK, gates_BC)
-    return em, gates_BC, stored_B / gates_BC.shape[-1]
+    logits_BC = self.em_gate(features_BC4)[..., 0]
+    em, stored_B = em_lib.offer(em, keys_BCK, values_BCK, jax.nn.sigmoid(logits_BC),
+                                self.config.em_threshold)
+    return em, {"logits": logits_BC, "keys": keys_BCK, "density": stored_B / shape[-1]}
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
     c = self.config
@@ -168,11 +183,16 @@ class BrainCoreLayer(nn.Module):
 
   def __call__(self, x_BQD: jax.Array, memory: LayerMemory, segments_BQ: jax.Array,
                new_document_BQ: jax.Array, core_carry_BQ: jax.Array, cut: SpanCut,
-               drop: frozenset = frozenset()) -> tuple[jax.Array, LayerMemory, dict]:
-    """(x after the layer [B, Q, D], the layer's memory after the chunk, {diagnostic: value}).
+               drop: frozenset = frozenset(),
+               trace: bool = False) -> tuple[jax.Array, LayerMemory, dict, dict]:
+    """(x after the layer [B, Q, D], the layer's memory after the chunk, {diagnostic: value},
+    the write's trace).
 
     `new_document_BQ` marks the tokens that start a document (the token shift does not cross
-    it); `core_carry_BQ` multiplies the core's state at each token (its boundary rule).
+    it); `core_carry_BQ` multiplies the core's state at each token (its boundary rule). With
+    `trace` (an aligned chunk) the trace holds what the write gate's hindsight teacher needs:
+    the gates' logits [B, C], and outside the gradient the candidates' keys [B, C, K] and the
+    chunk's episodic queries [B, Q, K]; otherwise it is empty.
     """
     c = self.config
     x_input_BQD = x_BQD
@@ -189,7 +209,7 @@ class BrainCoreLayer(nn.Module):
     if not c.plasticity:
       h_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
       return (x_BQD + self.mlp_out(h_BQF),
-              LayerMemory(core_BD, window, wm_previous_BD=wm_previous_BD), {})
+              LayerMemory(core_BD, window, wm_previous_BD=wm_previous_BD), {}, {})
 
     before_Q, after_Q = cut.before_Q, ~cut.before_Q
     em0 = self._em_boundary(memory.episodic, cut.start_changed_B)
@@ -206,7 +226,7 @@ class BrainCoreLayer(nn.Module):
     in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
     pool_before = pool_add(memory.pool, salience_BQ, features_BQF,
                            before_Q[:, None] & in_part_QC)
-    em1, gates_BC, density_B = self._em_write(em0, pool_before)
+    em1, written = self._em_write(em0, pool_before)
     em1 = self._em_boundary(em1, cut.cut_changed_B)
     query_BQK = u_BQD @ self.em_query_kernel
     read_BQK = em_lib.read(em0, query_BQK, c.em_k)[0]
@@ -239,7 +259,15 @@ class BrainCoreLayer(nn.Module):
       pm_after = pm_lib.accumulate(pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
     em, pm, pool = _select(cut.commit, (em1, pm_after, pool_after), (em0, pm_before, pool_before))
     committed = jnp.asarray(cut.commit, jnp.float32)
-    diagnostics = {"em_gate": jnp.mean(gates_BC) * committed,
-                   "em_density": jnp.mean(density_B) * committed, "em_commits": committed}
+    diagnostics = {"em_gate": jnp.mean(jax.nn.sigmoid(written["logits"])) * committed,
+                   "em_density": jnp.mean(written["density"]) * committed,
+                   "em_commits": committed}
+    write_trace = {}
+    if trace:
+      if not cut.aligned:
+        raise ValueError("the write trace needs chunks aligned to the spans (the parallel form)")
+      write_trace = {"logits": written["logits"],
+                     "keys": jax.lax.stop_gradient(written["keys"]),
+                     "queries": jax.lax.stop_gradient(query_BQK)}
     return x_BQD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
-                              em_previous_BD), diagnostics
+                              em_previous_BD), diagnostics, write_trace

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from memkernel import family as family_lib
 from memkernel.braincore import episodic as em_lib
+from memkernel.braincore import write_teacher
 from memkernel.braincore.config import BrainCoreConfig
 from memkernel.braincore.layer import SOURCES, BrainCoreLayer, SpanCut
 from memkernel.braincore.state import BrainCoreMemory, init_memory
@@ -121,50 +122,64 @@ class BrainCoreModel(nn.Module):
     return segments_BQ != previous_BQ
 
   def _chunk(self, tokens_BQ: jax.Array, segments_BQ: jax.Array, memory: BrainCoreMemory, *,
-             aligned: bool, drop: frozenset):
-    """(logits [B, Q, V], the memory after the chunk, {diagnostic: value}); Q <= P."""
+             aligned: bool, drop: frozenset, trace: bool = False):
+    """(logits [B, Q, V], the memory after the chunk, {diagnostic: value}, each layer's write
+    trace (empty without `trace`)); Q <= P."""
     q = tokens_BQ.shape[1]
     cut = self._cut(q, memory, segments_BQ, aligned)
     new_BQ = self._new_documents(segments_BQ, memory)
     factor = _CARRY.get(self.config.core_boundary, self.config.boundary_decay)
     carry_BQ = jnp.where(new_BQ, factor, 1.0).astype(jnp.float32)
     x_BQD = self.embed(tokens_BQ)
-    layers, diagnostics = [], {}
+    layers, diagnostics, traces = [], {}, []
     for i, (layer, layer_memory) in enumerate(zip(self.layers, memory.layers)):
-      x_BQD, layer_memory, d = layer(x_BQD, layer_memory, segments_BQ, new_BQ, carry_BQ, cut,
-                                     drop)
+      x_BQD, layer_memory, d, write_trace = layer(x_BQD, layer_memory, segments_BQ, new_BQ,
+                                                  carry_BQ, cut, drop, trace)
       layers.append(layer_memory)
+      traces.append(write_trace)
       diagnostics.update({f"layer_{i}/{k}": v for k, v in d.items()})
     logits = self.lm_head(self.final_norm(x_BQD)).astype(jnp.float32)
     return logits, BrainCoreMemory(tuple(layers), segments_BQ[:, -1], memory.position + q), \
-        diagnostics
+        diagnostics, tuple(traces)
 
   def _run(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
-           aligned: bool, drop: frozenset):
+           aligned: bool, drop: frozenset, trace: bool = False):
     """Chunks of P tokens (`nn.scan` over the whole ones, then the rest): (logits, memory,
-    diagnostics summed over chunks)."""
+    diagnostics summed over chunks, each layer's write trace over the sequence: the whole
+    spans' gate logits [B, N, C] and keys [B, N, C, K], every position's queries [B, T, K];
+    empty without `trace`)."""
     b, t = tokens.shape
     chunk = self.config.span
     n, tail = divmod(t, chunk)
-    logits, totals = [], {}
+    logits, totals, traces = [], {}, [{} for _ in self.layers]
     if n:
       to_chunks = lambda y: jnp.swapaxes(y[:, :n * chunk].reshape(b, n, chunk), 0, 1)
 
       def body(module, mem, xs):
-        out, mem, diag = module._chunk(xs[0], xs[1], mem, aligned=aligned, drop=drop)  # pylint: disable=protected-access
-        return mem, (out, diag)
+        out, mem, diag, write_traces = module._chunk(xs[0], xs[1], mem, aligned=aligned,  # pylint: disable=protected-access
+                                                     drop=drop, trace=trace)
+        return mem, (out, diag, write_traces)
 
-      memory, (logits_CBQV, diag) = nn.scan(body, variable_broadcast="params",
-                                            split_rngs={"params": False})(
-                                                self, memory, (to_chunks(tokens), to_chunks(segments)))
+      memory, (logits_CBQV, diag, stacked) = nn.scan(
+          body, variable_broadcast="params", split_rngs={"params": False})(
+              self, memory, (to_chunks(tokens), to_chunks(segments)))
       logits.append(jnp.swapaxes(logits_CBQV, 0, 1).reshape(b, n * chunk, -1))
       totals = {k: jnp.sum(v) for k, v in diag.items()}
+      traces = [{k: jnp.swapaxes(v, 0, 1) for k, v in layer.items()} for layer in stacked]
+      for layer in traces:
+        if layer:
+          layer["queries"] = layer["queries"].reshape(b, n * chunk, -1)
     if tail:
-      out, memory, diag = self._chunk(tokens[:, n * chunk:], segments[:, n * chunk:], memory,
-                                      aligned=aligned, drop=drop)
+      out, memory, diag, tail_traces = self._chunk(tokens[:, n * chunk:], segments[:, n * chunk:],
+                                                   memory, aligned=aligned, drop=drop,
+                                                   trace=trace)
       logits.append(out)
       totals = {k: totals.get(k, 0.0) + v for k, v in diag.items()}
-    return (jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]), memory, totals
+      for layer, tail_trace in zip(traces, tail_traces):
+        if tail_trace and layer:  # The tail's candidates are never written: only its queries.
+          layer["queries"] = jnp.concatenate([layer["queries"], tail_trace["queries"]], axis=1)
+    return ((jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]), memory, totals,
+            traces)
 
   def _outputs(self, memory: BrainCoreMemory, totals: dict) -> Outputs:
     metrics = {}
@@ -192,13 +207,16 @@ class BrainCoreModel(nn.Module):
       tokens: int32 [B, T], T <= max_seq_len.
       segments: optional int32 [B, T] document index per token (non-decreasing; documents start
         at multiples of `span`). None: one document.
-      oracle_leaves, train, loss_mask: the harness interface (no routes, nothing train-only).
+      oracle_leaves: the harness interface (the family has no routes).
+      train, loss_mask: with `em_teacher` > 0, training adds the write gate's hindsight loss
+        (`Outputs.losses['em_write']`) on the positions `loss_mask` [B, T] scores (every
+        position without one).
       interventions: sources to drop (`Interventions(drop=...)`, names from `sources`).
 
     Returns:
       logits float32 [B, T, V] and `Outputs` (diagnostics; the memory after the sequence).
     """
-    del oracle_leaves, train, loss_mask
+    del oracle_leaves
     c = self.config
     _check_tokens(tokens, 2, "tokens")
     family_lib.check_segments(segments, tokens.shape, align=c.span)
@@ -209,8 +227,23 @@ class BrainCoreModel(nn.Module):
     segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
                 else jnp.asarray(segments, jnp.int32))
     memory = init_memory(c, tokens.shape[0])
-    logits, memory, totals = self._run(tokens, segments, memory, aligned=True, drop=drop)
-    return logits, self._outputs(memory, totals)
+    teach = train and c.plasticity and c.em_teacher > 0
+    logits, memory, totals, traces = self._run(tokens, segments, memory, aligned=True, drop=drop,
+                                               trace=teach)
+    out = self._outputs(memory, totals)
+    if teach and traces[0]:
+      mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
+      separate = segments if c.em_boundary == "reset" else None
+      losses, metrics = [], dict(out.metrics)
+      for i, layer in enumerate(traces):
+        targets, weights = write_teacher.write_targets(layer["queries"], layer["keys"], mask,
+                                                       c.span, separate)
+        losses.append(write_teacher.gate_loss(layer["logits"], targets, weights))
+        metrics[f"layer_{i}/em_target"] = jnp.sum(targets * weights) / jnp.maximum(
+            jnp.sum(weights), 1.0)
+      out = out.replace(metrics=metrics,
+                        losses={"em_write": c.em_teacher * sum(losses) / len(losses)})
+    return logits, out
 
   def scan(self, tokens: jax.Array, memory: BrainCoreMemory, segments: Any = None, *,
            interventions: Any = None, return_aux: bool = False):
@@ -235,7 +268,7 @@ class BrainCoreModel(nn.Module):
     if segments is None:
       segments = jnp.broadcast_to(memory.segment_B[:, None], (b, t))
     segments = jnp.asarray(segments, jnp.int32)
-    logits, memory, totals = self._run(tokens, segments, memory, aligned=False, drop=drop)
+    logits, memory, totals, _ = self._run(tokens, segments, memory, aligned=False, drop=drop)
     if return_aux:
       return logits, memory, self._outputs(memory, totals)
     return logits, memory
@@ -248,7 +281,7 @@ class BrainCoreModel(nn.Module):
     family_lib.check_segments(segment, token.shape, align=1, what="segment")
     drop = self._drop(interventions)
     segment = memory.segment_B if segment is None else jnp.asarray(segment, jnp.int32)
-    logits, memory, totals = self._chunk(token[:, None], segment[:, None], memory,
+    logits, memory, totals, _ = self._chunk(token[:, None], segment[:, None], memory,
                                          aligned=False, drop=drop)
     if return_aux:
       return logits[:, 0], memory, self._outputs(memory, totals)

@@ -22,6 +22,9 @@ def test_the_defaults_are_the_seeds():
     ({"em_boundary": "forget"}, "em_boundary must be one of"),
     ({"scan_impl": "fast"}, "scan_impl must be one of"),
     ({"em_features": "output"}, "em_features must be one of"),
+    ({"em_threshold": 1.0}, "em_threshold must be < 1"),
+    ({"em_threshold": -0.1}, "em_threshold must be >= 0"),
+    ({"em_teacher": -1.0}, "em_teacher must be >= 0"),
     ({"plasticity": 1}, "plasticity must be a bool"),
     ({"windw": 8}, "unknown field"),
 ])

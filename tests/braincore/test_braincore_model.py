@@ -207,6 +207,40 @@ class TestPlasticity:
       np.testing.assert_allclose(first.metrics[f"layer_{i}/em_occupancy"],
                                  CONFIG.em_writes / CONFIG.em_items)
 
+  def test_the_teacher_teaches_the_gate_about_candidates_it_did_not_store(self):
+    """With a threshold no gate clears, nothing is stored: the task loss gives the gate no
+    gradient, the hindsight teacher does; it is a training loss only."""
+    config = dataclasses.replace(CONFIG, num_layers=1, em_threshold=0.99, em_teacher=1.0)
+    model = BrainCoreModel(config)
+    tokens = _tokens()
+    variables = model.init(jax.random.key(0), tokens)
+    mask = jnp.ones(tokens.shape).at[:, :SPAN].set(0.0)
+
+    def losses(v):
+      logits, out = model.apply(v, tokens, train=True, loss_mask=mask)
+      return jnp.mean(logits ** 2), out
+
+    (_, out), task_grad = jax.value_and_grad(losses, has_aux=True)(variables)
+    teacher_grad = jax.grad(lambda v: losses(v)[1].losses["em_write"])(variables)
+    assert float(out.metrics["layer_0/em_density"]) == 0.0
+    gate = lambda g: max(float(jnp.max(jnp.abs(x)))
+                         for x in jax.tree.leaves(g["params"]["layer_0"]["em_gate"]))
+    assert gate(task_grad) == 0.0 and gate(teacher_grad) > 0.0
+    assert 0.0 < float(out.metrics["layer_0/em_target"]) < 1.0
+    assert model.apply(variables, tokens)[1].losses == {}
+
+  def test_forms_agree_when_a_threshold_turns_candidates_away(self):
+    config = dataclasses.replace(CONFIG, num_layers=1, em_threshold=0.4)
+    model = BrainCoreModel(config)
+    tokens = _tokens()
+    variables = model.init(jax.random.key(0), tokens)
+    density = lambda c: float(BrainCoreModel(c).apply(variables, tokens)[1].metrics[
+        "layer_0/em_density"])
+    assert 0.0 < density(config) < density(dataclasses.replace(config, em_threshold=0.0))
+    logits = _all_forms(config, variables, tokens, jnp.zeros_like(tokens))
+    for name, value in logits.items():
+      np.testing.assert_allclose(value, logits["parallel"], atol=1e-4, err_msg=name)
+
   def test_every_token_a_candidate_has_finite_gradients(self):
     """With `em_writes = span` a document's first token is a candidate with no predecessor: its
     key starts at exactly zero, and the novelty's cosine must not make the gradient NaN."""
@@ -278,7 +312,8 @@ class TestDocuments:
     reads, writes = [], []
     read, offer = em_lib.read, em_lib.offer
     monkeypatch.setattr(em_lib, "read", lambda m, q, k: reads.append(read(m, q, k)) or reads[-1])
-    monkeypatch.setattr(em_lib, "offer", lambda m, k, v, g: writes.append(v) or offer(m, k, v, g))
+    monkeypatch.setattr(em_lib, "offer",
+                        lambda m, k, v, *rest: writes.append(v) or offer(m, k, v, *rest))
     memory = init_memory(config, 1)
     for begin in range(0, 2 * SPAN, SPAN // 2):  # Chunks shorter than a span run eagerly.
       _, memory = model.apply(variables, tokens[:, begin:begin + SPAN // 2], memory,
