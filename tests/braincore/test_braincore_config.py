@@ -25,6 +25,7 @@ def test_the_defaults_are_the_seeds():
     ({"em_threshold": 1.0}, "em_threshold must be < 1"),
     ({"em_threshold": -0.1}, "em_threshold must be >= 0"),
     ({"em_teacher": -1.0}, "em_teacher must be >= 0"),
+    ({"em_novelty_init": -4.0}, "em_novelty_init must be >= 0"),
     ({"plasticity": 1}, "plasticity must be a bool"),
     ({"windw": 8}, "unknown field"),
 ])

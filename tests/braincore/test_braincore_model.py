@@ -229,6 +229,19 @@ class TestPlasticity:
     assert 0.0 < float(out.metrics["layer_0/em_target"]) < 1.0
     assert model.apply(variables, tokens)[1].losses == {}
 
+  def test_the_novelty_prior_turns_a_repeated_span_away(self):
+    """With `em_novelty_init` an untrained gate opens for new keys and stays shut for a span
+    whose keys are already stored (the same tokens again)."""
+    config = dataclasses.replace(CONFIG, num_layers=1, em_items=2 * SPAN, em_writes=SPAN,
+                                 em_novelty_init=8.0)
+    model = BrainCoreModel(config)
+    span = _tokens(t=SPAN)
+    variables = model.init(jax.random.key(0), span)
+    gate = lambda t: float(model.apply(variables, t)[1].metrics["layer_0/em_gate"])
+    first = gate(span)
+    second = 2 * gate(jnp.concatenate([span, span], axis=1)) - first  # The mean of two spans.
+    assert first > 0.9 and second < 0.5, (first, second)
+
   def test_forms_agree_when_a_threshold_turns_candidates_away(self):
     config = dataclasses.replace(CONFIG, num_layers=1, em_threshold=0.4)
     model = BrainCoreModel(config)
