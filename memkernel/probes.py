@@ -330,22 +330,24 @@ def _non_overlapping_starts(key: jax.Array, region_len: int, count: int, width: 
   return picks + jnp.arange(count) * (width - 1)
 
 
-def _scored(task: TaskConfig, positions: jax.Array, answers: jax.Array, leaf_a: jax.Array,
-            leaf_b: Optional[jax.Array] = None):
-  """Targets, mask and answer leaves with `answers` at `positions` (int32[Q] each)."""
+def _scored(task: TaskConfig, positions: jax.Array, answers: jax.Array, source_a: jax.Array,
+            source_b: Optional[jax.Array] = None):
+  """Targets, mask, answer leaves and answer sources with `answers` at `positions`, recalled
+  from the tokens at `source_a` (and `source_b`) (int32[Q] each); a leaf is its source // L."""
   T = task.seq_len
   targets = jnp.zeros((T,), jnp.int32).at[positions].set(answers.astype(jnp.int32))
   mask = jnp.zeros((T,), jnp.float32).at[positions].set(1.0)
-  leaves = jnp.full((T, 2), -1, jnp.int32).at[positions, 0].set(leaf_a.astype(jnp.int32))
-  if leaf_b is not None:
-    leaves = leaves.at[positions, 1].set(leaf_b.astype(jnp.int32))
-  return targets, mask, leaves
+  sources = jnp.full((T, 2), -1, jnp.int32).at[positions, 0].set(source_a.astype(jnp.int32))
+  if source_b is not None:
+    sources = sources.at[positions, 1].set(source_b.astype(jnp.int32))
+  leaves = jnp.where(sources >= 0, sources // task.leaf_size, -1)
+  return targets, mask, leaves, sources
 
 
 def _mqar(task: TaskConfig, key: jax.Array):
   if task.layout == "scattered":
     return _mqar_scattered(task, key)
-  n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  n, V, T = task.num_pairs, task.vocab_size, task.seq_len
   k_keys, k_values, k_gaps, k_fill = jax.random.split(key, 4)
   keys = jax.random.choice(k_keys, jnp.arange(1, V // 2), (n,), replace=False)
   values = jax.random.choice(k_values, jnp.arange(V // 2, V), (n,), replace=False)
@@ -362,11 +364,11 @@ def _mqar(task: TaskConfig, key: jax.Array):
 
   tokens = jax.random.randint(k_fill, (T,), 0, V, jnp.int32)
   tokens = tokens.at[:2 * n].set(kv).at[query_pos].set(keys)
-  return (tokens, *_scored(task, query_pos, values, (2 * jnp.arange(n) + 1) // L))
+  return (tokens, *_scored(task, query_pos, values, 2 * jnp.arange(n) + 1))
 
 
 def _mqar_scattered(task: TaskConfig, key: jax.Array):
-  n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  n, V, T = task.num_pairs, task.vocab_size, task.seq_len
   split = task.scattered_split
   k_keys, k_values, k_pairs, k_order, k_queries, k_fill = jax.random.split(key, 6)
   keys = jax.random.choice(k_keys, jnp.arange(1, V // 2), (n,), replace=False)
@@ -378,11 +380,11 @@ def _mqar_scattered(task: TaskConfig, key: jax.Array):
   # Filler from the value range only: a key token appears in its pair and at its query alone.
   tokens = jax.random.randint(k_fill, (T,), V // 2, V, jnp.int32)
   tokens = tokens.at[starts].set(keys).at[starts + 1].set(values).at[query_pos].set(keys)
-  return (tokens, *_scored(task, query_pos, values, (starts + 1) // L))
+  return (tokens, *_scored(task, query_pos, values, starts + 1))
 
 
 def _passkey(task: TaskConfig, key: jax.Array):
-  V, T, L = task.vocab_size, task.seq_len, task.leaf_size
+  V, T = task.vocab_size, task.seq_len
   k_pos, k_value, k_fill = jax.random.split(key, 3)
   # The fact `MARKER v` anywhere before the query's leaf (uniform), the query `MARKER` last.
   start = jax.random.randint(k_pos, (), 0, task.passkey_query_start - 1)
@@ -390,7 +392,7 @@ def _passkey(task: TaskConfig, key: jax.Array):
   tokens = jax.random.randint(k_fill, (T,), NUM_SPECIAL, V, jnp.int32)
   tokens = tokens.at[start].set(MARKER).at[start + 1].set(value).at[T - 1].set(MARKER)
   query = jnp.full((1,), T - 1)
-  return (tokens, *_scored(task, query, value[None], ((start + 1) // L)[None]))
+  return (tokens, *_scored(task, query, value[None], (start + 1)[None]))
 
 
 def _copy(task: TaskConfig, key: jax.Array):
@@ -399,11 +401,11 @@ def _copy(task: TaskConfig, key: jax.Array):
   tokens = jnp.full((T,), PAD, jnp.int32)
   tokens = tokens.at[:c].set(segment).at[c].set(SEP).at[c + 1:2 * c + 1].set(segment)
   source = jnp.arange(c)
-  return (tokens, *_scored(task, c + source, segment, source // task.leaf_size))
+  return (tokens, *_scored(task, c + source, segment, source))
 
 
 def _induction(task: TaskConfig, key: jax.Array):
-  n, V, T, L = task.induction_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  n, V, T = task.induction_pairs, task.vocab_size, task.seq_len
   split = task.induction_split
   content_lo = NUM_SPECIAL + task.num_pairs
   k_trig, k_b, k_pairs, k_queries, k_fill = jax.random.split(key, 5)
@@ -415,11 +417,11 @@ def _induction(task: TaskConfig, key: jax.Array):
 
   tokens = jax.random.randint(k_fill, (T,), content_lo, V, jnp.int32)
   tokens = tokens.at[starts].set(triggers).at[starts + 1].set(follows).at[query_pos].set(triggers)
-  return (tokens, *_scored(task, query_pos, follows, (starts + 1) // L))
+  return (tokens, *_scored(task, query_pos, follows, starts + 1))
 
 
 def _noisy_retrieval(task: TaskConfig, key: jax.Array):
-  n, V, T, L = task.num_pairs, task.vocab_size, task.seq_len, task.leaf_size
+  n, V, T = task.num_pairs, task.vocab_size, task.seq_len
   context = task.noisy_context_len
   k_keys, k_values, k_triples, k_queries, k_order, k_fill = jax.random.split(key, 6)
   keys = NUM_SPECIAL + jax.random.choice(k_keys, V - NUM_SPECIAL, (n,), replace=False)
@@ -431,11 +433,11 @@ def _noisy_retrieval(task: TaskConfig, key: jax.Array):
   tokens = jax.random.randint(k_fill, (T,), NUM_SPECIAL, V, jnp.int32)
   tokens = tokens.at[starts].set(MARKER).at[starts + 1].set(keys).at[starts + 2].set(values)
   tokens = tokens.at[query_starts].set(MARKER).at[query_starts + 1].set(keys[order])
-  return (tokens, *_scored(task, query_starts + 1, values[order], (starts[order] + 2) // L))
+  return (tokens, *_scored(task, query_starts + 1, values[order], starts[order] + 2))
 
 
 def _far_compare(task: TaskConfig, key: jax.Array):
-  n, V, T, L = task.num_compares, task.vocab_size, task.seq_len, task.leaf_size
+  n, V, T = task.num_compares, task.vocab_size, task.seq_len
   q1, q2, q3 = task.far_quarters
   k_keys, k_a, k_b, k_pos_a, k_pos_b, k_perm_a, k_perm_b, k_queries, k_order, k_fill = (
       jax.random.split(key, 10))
@@ -457,8 +459,8 @@ def _far_compare(task: TaskConfig, key: jax.Array):
     answers = jnp.maximum(a, b)
   else:
     answers = jnp.where(a > b, GREATER, LESS)
-  return (tokens, *_scored(task, query_starts + 1, answers[order], (a_starts[order] + 2) // L,
-                           (b_starts[order] + 2) // L))
+  return (tokens, *_scored(task, query_starts + 1, answers[order], a_starts[order] + 2,
+                           b_starts[order] + 2))
 
 
 _GENERATORS: dict[str, Callable[[TaskConfig, jax.Array], tuple[jax.Array, ...]]] = {
@@ -483,9 +485,10 @@ def generate(task: TaskConfig, key: jax.Array, batch_size: int,
     seq_len: optional override of `task.seq_len` (static under jit), for evaluating at other lengths.
 
   Returns:
-    A dict with `tokens` int32[B, T], `targets` int32[B, T], `mask` float32[B, T] and
-    `answer_leaves` int32[B, T, 2], and for `DOCUMENT_TASKS` `segments` int32[B, T]; see the
-    module docstring. Row i depends only on `key` and i, so
+    A dict with `tokens` int32[B, T], `targets` int32[B, T], `mask` float32[B, T],
+    `answer_leaves` int32[B, T, 2] and `answer_sources` int32[B, T, 2] (the positions of the
+    tokens a scored answer recalls, -1 elsewhere; its leaves are `answer_leaves`), and for
+    `DOCUMENT_TASKS` `segments` int32[B, T]; see the module docstring. Row i depends only on `key` and i, so
     the first rows of a batch do not change with `batch_size`.
   """
   if seq_len is not None and seq_len != task.seq_len:
@@ -495,8 +498,9 @@ def generate(task: TaskConfig, key: jax.Array, batch_size: int,
   per_sequence = functools.partial(_GENERATORS[task.name], task)
   # Row i depends on (key, i) only, so a smaller batch is a prefix of a larger one.
   row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(batch_size))
-  tokens, targets, mask, answer_leaves = jax.vmap(per_sequence)(row_keys)
-  batch = {"tokens": tokens, "targets": targets, "mask": mask, "answer_leaves": answer_leaves}
+  tokens, targets, mask, answer_leaves, answer_sources = jax.vmap(per_sequence)(row_keys)
+  batch = {"tokens": tokens, "targets": targets, "mask": mask, "answer_leaves": answer_leaves,
+           "answer_sources": answer_sources}
   if task.name in DOCUMENT_TASKS:  # Document 0 holds the pairs, document 1 the queries.
     documents = (jnp.arange(task.seq_len) >= task.scattered_split).astype(jnp.int32)
     batch["segments"] = jnp.broadcast_to(documents, tokens.shape)

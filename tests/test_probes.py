@@ -85,6 +85,8 @@ def _check_solver(test, task, batch):
       test.assertEqual(batch["targets"][b, p], answer, msg=f"row {b} position {p}")
       expected_leaves = [s // L for s in sources] + [-1] * (2 - len(sources))
       np.testing.assert_array_equal(batch["answer_leaves"][b, p], expected_leaves)
+      np.testing.assert_array_equal(batch["answer_sources"][b, p],
+                                    list(sources) + [-1] * (2 - len(sources)))
 
 
 class GenerateTest(parameterized.TestCase):
@@ -95,7 +97,7 @@ class GenerateTest(parameterized.TestCase):
     batch = _batch(task)
     T = task.seq_len
     chex.assert_shape([batch["tokens"], batch["targets"], batch["mask"]], (_BATCH, T))
-    chex.assert_shape(batch["answer_leaves"], (_BATCH, T, 2))
+    chex.assert_shape([batch["answer_leaves"], batch["answer_sources"]], (_BATCH, T, 2))
     self.assertEqual(batch["tokens"].dtype, np.int32)
     self.assertEqual(batch["targets"].dtype, np.int32)
     self.assertEqual(batch["mask"].dtype, np.float32)
