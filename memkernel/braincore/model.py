@@ -245,6 +245,24 @@ class BrainCoreModel(nn.Module):
                         losses={"em_write": c.em_teacher * sum(losses) / len(losses)})
     return logits, out
 
+  def write_gates(self, tokens: jax.Array, segments: Any = None) -> tuple[jax.Array, ...]:
+    """Per layer, the write gate of every candidate the parallel form offers, [B, N, C] for
+    the N whole spans of `tokens` (candidate c of span n is token n * span + c when `em_writes`
+    is `span`): what `memkernel.analysis.write_audit` reads."""
+    c = self.config
+    if not c.plasticity:
+      raise ValueError("write_gates: a model without plasticity writes nothing")
+    _check_tokens(tokens, 2, "tokens")
+    family_lib.check_segments(segments, tokens.shape, align=c.span)
+    if tokens.shape[1] < c.span:
+      raise ValueError(f"write_gates: tokens must hold at least one span ({c.span}), got "
+                       f"{tokens.shape[1]}")
+    segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
+                else jnp.asarray(segments, jnp.int32))
+    traces = self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
+                       drop=frozenset(), trace=True)[3]
+    return tuple(jax.nn.sigmoid(layer["logits"]) for layer in traces)
+
   def scan(self, tokens: jax.Array, memory: BrainCoreMemory, segments: Any = None, *,
            interventions: Any = None, return_aux: bool = False):
     """Recurrent form: consumes `tokens` [B, T] (any T >= 1) after `memory`, in chunks of
