@@ -157,6 +157,10 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
 
   if "braincore" in names:
     # Seed 002's memories at the probes' widths; the seed's own sizes are the field defaults.
+    # Every token an episodic candidate, the gate trained by hindsight and writing above 1/2
+    # (docs/results/braincore/: the seed's one candidate per span stores one fact per span, and
+    # a gate without the teacher let filler evict the facts).
+    span = ml_collections.FieldReference(64)  # Plasticity span; every token a candidate.
     config.braincore = ml_collections.ConfigDict(dict(
         vocab_size=vocab_size,
         d_model=d_model,
@@ -167,17 +171,18 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
         em_items=256,
         em_k=4,
         em_key_dim=64,
-        em_writes=1,
+        em_writes=span,
         em_features="input",
-        em_threshold=0.0,
-        em_teacher=0.0,
-        em_novelty_init=0.0,
+        em_threshold=0.5,
+        em_teacher=1.0,
+        em_target="near",
+        em_novelty_init=4.0,
         em_decay=0.999,
         pm_rank=8,
         pm_lr=0.1,
         pm_decay=0.99,
         pm_budget=1.0,
-        span=64,
+        span=span,
         plasticity=True,
         token_shift=True,
         wm_rope=False,
@@ -211,7 +216,7 @@ def make_smoke(config: ml_collections.ConfigDict, *, d_model: ml_collections.Fie
   config.model.max_timescale = 32.0
   config.peer.window = 32
   if "braincore" in config:
-    config.braincore.update(dict(window=32, em_items=8, em_key_dim=16, pm_rank=4, span=16))
+    config.braincore.update(dict(window=32, em_items=16, em_key_dim=16, pm_rank=4, span=16))
   config.train.update(dict(steps=20, batch_size=4, warmup_steps=2, log_every=5, eval_every=0,
                            ckpt_every=10))
   # Two lengths, so the smoke run also exercises evaluation beyond the training length.

@@ -16,9 +16,8 @@ docs/results/braincore/. Run (add `:smoke` for a seconds-long check):
 Lifelong settings: the kernel carries its trunk and its tree across the boundary, the attention
 peers carry their keys (`peer.boundary='carry'`), the brain-core keeps its seed defaults
 (working memory and core reset, episodic and procedural memory decay by `boundary_decay`). The
-brain-core offers every token as an episodic candidate (`em_writes` = `span`, the gate choosing
-what stays): with the seed's one candidate per span, 32 pairs in 4 spans cannot all be stored
-(measured in docs/results/braincore/).
+brain-core offers every token as an episodic candidate and its write gate learns from hindsight
+which to keep (`configs/common.py`; measured in docs/results/braincore/).
 """
 
 from configs import common
@@ -32,6 +31,4 @@ def get_config(arg=None):
   config.model.trunk_boundary = "carry"
   config.model.tree_boundary = "carry"
   config.peer.boundary = "carry"
-  if "braincore" in config:  # Every token a candidate: the seed's one per span keeps 1 in 64.
-    config.braincore.em_writes = min(config.braincore.span, config.braincore.em_items)
   return config

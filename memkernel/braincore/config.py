@@ -15,6 +15,7 @@ from memkernel import fields
 BOUNDARIES = ("reset", "carry", "decay")
 SCAN_IMPLS = ("linear", "associative")
 EM_FEATURES = ("input", "mixed")
+EM_TARGETS = ("near", "first")  # memkernel.braincore.write_teacher.TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class BrainCoreConfig:
       sequence offered before that position's span (1 for the best;
       `memkernel.braincore.write_teacher`). It is the gate's only signal about candidates it
       did not store.
+    em_target: the teacher's target: 'near' (above: exp(score - best score)) or 'first' (1 for
+      a scored read's first choice, 0 for every other candidate).
     em_novelty_init: the write gate's initial weight on novelty (its bias then starts at minus
       half of it; 0: the LeCun initialisation of every weight, bias 0). A prior that a key
       already stored is not worth a second item: the gate's few weights move slowly under
@@ -94,6 +97,7 @@ class BrainCoreConfig:
   em_features: str = "input"
   em_threshold: float = 0.0
   em_teacher: float = 0.0
+  em_target: str = "near"
   em_novelty_init: float = 0.0
   pm_rank: int = 8
   pm_lr: float = 0.1
@@ -124,6 +128,8 @@ class BrainCoreConfig:
                        f"({self.em_items}), got {self.em_writes}")
     if self.em_features not in EM_FEATURES:
       raise ValueError(f"{s}.em_features must be one of {EM_FEATURES}, got {self.em_features!r}")
+    if self.em_target not in EM_TARGETS:
+      raise ValueError(f"{s}.em_target must be one of {EM_TARGETS}, got {self.em_target!r}")
     if self.scan_impl not in SCAN_IMPLS:
       raise ValueError(f"{s}.scan_impl must be one of {SCAN_IMPLS}, got {self.scan_impl!r}")
     for name in ("em_decay", "pm_decay", "boundary_decay"):

@@ -237,7 +237,7 @@ class BrainCoreModel(nn.Module):
       losses, metrics = [], dict(out.metrics)
       for i, layer in enumerate(traces):
         targets, weights = write_teacher.write_targets(layer["queries"], layer["keys"], mask,
-                                                       c.span, separate)
+                                                       c.span, separate, c.em_target)
         losses.append(write_teacher.gate_loss(layer["logits"], targets, weights))
         metrics[f"layer_{i}/em_target"] = jnp.sum(targets * weights) / jnp.maximum(
             jnp.sum(weights), 1.0)

@@ -16,9 +16,11 @@ stored or not, so a gate above 1/2 says "a later read will want this first, more
 not". Candidates no scored position could read carry no weight. Targets are outside the
 gradient: the teacher moves the gate, not the read.
 
-(The first target was the candidate's largest share of a scored read's softmax over all
-candidates: it shrinks as the candidates grow in number, and its gates stayed below 1/2 for
-facts a read wanted, docs/results/braincore/.)
+`target='first'` keeps only each scored read's first choice: where a layer's reads barely
+discriminate, 'near' marks most candidates and the gate opens for them. (The first target was
+the candidate's largest share of a scored read's softmax over all candidates: it shrinks as the
+candidates grow in number, and its gates stayed below 1/2 for facts a read wanted,
+docs/results/braincore/.)
 
     targets_BNC, weights_BNC = write_targets(queries_BTK, keys_BNCK, mask_BT, span)
     loss = gate_loss(logits_BNC, targets_BNC, weights_BNC)
@@ -35,8 +37,12 @@ import jax
 import jax.numpy as jnp
 
 
+TARGETS = ("near", "first")
+
+
 def write_targets(queries_BTK: jax.Array, keys_BNCK: jax.Array, mask_BT: jax.Array, span: int,
-                  segments_BT: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                  segments_BT: Optional[jax.Array] = None,
+                  target: str = "near") -> tuple[jax.Array, jax.Array]:
   """Each candidate's target in [0, 1] (1: a scored read's best item) and its weight (1 where a
   scored position can read it).
 
@@ -47,6 +53,9 @@ def write_targets(queries_BTK: jax.Array, keys_BNCK: jax.Array, mask_BT: jax.Arr
     span: the plasticity span P: a position in span j reads the candidates of spans < j.
     segments_BT: document index per position, or None; given, a position reads only candidates
       of its own document (episodic memory that resets at a document boundary).
+    target: 'near', exp(score - the best score) at the scored position that wants the
+      candidate most, or 'first', 1 for a scored position's first choice and 0 for the rest (a
+      read whose scores are nearly flat marks one candidate, not all of them).
 
   Returns:
     (targets [B, N, C], weights [B, N, C]), both outside the gradient.
@@ -66,8 +75,15 @@ def write_targets(queries_BTK: jax.Array, keys_BNCK: jax.Array, mask_BT: jax.Arr
   scores_BTX = jnp.einsum("btk,bxk->btx", queries_BTK.astype(jnp.float32), keys_BXK) / jnp.sqrt(k)
   scores_BTX = jnp.where(visible_BTX, scores_BTX, -jnp.inf)
   best_BT1 = jnp.max(scores_BTX, axis=-1, keepdims=True)
-  near_BTX = jnp.where(visible_BTX, jnp.exp(scores_BTX - jnp.where(jnp.isfinite(best_BT1),
-                                                                    best_BT1, 0.0)), 0.0)
+  if target == "near":
+    near_BTX = jnp.where(visible_BTX, jnp.exp(scores_BTX - jnp.where(jnp.isfinite(best_BT1),
+                                                                      best_BT1, 0.0)), 0.0)
+  elif target == "first":
+    first_BT = jnp.argmax(scores_BTX, axis=-1)
+    near_BTX = (jax.nn.one_hot(first_BT, n * c, dtype=jnp.float32)
+                * jnp.isfinite(best_BT1)) * visible_BTX
+  else:
+    raise ValueError(f"write_targets: target must be one of {TARGETS}, got {target!r}")
   scored_BT1 = (mask_BT > 0)[..., None]
   targets_BX = jnp.max(jnp.where(scored_BT1, near_BTX, 0.0), axis=1)
   weights_BX = jnp.any(scored_BT1 & visible_BTX, axis=1).astype(jnp.float32)

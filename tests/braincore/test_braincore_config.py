@@ -26,6 +26,7 @@ def test_the_defaults_are_the_seeds():
     ({"em_threshold": -0.1}, "em_threshold must be >= 0"),
     ({"em_teacher": -1.0}, "em_teacher must be >= 0"),
     ({"em_novelty_init": -4.0}, "em_novelty_init must be >= 0"),
+    ({"em_target": "best"}, "em_target must be one of"),
     ({"plasticity": 1}, "plasticity must be a bool"),
     ({"windw": 8}, "unknown field"),
 ])

@@ -66,6 +66,18 @@ def test_the_loss_pulls_each_weighted_gate_to_its_target_and_ignores_the_rest():
   assert float(write_teacher.gate_loss(jnp.zeros(3), targets, jnp.zeros(3))) == 0.0
 
 
+def test_first_marks_each_scored_reads_first_choice_alone():
+  queries, keys = _setup([(9, 0, 1)])
+  queries = queries.at[:, 13].set(0.0)  # A flat read: every visible candidate ties.
+  mask = jnp.zeros((1, 16)).at[0, 9].set(1.0).at[0, 13].set(1.0)
+  near, _ = write_teacher.write_targets(queries, keys, mask, SPAN)
+  first, _ = write_teacher.write_targets(queries, keys, mask, SPAN, target="first")
+  assert float(jnp.min(near)) == 1.0  # 'near' marks every candidate of the flat read.
+  assert float(first[0, 0, 1]) == 1.0 and float(jnp.sum(first)) == 2.0
+  with pytest.raises(ValueError, match="target must be one of"):
+    write_teacher.write_targets(queries, keys, mask, SPAN, target="last")
+
+
 def test_bad_shapes_are_named():
   with pytest.raises(ValueError, match="write_targets: queries"):
     write_teacher.write_targets(jnp.ones((1, 8, K)), jnp.ones((1, 3, 2, K)), jnp.ones((1, 8)),
