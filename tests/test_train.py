@@ -197,7 +197,8 @@ class TrainTest(parameterized.TestCase):
     (row,) = read_rows(workdir)
     self.assertIn("layer_0/em_occupancy", row)
     model_config, params = load_run(workdir)
-    self.assertEqual((model_config.family, model_config.span, model_config.em_items), ("braincore", 16, 16))
+    self.assertEqual((model_config.family, model_config.span, model_config.em_items),
+                     ("braincore", 16, 16))
     self.assertIn("layer_0", params)
     parallel = runs.evaluate_run(workdir, lengths=(128,), batches=1, batch_size=2)
     recurrent = runs.evaluate_run(workdir, lengths=(128,), batches=1, batch_size=2, chunk=40)

@@ -17,7 +17,8 @@ q . k / sqrt(D) + log(strength), keeps the k best and mixes their values with a 
 those k scores (one-query cross-attention over the retrieved items), so a weak item needs a
 closer key to win. A write offers one candidate per example with a gate in [0, 1]: it replaces
 the weakest item if the gate exceeds that item's strength and the write threshold (0 unless
-given), and is stored with the gate as its strength (a gate of 0 writes nothing). Every example owns its items: no state crosses the batch.
+given), and is stored with the gate as its strength (a gate of 0 writes nothing). Every
+example owns its items: no state crosses the batch.
 
 What gradients flow: into the read's queries, the stored keys and values (from the candidates
 that wrote them) and, through log(strength), into the gate of every write that landed. The

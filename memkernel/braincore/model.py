@@ -233,16 +233,11 @@ class BrainCoreModel(nn.Module):
     out = self._outputs(memory, totals)
     if teach and traces[0]:
       mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
-      separate = segments if c.em_boundary == "reset" else None
-      losses, metrics = [], dict(out.metrics)
-      for i, layer in enumerate(traces):
-        targets, weights = write_teacher.write_targets(layer["queries"], layer["keys"], mask,
-                                                       c.span, separate, c.em_target)
-        losses.append(write_teacher.gate_loss(layer["logits"], targets, weights))
-        metrics[f"layer_{i}/em_target"] = jnp.sum(targets * weights) / jnp.maximum(
-            jnp.sum(weights), 1.0)
-      out = out.replace(metrics=metrics,
-                        losses={"em_write": c.em_teacher * sum(losses) / len(losses)})
+      loss, mean_targets = write_teacher.teach(
+          traces, mask, c.span, segments if c.em_boundary == "reset" else None, c.em_target)
+      metrics = dict(out.metrics)
+      metrics.update({f"layer_{i}/em_target": v for i, v in enumerate(mean_targets)})
+      out = out.replace(metrics=metrics, losses={"em_write": c.em_teacher * loss})
     return logits, out
 
   def write_gates(self, tokens: jax.Array, segments: Any = None) -> tuple[jax.Array, ...]:

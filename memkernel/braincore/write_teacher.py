@@ -24,6 +24,7 @@ docs/results/braincore/.)
 
     targets_BNC, weights_BNC = write_targets(queries_BTK, keys_BNCK, mask_BT, span)
     loss = gate_loss(logits_BNC, targets_BNC, weights_BNC)
+    loss, mean_targets = teach(traces, mask_BT, span)      # every layer's write trace
 
 Like the kernel's dense teacher for its router, it costs O(T N C) and exists only in training;
 the gate it trains decides alone, causally, in every form.
@@ -96,3 +97,17 @@ def gate_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.
   (0 when every weight is 0)."""
   bce = jax.nn.softplus(logits) - targets * logits
   return jnp.sum(bce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def teach(traces, mask_BT: jax.Array, span: int, segments_BT: Optional[jax.Array] = None,
+          target: str = "near") -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """The gate loss averaged over layers, and each layer's mean target over its weighted
+  candidates, from the layers' write traces ({'logits' [B, N, C], 'keys' [B, N, C, K],
+  'queries' [B, T, K]}, `BrainCoreModel._run`)."""
+  losses, means = [], []
+  for layer in traces:
+    targets, weights = write_targets(layer["queries"], layer["keys"], mask_BT, span, segments_BT,
+                                     target)
+    losses.append(gate_loss(layer["logits"], targets, weights))
+    means.append(jnp.sum(targets * weights) / jnp.maximum(jnp.sum(weights), 1.0))
+  return sum(losses) / len(losses), tuple(means)
