@@ -13,6 +13,7 @@ import functools
 import logging as std_logging
 import math
 import os
+import shlex
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -73,6 +74,12 @@ def check_directory(flag: str, path: Optional[str]) -> None:
   """Raises ValueError if `path` (the value of `--flag`) exists and is not a directory."""
   if path and os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"--{flag}={path} is a file; it must be a directory")
+
+
+def command(name: str) -> str:
+  """The command line this process was started with, as `python -m experiments.<name> ...`
+  (what a result file records so it can be remade)."""
+  return " ".join(["python -m experiments." + name] + [shlex.quote(a) for a in sys.argv[1:]])
 
 
 def check_positive(flag: str, value: Optional[int]) -> None:

@@ -11,8 +11,6 @@ On CPU, prefix the command with
 `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736`.
 """
 
-import shlex
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -34,7 +32,7 @@ def main(argv):
     raise ValueError(f"invalid config: {e}") from e
   ablate_lib.pending_cells(sweep, _OUT.value)  # A finished cell made with another config fails.
   _cli.quiet_orbax()  # Keep the progress lines readable: orbax reports every save at INFO.
-  command = "python -m experiments.ablate " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  command = _cli.command("ablate")
   ablate_lib.run(_CONFIG.value, _OUT.value, command=command)
 
 

@@ -16,8 +16,6 @@ context length (kernel vs dense attention) go to OUT/costs.json and OUT/costs.md
 
 import json
 import os
-import shlex
-import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -40,7 +38,7 @@ def main(argv):
     bench = bench_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
   except ValueError as e:
     raise ValueError(f"invalid config: {e}") from e
-  command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  command = _cli.command("bench")
   if _COSTS.value:
     rows = bench_lib.per_token_costs(bench, bench.lengths)
     table = bench_lib.per_token_costs_markdown(rows)

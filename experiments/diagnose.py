@@ -17,8 +17,6 @@ computed from the tokens under each node (`memkernel/analysis/node_scores.py`).
 
 import logging as std_logging
 import os
-import shlex
-import sys
 
 from absl import flags
 from absl import logging
@@ -66,8 +64,7 @@ def main(argv):
       batch_size=_BATCH_SIZE.value, step=_STEP.value, seed=_SEED.value,
       node_scores=node_scores)
   print(diagnose_lib.format_report(report))
-  report["command"] = "python -m experiments.diagnose " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+  report["command"] = _cli.command("diagnose")
   runs.write_json(out, report)
   print(f"wrote {out}")
 

@@ -26,8 +26,6 @@ CPU (batch 1); the two forms agree. Each length also records its wall time and p
 """
 
 import os
-import shlex
-import sys
 
 from absl import flags
 
@@ -93,8 +91,7 @@ def main(argv):
         if k in ("accuracy", "accuracy_se", "queries", "loss") or k.endswith("routing_recall")
         or k.endswith("routing_recall_blind"))
         + "; " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["cost"][length].items())))
-  result["command"] = "python -m experiments.evaluate " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+  result["command"] = _cli.command("evaluate")
   runs.write_json(out, result)
   print(f"wrote {out}")
 

@@ -19,7 +19,6 @@ the kind of damage (with `--json`: {"ok", "records", "first_bad_record", "damage
 
 import json
 import os
-import shlex
 import sys
 import tempfile
 
@@ -138,7 +137,7 @@ def _verify() -> None:
 
 
 def _command_line() -> str:
-  return "python -m experiments.store " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  return _cli.command("store")
 
 
 def _write(path: str, text: str) -> None:

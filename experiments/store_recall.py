@@ -16,8 +16,6 @@ store. Both regenerate the facts from `--facts_seed`; the answer key never enter
 """
 
 import os
-import shlex
-import sys
 
 from absl import flags
 from absl import logging
@@ -74,8 +72,7 @@ def _ask(model, params, task, key):
       _STORE.value, key, model, params, task, site=_SITE.value, facts=_FACTS.value,
       facts_seed=_FACTS_SEED.value, docs=_DOCS.value, alphas=alphas, floors=floors, k=_K.value,
       progress=lambda m: print(m, flush=True))
-  result["command"] = "python -m experiments.store_recall " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+  result["command"] = _cli.command("store_recall")
   none = result["no_store"]["test"]
   print(f"test questions without the store: {none['questions']['accuracy']:.4f} +- "
         f"{none['questions']['accuracy_se']:.4f} ({none['questions']['queries']} queries); "

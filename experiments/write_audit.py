@@ -15,8 +15,6 @@ Safe beside a live training run (only committed checkpoints are read).
 import dataclasses
 import logging as std_logging
 import os
-import shlex
-import sys
 
 from absl import flags
 from absl import logging
@@ -51,8 +49,7 @@ def main(argv):
   _, params = runs.load_run(_WORKDIR.value, _STEP.value)
   report = write_audit.audit_writes(experiment, params, batches=_BATCHES.value)
   print(write_audit.format_report(report))
-  report["command"] = "python -m experiments.write_audit " + " ".join(
-      shlex.quote(a) for a in sys.argv[1:])
+  report["command"] = _cli.command("write_audit")
   runs.write_json(out, report)
   print(f"wrote {out}")
 
