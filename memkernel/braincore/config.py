@@ -15,7 +15,7 @@ from memkernel import fields
 BOUNDARIES = ("reset", "carry", "decay")
 SCAN_IMPLS = ("linear", "associative")
 EM_FEATURES = ("input", "mixed")
-EM_TARGETS = ("near", "first")  # memkernel.braincore.write_teacher.TARGETS
+EM_TARGETS = ("first", "near")  # memkernel.braincore.write_teacher.TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +47,12 @@ class BrainCoreConfig:
       weakest item's strength); 0 writes every candidate with a positive gate while slots are
       empty. In [0, 1).
     em_teacher: weight of the write gate's hindsight loss (training only, the parallel form;
-      0: off): binary cross entropy of each candidate's gate against how near it comes to
-      being the best item of a later scored position's dense read over every candidate the
-      sequence offered before that position's span (1 for the best;
-      `memkernel.braincore.write_teacher`). It is the gate's only signal about candidates it
-      did not store.
-    em_target: the teacher's target: 'near' (above: exp(score - best score)) or 'first' (1 for
-      a scored read's first choice, 0 for every other candidate).
+      0: off): binary cross entropy of each candidate's gate against whether it is the first
+      choice of a later scored position's dense read over every candidate the sequence offered
+      before that position's span (`memkernel.braincore.write_teacher`). It is the gate's only
+      signal about candidates it did not store.
+    em_target: the teacher's target: 'first' (above) or 'near' (exp(score - best score) at the
+      scored read that wants the candidate most).
     em_novelty_init: the write gate's initial weight on novelty (its bias then starts at minus
       half of it; 0: the LeCun initialisation of every weight, bias 0). A prior that a key
       already stored is not worth a second item: the gate's few weights move slowly under
@@ -97,7 +96,7 @@ class BrainCoreConfig:
   em_features: str = "input"
   em_threshold: float = 0.0
   em_teacher: float = 0.0
-  em_target: str = "near"
+  em_target: str = "first"
   em_novelty_init: float = 0.0
   pm_rank: int = 8
   pm_lr: float = 0.1

@@ -9,18 +9,17 @@ never learns to keep filler out. The teacher supplies that signal from hindsight
 training sequence. For every position the task scores, a dense read over every candidate offered
 before that position's span (the ones it could have read had all of them been stored, and had
 nothing been evicted), scored q . k / sqrt(K) as the read scores them. A candidate's target is
-how near it comes to being some scored position's best item, exp(score - that position's best
-score), at its nearest: 1 for every scored read's first choice, e^-gap for a runner-up, about 0
-for what no scored read wants. Its gate is trained towards the target by binary cross entropy,
-stored or not, so a gate above 1/2 says "a later read will want this first, more likely than
-not". Candidates no scored position could read carry no weight. Targets are outside the
-gradient: the teacher moves the gate, not the read.
+1 if it is some scored position's first choice, else 0 (`target='first'`). Its gate is trained
+towards the target by binary cross entropy, stored or not, so a gate above 1/2 says "a later
+read will want this first, more likely than not". Candidates no scored position could read
+carry no weight. Targets are outside the gradient: the teacher moves the gate, not the read.
 
-`target='first'` keeps only each scored read's first choice: where a layer's reads barely
-discriminate, 'near' marks most candidates and the gate opens for them. (The first target was
-the candidate's largest share of a scored read's softmax over all candidates: it shrinks as the
-candidates grow in number, and its gates stayed below 1/2 for facts a read wanted,
-docs/results/braincore/.)
+`target='near'` softens it: exp(score - that position's best score) at the scored position
+where the candidate comes nearest (1 for a first choice, e^-gap for a runner-up). Where a
+layer's reads barely discriminate, 'near' marks most candidates and the gate opens for them
+(a third of a second layer's candidates, docs/results/braincore/). (Before both, the target
+was the candidate's softmax share of a scored read: it shrinks as the candidates grow in
+number, and the facts' gates stayed below 1/2.)
 
     targets_BNC, weights_BNC = write_targets(queries_BTK, keys_BNCK, mask_BT, span)
     loss = gate_loss(logits_BNC, targets_BNC, weights_BNC)
@@ -38,14 +37,14 @@ import jax
 import jax.numpy as jnp
 
 
-TARGETS = ("near", "first")
+TARGETS = ("first", "near")
 
 
 def write_targets(queries_BTK: jax.Array, keys_BNCK: jax.Array, mask_BT: jax.Array, span: int,
                   segments_BT: Optional[jax.Array] = None,
-                  target: str = "near") -> tuple[jax.Array, jax.Array]:
-  """Each candidate's target in [0, 1] (1: a scored read's best item) and its weight (1 where a
-  scored position can read it).
+                  target: str = "first") -> tuple[jax.Array, jax.Array]:
+  """Each candidate's target in [0, 1] (1: a scored read's first choice) and its weight (1 where
+  a scored position can read it).
 
   Args:
     queries_BTK: the episodic query of every position.
@@ -54,9 +53,8 @@ def write_targets(queries_BTK: jax.Array, keys_BNCK: jax.Array, mask_BT: jax.Arr
     span: the plasticity span P: a position in span j reads the candidates of spans < j.
     segments_BT: document index per position, or None; given, a position reads only candidates
       of its own document (episodic memory that resets at a document boundary).
-    target: 'near', exp(score - the best score) at the scored position that wants the
-      candidate most, or 'first', 1 for a scored position's first choice and 0 for the rest (a
-      read whose scores are nearly flat marks one candidate, not all of them).
+    target: 'first', 1 for a scored position's first choice and 0 for the rest, or 'near',
+      exp(score - the best score) at the scored position that wants the candidate most.
 
   Returns:
     (targets [B, N, C], weights [B, N, C]), both outside the gradient.
@@ -100,7 +98,7 @@ def gate_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.
 
 
 def teach(traces, mask_BT: jax.Array, span: int, segments_BT: Optional[jax.Array] = None,
-          target: str = "near") -> tuple[jax.Array, tuple[jax.Array, ...]]:
+          target: str = "first") -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """The gate loss averaged over layers, and each layer's mean target over its weighted
   candidates, from the layers' write traces ({'logits' [B, N, C], 'keys' [B, N, C, K],
   'queries' [B, T, K]}, `BrainCoreModel._run`)."""

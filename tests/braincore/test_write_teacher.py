@@ -1,5 +1,5 @@
-"""The write gate's hindsight teacher: a candidate's target is the largest share of a dense read
-that a later scored position gives it; only candidates such a position could read count."""
+"""The write gate's hindsight teacher: a candidate's target says whether a later scored
+position's dense read wants it first; only candidates such a position could read count."""
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,13 @@ def _setup(matches, b=1, n=3, c=2, t=16, scale=8.0):
   return queries, keys
 
 
-def test_the_candidate_a_scored_query_finds_is_the_target():
+@pytest.mark.parametrize("target", write_teacher.TARGETS)
+def test_the_candidate_a_scored_query_finds_is_the_target(target):
   queries, keys = _setup([(9, 0, 1)])  # Position 9 lies in span 2: it reads spans 0 and 1.
   mask = jnp.zeros((1, 16)).at[0, 9].set(1.0)
-  targets, weights = write_teacher.write_targets(queries, keys, mask, SPAN)
+  targets, weights = write_teacher.write_targets(queries, keys, mask, SPAN, target=target)
   assert float(targets[0, 0, 1]) > 0.99
-  assert float(jnp.max(targets.at[0, 0, 1].set(0.0))) < 0.01  # e^-(gap of ~64 / sqrt 8)
+  assert float(jnp.max(targets.at[0, 0, 1].set(0.0))) < 0.01  # 'near': e^-(gap ~ 64 / sqrt 8)
   # Spans 0 and 1 are visible to the scored position; span 2 is its own: weight 0.
   np.testing.assert_array_equal(weights[0], [[1, 1], [1, 1], [0, 0]])
 
@@ -70,8 +71,8 @@ def test_first_marks_each_scored_reads_first_choice_alone():
   queries, keys = _setup([(9, 0, 1)])
   queries = queries.at[:, 13].set(0.0)  # A flat read: every visible candidate ties.
   mask = jnp.zeros((1, 16)).at[0, 9].set(1.0).at[0, 13].set(1.0)
-  near, _ = write_teacher.write_targets(queries, keys, mask, SPAN)
-  first, _ = write_teacher.write_targets(queries, keys, mask, SPAN, target="first")
+  near, _ = write_teacher.write_targets(queries, keys, mask, SPAN, target="near")
+  first, _ = write_teacher.write_targets(queries, keys, mask, SPAN)
   assert float(jnp.min(near)) == 1.0  # 'near' marks every candidate of the flat read.
   assert float(first[0, 0, 1]) == 1.0 and float(jnp.sum(first)) == 2.0
   with pytest.raises(ValueError, match="target must be one of"):
