@@ -8,7 +8,8 @@ the passkey; the batch's `answer_sources`). With every token a candidate (`em_wr
 `span`), the write gate decides for each; this reports per layer the share of answer sources
 whose gate is above `em_threshold` (open: stored unless every item is stronger) and the share
 of all other candidates, with their mean gates. A selective gate opens for nearly every source
-and nearly nothing else; its density is the second share. Batches come from the run's evaluation stream (`eval.stream`), as in evaluation.
+and nearly nothing else; its density is the second share. Batches come from the run's
+evaluation stream (`eval.stream`), as in evaluation.
 """
 
 from __future__ import annotations

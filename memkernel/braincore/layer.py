@@ -17,7 +17,9 @@ accumulates the Hebbian trace (W_out a_t)(C a_t)^T. When the span's last token h
 layer writes: after every strength decays by `em_decay`, the parts' episodic candidates (key and
 value projected from each pooled feature) are offered at once (`episodic.write_many`), each with
 a gate sigmoid(w . [max salience, novelty, weakest strength, occupancy] + b), novelty being 1 -
-the largest cosine of the candidate key with a key live as the span ends; and the fast weights
+the largest cosine of the candidate key with a key live as the span ends (a candidate lands only
+above `em_threshold`; in training the gate also learns from `write_teacher` through the trace
+this layer returns); and the fast weights
 consolidate with the modulator tanh(w . pooled + b), the pooled feature averaged over the parts.
 Tokens after that point in the same chunk read the written memory and start the next span's pool
 and trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
