@@ -45,7 +45,7 @@ def audit_writes(experiment: experiment_lib.Experiment, params, *, batches: Opti
   for i in range(batches):
     batch = probes.generate(experiment.task, jax.random.fold_in(key, i), batch_size)
     answer_sources = np.asarray(batch["answer_sources"])
-    rows, _, _ = np.nonzero(answer_sources >= 0)
+    rows, _, _ = np.nonzero(answer_sources >= 0)  # Row-major, as the boolean index below.
     sources = np.zeros(answer_sources.shape[:2], bool)
     sources[rows, answer_sources[answer_sources >= 0]] = True
     layers = gates_fn(params, batch["tokens"], batch.get("segments"))

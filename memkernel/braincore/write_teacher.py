@@ -75,16 +75,16 @@ def write_targets(queries_BTK: jax.Array, keys_BNCK: jax.Array, mask_BT: jax.Arr
   scores_BTX = jnp.where(visible_BTX, scores_BTX, -jnp.inf)
   best_BT1 = jnp.max(scores_BTX, axis=-1, keepdims=True)
   if target == "near":
-    near_BTX = jnp.where(visible_BTX, jnp.exp(scores_BTX - jnp.where(jnp.isfinite(best_BT1),
+    wanted_BTX = jnp.where(visible_BTX, jnp.exp(scores_BTX - jnp.where(jnp.isfinite(best_BT1),
                                                                       best_BT1, 0.0)), 0.0)
   elif target == "first":
     first_BT = jnp.argmax(scores_BTX, axis=-1)
-    near_BTX = (jax.nn.one_hot(first_BT, n * c, dtype=jnp.float32)
+    wanted_BTX = (jax.nn.one_hot(first_BT, n * c, dtype=jnp.float32)
                 * jnp.isfinite(best_BT1)) * visible_BTX
   else:
     raise ValueError(f"write_targets: target must be one of {TARGETS}, got {target!r}")
   scored_BT1 = (mask_BT > 0)[..., None]
-  targets_BX = jnp.max(jnp.where(scored_BT1, near_BTX, 0.0), axis=1)
+  targets_BX = jnp.max(jnp.where(scored_BT1, wanted_BTX, 0.0), axis=1)
   weights_BX = jnp.any(scored_BT1 & visible_BTX, axis=1).astype(jnp.float32)
   return (jax.lax.stop_gradient(targets_BX.reshape(b, n, c)),
           jax.lax.stop_gradient(weights_BX.reshape(b, n, c)))
