@@ -9,7 +9,8 @@ Layout of an experiment config (`memkernel.train.parse_config` validates it):
               other configs, and the sweeps' hashes of them, are unchanged).
   task        `memkernel.probes.TaskConfig` fields.
   train       seed, steps, batch_size, lr, schedule, warmup_steps, decay_steps, weight_decay,
-              clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle.
+              clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle,
+              narrow_beam_at, tensorboard.
   eval        batches, batch_size, lengths, oracle, audit_batches.
 
 Sizes the kernel and its peers must share (vocab_size, d_model, num_layers, mlp_ratio) and sizes the
@@ -144,6 +145,7 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       max_nonfinite=20,       # Consecutive non-finite losses tolerated before the run stops.
       oracle=False,
       narrow_beam_at=0,       # From this step on, train with the evaluation beam (0: never).
+      tensorboard=False,      # Also write TensorBoard event files (workdir/tensorboard/).
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

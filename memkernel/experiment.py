@@ -16,12 +16,13 @@ import ml_collections
 
 from memkernel import family as family_lib
 from memkernel import fields
+from memkernel import metrics_log
 from memkernel import probes
 
 SCHEDULES = ("cosine", "constant")
 # Sections every experiment config has; each family's own model section comes on top.
 COMMON_SECTIONS = ("model_type", "task", "train", "eval")
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = metrics_log.METRICS_FILE
 EVAL_FILE = "eval.json"
 # Independent random streams derived from train.seed.
 INIT_STREAM, DATA_STREAM, EVAL_STREAM, VALIDATION_STREAM = 0, 1, 2, 3
@@ -55,6 +56,8 @@ class TrainConfig:
     narrow_beam_at: beam curriculum for the kernel: from this step on, train with the
       evaluation beam (`model.beam_width`) instead of `model.train_beam_width`, so the read
       adapts to the beam it is evaluated with; 0 keeps the training beam throughout.
+    tensorboard: also write the metrics as TensorBoard event files in `workdir/tensorboard/`
+      (`memkernel.metrics_log`); `metrics.jsonl` is written either way.
   """
 
   seed: int = 0
@@ -73,6 +76,7 @@ class TrainConfig:
   max_nonfinite: int = 20
   oracle: bool = False
   narrow_beam_at: int = 0
+  tensorboard: bool = False
 
   def __post_init__(self):
     s = "train"
@@ -86,8 +90,9 @@ class TrainConfig:
     fields.check_number(s, "clip_norm", self.clip_norm, 0.0, strict=False)
     if self.schedule not in SCHEDULES:
       raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-    if not isinstance(self.oracle, bool):
-      raise ValueError(f"train.oracle must be a bool, got {self.oracle!r}")
+    for name in ("oracle", "tensorboard"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"train.{name} must be a bool, got {getattr(self, name)!r}")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":

@@ -19,8 +19,8 @@ The loop (after nanodo and big_vision):
   taken at a finite step stays the newest).
 * The next step is dispatched before the previous step's metrics are pulled to the host.
 * Every `log_every` steps: a progress line (steps/s, tokens/s, ETA) and one JSON row of that step's
-  metrics in `workdir/metrics.jsonl` (TensorBoard event files too where `tensorboardX`, a
-  TensorFlow-free writer, is installed; it is not a dependency).
+  metrics in `workdir/metrics.jsonl`; with `train.tensorboard` TensorBoard event files too
+  (`memkernel.metrics_log`).
 * Checkpoints (`memkernel.checkpoint`) every `ckpt_every` steps and at the end, with the full
   config and the data state; a workdir holding a checkpoint is resumed from its newest step.
 * At the end `evaluate` runs `eval.batches` fresh batches (a separate seed stream) at every
@@ -49,6 +49,7 @@ from memkernel import evaluate as evaluate_lib
 from memkernel import experiment as experiment_lib
 from memkernel import family as family_lib
 from memkernel import metrics as metrics_lib
+from memkernel import metrics_log
 from memkernel import optim
 from memkernel import probes
 from memkernel.analysis import audit as audit_lib
@@ -66,7 +67,7 @@ def _step_settings(train: TrainConfig) -> TrainConfig:
   steps, logging differently or another seed reuses the compiled step)."""
   return dataclasses.replace(train, seed=0, steps=0, decay_steps=train.decay_steps or train.steps,
                              log_every=1, eval_every=0, ckpt_every=1, keep_checkpoints=1,
-                             narrow_beam_at=0)
+                             narrow_beam_at=0, tensorboard=False)
 
 
 def make_train_step(experiment: Experiment, mesh: Mesh):
@@ -120,61 +121,6 @@ def _init_fn(experiment: Experiment, mesh: Mesh):
 
 # ------------------------------------------------------------------------------------------------
 # Logging.
-
-
-class _MetricsWriter:
-  """Appends JSON rows to `workdir/metrics.jsonl` (and TensorBoard event files if available)."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self.path = os.path.join(workdir, experiment_lib.METRICS_FILE)
-    _truncate_metrics(self.path, resume_step)
-    self._file = open(self.path, "a")
-    self._tb = None
-    try:  # Optional: a maintained, TensorFlow-free writer. Not a dependency.
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
-    except ImportError:
-      pass
-
-  def write(self, row: Mapping[str, Any]) -> None:
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
-    if self._tb is not None:
-      prefix = "eval/" if row.get("split") == "eval" else ""
-      for k, v in row.items():
-        if isinstance(v, float) and k not in ("time", "step"):
-          self._tb.add_scalar(prefix + k, v, row["step"])
-
-  def close(self) -> None:
-    self._file.close()
-    if self._tb is not None:
-      self._tb.close()
-
-
-def _truncate_metrics(path: str, resume_step: int) -> None:
-  """Drops rows logged after the checkpoint a run resumes from (they will be logged again), and
-  a line that is not JSON: the torn last row of a run killed mid-write."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    rows = [line for line in f if line.strip()]
-  keep, torn = [], []
-  for number, line in enumerate(rows, 1):
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      torn.append(number)
-      continue
-    if row.get("step", 0) <= resume_step:
-      keep.append(line if line.endswith("\n") else line + "\n")
-  if torn:
-    logging.warning("Dropping %d unreadable row(s) (line(s) %s of %d) from %s: a run killed "
-                    "mid-write.", len(torn), torn, len(rows), path)
-  if keep != rows:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def _format_duration(seconds: float) -> str:
@@ -270,6 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"workdir {workdir} is a file; it must be a directory")
   experiment = experiment_lib.parse_config(config)
+  if experiment.train.tensorboard:
+    metrics_log.check_tensorboard()
   mesh = evaluate_lib.make_mesh()
   experiment_lib.check_devices(experiment, mesh.size)
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -328,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from step %d in %s.", int(state.step), workdir)
 
     start = int(state.step)
-    writer = _MetricsWriter(workdir, start)
+    writer = metrics_log.MetricsLog(workdir, start, tensorboard=train.tensorboard)
     if start < train.steps:
       state = _train_loop(experiment, state, mesh, checkpointer, writer, config_dict, start)
     elif start > train.steps:
@@ -357,7 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
-                checkpointer: checkpoint_lib.Checkpointer, writer: _MetricsWriter,
+                checkpointer: checkpoint_lib.Checkpointer, writer: metrics_log.MetricsLog,
                 config_dict: dict, start: int) -> TrainState:
   train = experiment.train
   wide_step = make_train_step(experiment, mesh)

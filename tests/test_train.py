@@ -29,6 +29,7 @@ from absl.testing import parameterized
 import chex
 import jax
 import numpy as np
+from tensorboard.backend.event_processing import event_accumulator
 
 from memkernel import checkpoint as checkpoint_lib
 from memkernel import train as train_lib
@@ -40,6 +41,7 @@ from memkernel.kernel import family as kernel_family
 from memkernel import family as family_lib
 from memkernel import experiment as experiment_lib
 from memkernel import evaluate as evaluate_lib
+from memkernel import metrics_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("mqar", "copy", "induction", "noisy_retrieval", "far_compare", "passkey", "cross_doc")
@@ -383,12 +385,39 @@ class TrainTest(parameterized.TestCase):
     path = os.path.join(self.tmp, "truncate.jsonl")
     with open(path, "w") as f:
       f.write('{"step": 1}\n{"step": 2\n{"step": 3}\n{"step": 4}')  # Torn 2, no newline after 4.
-    train_lib._truncate_metrics(path, 4)
+    metrics_log.truncate(path, 4)
     with open(path) as f:
       self.assertEqual(f.read(), '{"step": 1}\n{"step": 3}\n{"step": 4}\n')
-    train_lib._truncate_metrics(path, 3)
+    metrics_log.truncate(path, 3)
     with open(path) as f:
       self.assertEqual(f.read(), '{"step": 1}\n{"step": 3}\n')
+
+  def test_tensorboard_holds_the_metrics_rows_once_after_a_resume(self):
+    """Event files carry every train and eval row's scalars; a run killed after logging past its
+    last checkpoint resumes without duplicating those steps (TensorBoard's own reader)."""
+    workdir = self.workdir("tensorboard")
+    overrides = {**REFERENCE, "train.tensorboard": True, "train.eval_every": 2}
+    train_lib.train_and_evaluate(smoke_config(overrides=overrides), workdir)
+    # Killed after logging step 6 but before checkpoint 6 was committed.
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))
+    train_lib.train_and_evaluate(smoke_config(overrides=overrides), workdir)
+    events = event_accumulator.EventAccumulator(
+        os.path.join(workdir, metrics_log.TENSORBOARD_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    for split in ("train", "eval"):
+      rows = read_rows(workdir, split)
+      self.assertNotEmpty(rows)
+      for name in ("loss", "accuracy", "layer_0/routing_recall"):
+        scalars = events.Scalars(f"{split}/{name}")
+        self.assertEqual([s.step for s in scalars], [r["step"] for r in rows], (split, name))
+        np.testing.assert_array_equal([s.value for s in scalars],
+                                      np.float32([r[name] for r in rows]))
+    self.assertEqual([s.step for s in events.Scalars("eval/loss")], [2, 4])
+    self.assertNotIn("train/step", events.Tags()["scalars"])
+    config = smoke_config().to_dict()
+    config["train"]["tensorboard"] = "yes"
+    with self.assertRaisesRegex(ValueError, "train.tensorboard must be a bool, got 'yes'"):
+      experiment_lib.parse_config(config)
 
   # -- non-finite losses -------------------------------------------------------------------------
 

@@ -246,7 +246,15 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
   return dict(values)
 
 
+# Fields that change how a cell is logged, not what it computes, left out of its hash at their
+# default so that adding them did not invalidate finished cells.
+_UNHASHED = {("train", "tensorboard"): False}
+
+
 def _config_hash(config: Mapping[str, Any], extra: Any = None) -> str:
+  config = {name: ({k: v for k, v in section.items() if _UNHASHED.get((name, k), ...) != v}
+                   if isinstance(section, Mapping) else section)
+            for name, section in config.items()}
   text = json.dumps({"config": config, "extra": extra}, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:12]
 

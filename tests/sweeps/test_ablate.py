@@ -266,6 +266,19 @@ class SweepConfigTest(parameterized.TestCase):
         "config file: ValueError: unknown config arg(s) ['big']; known: ['smoke', 'gpu']"])
 
 
+  def test_logging_fields_at_their_default_leave_the_hash_alone(self):
+    """Cells finished before `train.tensorboard` existed are still finished; turning it on is a
+    new config."""
+    config = ablate_config.get_config("smoke")
+    cell = ablate.parse_config(config).cells[0]
+    without = {**cell.config, "train": {k: v for k, v in cell.config["train"].items()
+                                        if k != "tensorboard"}}
+    self.assertIn("tensorboard", cell.config["train"])
+    self.assertEqual(ablate._config_hash(without), ablate._config_hash(cell.config))
+    with_tb = {**cell.config, "train": {**cell.config["train"], "tensorboard": True}}
+    self.assertNotEqual(ablate._config_hash(with_tb), ablate._config_hash(cell.config))
+
+
 class SmokeSweepTest(absltest.TestCase):
 
   @classmethod
