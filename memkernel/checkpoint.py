@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping
 from absl import logging
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -243,7 +244,7 @@ class Checkpointer:
   def _purge_deleted_steps(self) -> None:
     """Removes steps that rotation has already renamed out of sight. The trash directory itself
     stays, since orbax's background thread may be renaming the next step into it."""
-    if self.read_only:
+    if self.read_only or jax.process_index():
       return
     trash = os.path.join(self.directory, _TRASH_SUBDIR)
     if not os.path.isdir(trash):
@@ -390,10 +391,13 @@ class Checkpointer:
     if self.read_only:
       return None
     target = os.path.join(self.directory, _DAMAGED_SUBDIR, str(step))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    if os.path.exists(target):
-      shutil.rmtree(target)
-    os.replace(os.path.join(self.directory, str(step)), target)
+    if not jax.process_index():  # One process moves it; the others wait, then look again.
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        shutil.rmtree(target)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
     self._manager.reload()
     return target
 

@@ -32,10 +32,20 @@ def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
 
-# Batches are generated outside the model's compiled step: generating a long batch compiles for
-# seconds, once per task and length, and the step is then shared by every task, seed and run of
-# one model configuration.
-_generate = jax.jit(probes.generate, static_argnums=(0, 2))
+@functools.lru_cache(maxsize=8)
+def _generate_fn(mesh: Mesh):
+  """The jitted `generate(task, key, batch_size)`, its batch sharded along 'data' over `mesh`
+  (over every process's devices in a multi-process run: each computes its own rows).
+
+  Batches are generated outside the model's compiled step: generating a long batch compiles for
+  seconds, once per task and length, and the step is then shared by every task, seed and run of
+  one model configuration.
+  """
+  return jax.jit(probes.generate, static_argnums=(0, 2),
+                 out_shardings=NamedSharding(mesh, P("data")))
+
+
+_generate_one_device = jax.jit(probes.generate, static_argnums=(0, 2))
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,10 +107,12 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     task = experiment.task_for_length(length)
     per_batch = []
     for i in range(ev.batches):
-      batch = _generate(task, jax.random.fold_in(key, i), ev.batch_size)
+      batch_key = jax.random.fold_in(key, i)
       if chunk is None:
+        batch = _generate_fn(mesh)(task, batch_key, ev.batch_size)
         per_batch.append(_metrics_fn(model_config, ev.oracle, interventions, mesh)(params, batch))
       else:
+        batch = _generate_one_device(task, batch_key, ev.batch_size)
         per_batch.append(_recurrent_metrics(model_config, params, batch, chunk, interventions))
       if progress:
         print(f"  length {length}: batch {i + 1}/{ev.batches}, "

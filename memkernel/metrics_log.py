@@ -16,6 +16,7 @@ files, so both hold exactly what an uninterrupted run would.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import numbers
 import os
@@ -30,13 +31,19 @@ _NOT_SCALARS = ("step", "time", "split", "length")
 
 
 class MetricsLog:
-  """Appends a run's metrics rows; `resume_step` is the step the run continues from (0: new)."""
+  """Appends a run's metrics rows; `resume_step` is the step the run continues from (0: new).
 
-  def __init__(self, workdir: str, resume_step: int, *, tensorboard: bool = False):
+  With `enabled=False` (every process of a multi-process run but the first) it writes nothing.
+  """
+
+  def __init__(self, workdir: str, resume_step: int, *, tensorboard: bool = False,
+               enabled: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
+    self._file = self._tb = None
+    if not enabled:
+      return
     truncate(self.path, resume_step)
     self._file = open(self.path, "a")
-    self._tb = None
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       # Events after `resume_step` (a killed run's last steps) are purged when they reappear.
@@ -46,6 +53,8 @@ class MetricsLog:
 
   def write(self, row: Mapping[str, Any]) -> None:
     """Appends one row (a JSON object with `step`; `split` 'train' or 'eval')."""
+    if self._file is None:
+      return
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -57,18 +66,17 @@ class MetricsLog:
       self._tb.flush()
 
   def close(self) -> None:
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 
 
 def check_tensorboard() -> None:
   """Raises ValueError, before anything compiles, when `train.tensorboard` cannot be honoured."""
-  try:
-    import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
+  if importlib.util.find_spec("tensorboardX") is None:
     raise ValueError("train.tensorboard=True needs the tensorboardX package (a dependency of "
-                     "memkernel: pip install tensorboardX)") from e
+                     "memkernel: pip install tensorboardX)")
 
 
 def truncate(path: str, resume_step: int) -> None:

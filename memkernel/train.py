@@ -45,6 +45,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memkernel import checkpoint as checkpoint_lib
+from memkernel import distributed
 from memkernel import evaluate as evaluate_lib
 from memkernel import experiment as experiment_lib
 from memkernel import family as family_lib
@@ -276,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from step %d in %s.", int(state.step), workdir)
 
     start = int(state.step)
-    writer = metrics_log.MetricsLog(workdir, start, tensorboard=train.tensorboard)
+    writer = metrics_log.MetricsLog(workdir, start, tensorboard=train.tensorboard,
+                                   enabled=distributed.is_primary())
     if start < train.steps:
       state = _train_loop(experiment, state, mesh, checkpointer, writer, config_dict, start)
     elif start > train.steps:
@@ -292,10 +294,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if experiment.eval.audit_batches and experiment.family.routes:
       summary["audit"] = audit_lib.audit_experiment(experiment, state.params,
                                                     num_batches=experiment.eval.audit_batches)
-      audit_lib.write_report(summary["audit"], os.path.join(workdir, audit_lib.AUDIT_FILE))
+      if distributed.is_primary():
+        audit_lib.write_report(summary["audit"], os.path.join(workdir, audit_lib.AUDIT_FILE))
       logging.info("Memory audit:\n%s", audit_lib.format_report(summary["audit"]))
-    with open(os.path.join(workdir, experiment_lib.EVAL_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
+    if distributed.is_primary():
+      with open(os.path.join(workdir, experiment_lib.EVAL_FILE), "w") as f:
+        json.dump(summary, f, indent=2)
     logging.info("Evaluation:\n%s", format_summary(summary))
     return summary
   finally:
