@@ -292,7 +292,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                "seed": experiment.train.seed, "eval": dataclasses.asdict(experiment.eval),
                "lengths": results}
     if experiment.eval.audit_batches and experiment.family.routes:
-      summary["audit"] = audit_lib.audit_experiment(experiment, state.params,
+      # The auditor's programs run on one device; each process audits its own copy of the
+      # (replicated) parameters.
+      params = jax.device_get(state.params) if jax.process_count() > 1 else state.params
+      summary["audit"] = audit_lib.audit_experiment(experiment, params,
                                                     num_batches=experiment.eval.audit_batches)
       if distributed.is_primary():
         audit_lib.write_report(summary["audit"], os.path.join(workdir, audit_lib.AUDIT_FILE))

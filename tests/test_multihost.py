@@ -31,7 +31,7 @@ from memkernel import experiment as experiment_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ("--config.train.log_every=1", "--config.train.ckpt_every=2",
              "--config.train.keep_checkpoints=3", "--config.eval.lengths=(64,)",
-             "--config.eval.batches=2")
+             "--config.eval.batches=2", "--config.eval.audit_batches=1")
 TIME_FIELDS = ("time", "steps_per_s")
 _RUNS = {}
 
@@ -148,6 +148,7 @@ class TwoProcessTest(absltest.TestCase):
     with open(os.path.join(self.two, experiment_lib.EVAL_FILE)) as f:
       two = json.load(f)
     self.assertEqual(two["lengths"], one["lengths"])
+    self.assertEqual(two["audit"], one["audit"])
     self.assertEqual(two["step"], 4)
 
   def test_one_writer(self):
