@@ -65,11 +65,12 @@ def _by_steps(step, variables, config, tokens, segments):
 
 
 def _all_forms(config, variables, tokens, segments):
-  """{form: logits} for the parallel form, scan in chunks that straddle span ends (3 tokens,
-  then 10: one span end inside, then 24: three), and step."""
+  """{form: logits} for the parallel form, scan in chunks that straddle span ends (12 tokens:
+  a span end inside each, the second and third starting mid-span, then the last token alone;
+  two chunk shapes, two compiles), and step."""
   parallel, scan, step = _forms(config)
   return {"parallel": parallel(variables, tokens, segments),
-          "scan": _by_chunks(scan, variables, config, tokens, segments, [3, 10, 24])[0],
+          "scan": _by_chunks(scan, variables, config, tokens, segments, [12, 12, 12, 1])[0],
           "step": _by_steps(step, variables, config, tokens, segments)[0]}
 
 
@@ -89,7 +90,7 @@ class TestForms:
     _, scan, step = _forms(CONFIG)
     segments = jnp.zeros_like(tokens)
     parallel_memory = model.apply(variables, tokens)[1].memory
-    ragged = _by_chunks(scan, variables, CONFIG, tokens, segments, [3, 10, 24])[1]
+    ragged = _by_chunks(scan, variables, CONFIG, tokens, segments, [12, 12, 12, 1])[1]
     stepped = _by_steps(step, variables, CONFIG, tokens, segments)[1]
     for other in (ragged, stepped):
       jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), parallel_memory,
@@ -178,14 +179,14 @@ class TestPlasticity:
     tokens = _tokens()
     targets = jnp.roll(tokens, -1, axis=1)
 
-    def loss(v, lo, hi):
-      logits = model.apply(v, tokens)[0][:, lo:hi]
-      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, lo:hi, None],
-                                           axis=-1))
+    def loss(v, weights):  # The mean loss over the positions `weights` picks.
+      logp = jax.nn.log_softmax(model.apply(v, tokens)[0])
+      nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      return jnp.sum(nll * weights) / (tokens.shape[0] * jnp.sum(weights))
 
-    grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))
-    late = grad(variables, SPAN, T)["params"]
-    early = grad(variables, 0, SPAN)["params"]
+    grad = jax.jit(jax.grad(loss))  # One compile: the positions are an argument.
+    late = grad(variables, (jnp.arange(T) >= SPAN).astype(jnp.float32))["params"]
+    early = grad(variables, (jnp.arange(T) < SPAN).astype(jnp.float32))["params"]
     for layer in ("layer_0", "layer_1"):
       for name in ("em_gate", "em_key", "em_value", "salience", "pm_modulator", "pm_code"):
         g_late = jax.tree.leaves(late[layer][name])
@@ -220,8 +221,9 @@ class TestPlasticity:
       logits, out = model.apply(v, tokens, train=True, loss_mask=mask)
       return jnp.mean(logits ** 2), out
 
-    (_, out), task_grad = jax.value_and_grad(losses, has_aux=True)(variables)
-    teacher_grad = jax.grad(lambda v: losses(v)[1].losses["em_write"])(variables)
+    both = jax.jit(lambda v: (jax.value_and_grad(losses, has_aux=True)(v),
+                              jax.grad(lambda w: losses(w)[1].losses["em_write"])(v)))
+    ((_, out), task_grad), teacher_grad = both(variables)
     assert float(out.metrics["layer_0/em_density"]) == 0.0
     gate = lambda g: max(float(jnp.max(jnp.abs(x)))
                          for x in jax.tree.leaves(g["params"]["layer_0"]["em_gate"]))
