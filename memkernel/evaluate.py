@@ -24,6 +24,7 @@ from memkernel import experiment as experiment_lib
 from memkernel import family as family_lib
 from memkernel import metrics as metrics_lib
 from memkernel import probes
+from memkernel import text_task
 from memkernel.experiment import Experiment
 
 
@@ -99,6 +100,12 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
       raise ValueError("oracle routes are fed to the parallel form only; evaluate them without "
                        "chunk")
   mesh = mesh or make_mesh()
+  if text_task.is_text(experiment.task):
+    if chunk is not None:
+      raise ValueError("the recurrent form (chunk) evaluates probe tasks only so far; evaluate "
+                       "text in the parallel form")
+    return _evaluate_text(experiment, params, lengths or ev.lengths, interventions, mesh,
+                          progress)
   key = experiment_lib.eval_key(experiment.train.seed, ev.stream)
   results = {}
   for length in lengths or ev.lengths:
@@ -118,6 +125,42 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
         print(f"  length {length}: batch {i + 1}/{ev.batches}, "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     results[str(length)] = _summary(jax.device_get(per_batch))
+  return results
+
+
+@functools.lru_cache(maxsize=16)
+def _text_sums_fn(model_config: Any, interventions: Any, mesh: Mesh):
+  """The jitted `sums(params, batch)` of one model configuration on text
+  (`text_task.position_sums`)."""
+  model = family_lib.build(model_config)
+
+  def sums(params, batch):
+    logits, _ = model.apply({"params": params}, batch["tokens"], batch["segments"],
+                            interventions=interventions)
+    return text_task.position_sums(logits, batch)
+
+  return jax.jit(sums, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+                 out_shardings=NamedSharding(mesh, P()))
+
+
+def _evaluate_text(experiment: Experiment, params, lengths: Sequence[int], interventions: Any,
+                   mesh: Mesh, progress: bool) -> dict[str, dict[str, float]]:
+  """`evaluate` on a text task: the first `eval.batches` batches of the `eval.stream` split at
+  each length (`text_task.eval_batches`), bits per byte overall and by context position."""
+  ev = experiment.eval
+  results = {}
+  for length in lengths:
+    start = time.perf_counter()
+    task = experiment.task_for_length(length)
+    run = _text_sums_fn(experiment.model_for_length(length), interventions, mesh)
+    per_batch = []
+    for i, batch in enumerate(text_task.eval_batches(task, ev.stream, ev.batch_size,
+                                                     ev.batches)):
+      per_batch.append(run(params, text_task.as_global(batch, NamedSharding(mesh, P("data")))))
+      if progress:
+        print(f"  length {length}: batch {i + 1}/{ev.batches}, "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    results[str(length)] = text_task.summarize(jax.device_get(per_batch), length)
   return results
 
 

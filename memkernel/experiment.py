@@ -18,6 +18,7 @@ from memkernel import family as family_lib
 from memkernel import fields
 from memkernel import metrics_log
 from memkernel import probes
+from memkernel import text_task
 
 SCHEDULES = ("cosine", "constant")
 # Sections every experiment config has; each family's own model section comes on top.
@@ -151,14 +152,15 @@ class Experiment:
   Attributes:
     model_type: the family's registry name ('kernel', 'dense', 'sliding_window').
     model: the trained model's config (the family's config) at the training length.
-    task: the probe task at the training length.
+    task: the task at the training length: a probe (`probes.TaskConfig`) or real text
+      (`text_task.TextTaskConfig`).
     train: training settings.
     eval: evaluation settings.
   """
 
   model_type: str
   model: Any
-  task: probes.TaskConfig
+  task: Union[probes.TaskConfig, text_task.TextTaskConfig]
   train: TrainConfig
   eval: EvalConfig
 
@@ -170,7 +172,8 @@ class Experiment:
     """The model config with a capacity of at least `seq_len` tokens (same parameters)."""
     return self.family.with_capacity(self.model, seq_len)
 
-  def task_for_length(self, seq_len: int) -> probes.TaskConfig:
+  def task_for_length(self, seq_len: int) -> Union[probes.TaskConfig,
+                                                    text_task.TextTaskConfig]:
     return dataclasses.replace(self.task, seq_len=seq_len)
 
 
@@ -206,7 +209,11 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
   if not isinstance(values, Mapping):
     raise ValueError(f"config.{section} must be a mapping, got {type(values).__name__}")
   model = family.config_from_dict(values, family.name)
-  task = probes.TaskConfig.from_dict(config["task"])
+  task_values = config["task"]
+  if not isinstance(task_values, Mapping):
+    raise ValueError(f"config.task must be a mapping, got {type(task_values).__name__}")
+  is_text = task_values.get("name") in text_task.TEXT_TASKS
+  task = (text_task.TextTaskConfig if is_text else probes.TaskConfig).from_dict(task_values)
   train = TrainConfig.from_dict(config["train"])
   evaluation = EvalConfig.from_dict(config["eval"])
 
@@ -221,8 +228,25 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
       dataclasses.replace(task, seq_len=length)
     except ValueError as e:
       raise ValueError(f"eval.lengths: task {task.name!r} is invalid at length {length}: {e}") from e
+  if is_text:
+    _check_text(task, family, model, train, evaluation)
   experiment = Experiment(family.name, model, task, train, evaluation)
   return dataclasses.replace(experiment, model=experiment.model_for_length(task.seq_len))
+
+
+def _check_text(task: text_task.TextTaskConfig, family: family_lib.Family, model: Any,
+                train: "TrainConfig", evaluation: "EvalConfig") -> None:
+  """What the probes have and text does not: answer leaves (oracle routes, the auditor)."""
+  if train.oracle or evaluation.oracle:
+    raise ValueError(f"task {task.name!r} has no answer leaves: train.oracle and eval.oracle "
+                     "must be False")
+  if evaluation.audit_batches:
+    raise ValueError(f"task {task.name!r}: the memory auditor needs a probe's answers; set "
+                     "eval.audit_batches=0")
+  align = family.segment_align(model)
+  if task.leaf_size % align:
+    raise ValueError(f"task.leaf_size={task.leaf_size} must be a multiple of the "
+                     f"{family.name} model's document alignment ({align}): files start on it")
 
 
 def check_devices(experiment: Experiment, num_devices: int) -> None:

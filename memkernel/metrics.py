@@ -116,7 +116,7 @@ def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *,
   metrics = {"loss": loss, "accuracy": accuracy, "queries": jnp.sum(mask)}
   metrics.update({f"loss/{k}": v for k, v in losses.items()})
   metrics.update(out.metrics)
-  if out.routes is not None:
+  if out.routes is not None and "answer_leaves" in batch:  # Text has no answers to find.
     metrics.update(routing_metrics(out.routes, batch, model.config.leaf_size))
   return objective, metrics
 

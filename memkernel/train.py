@@ -53,6 +53,7 @@ from memkernel import metrics as metrics_lib
 from memkernel import metrics_log
 from memkernel import optim
 from memkernel import probes
+from memkernel import text_task
 from memkernel.analysis import audit as audit_lib
 from memkernel.experiment import EvalConfig, Experiment, TrainConfig
 from memkernel.optim import TrainState
@@ -74,7 +75,8 @@ def _step_settings(train: TrainConfig) -> TrainConfig:
 def make_train_step(experiment: Experiment, mesh: Mesh):
   """The jitted `train_step(state, data_key) -> (state, metrics)`; the state is donated.
 
-  `data_key` is `data_key(train.seed)`. Compiled steps are cached per (model, task, step settings
+  `data_key` is `data_key(train.seed)`. For a text task the step takes the batch instead,
+  `train_step(state, batch)`, sharded along 'data' (`text_task.as_global`). Compiled steps are cached per (model, task, step settings
   but the seed, mesh), so calling `train_and_evaluate` again in one process (a Colab, a resumed
   run, another seed) does not recompile.
   """
@@ -90,8 +92,7 @@ def _train_step_fn(model_config: Any, task: probes.TaskConfig, train: TrainConfi
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  def train_step(state: TrainState, data_key: jax.Array):
-    batch = probes.generate(task, jax.random.fold_in(data_key, state.step), train.batch_size)
+  def update(state: TrainState, batch):
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     grad_fn = jax.value_and_grad(
         functools.partial(metrics_lib.forward_metrics, model, batch=batch, train=True, oracle=train.oracle),
@@ -106,6 +107,14 @@ def _train_step_fn(model_config: Any, task: probes.TaskConfig, train: TrainConfi
         nonfinite=(~(jnp.isfinite(objective) & jnp.isfinite(grad_norm))).astype(jnp.int32),
         nonfinite_total=opt_state.total_notfinite)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  if text_task.is_text(task):  # Read on the host; each device gets its own rows.
+    return jax.jit(update, in_shardings=(replicated, batch_sharding),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+  def train_step(state: TrainState, data_key: jax.Array):
+    return update(state, probes.generate(task, jax.random.fold_in(data_key, state.step),
+                                         train.batch_size))
 
   return jax.jit(train_step, in_shardings=(replicated, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
@@ -145,6 +154,16 @@ def format_summary(summary: Mapping[str, Any]) -> str:
   """A readable table of an `eval.json` summary."""
   lines = [f"{summary['model_type']} on {summary['task']['name']} after {summary['step']} steps "
            f"({summary['num_params']:,} parameters):"]
+  if "corpus" in summary:  # Text: bits per byte, and by context position.
+    lines.append(f"  {'length':>8} {'bytes':>10} {'bits/byte ± se':>16} {'accuracy':>9}  "
+                 "bits/byte by context position")
+    for length, m in summary["lengths"].items():
+      by_position = "  ".join(f"{k.split('@')[1]}: {v:.3f}" for k, v in m.items()
+                              if k.startswith("bits_per_byte@"))
+      lines.append(f"  {length:>8} {int(m['queries']):>10} "
+                   f"{m['bits_per_byte']:>8.4f} ± {m['bits_per_byte_se']:.4f} "
+                   f"{m['accuracy']:>9.4f}  {by_position}")
+    return "\n".join(lines)
   lines.append(f"  {'length':>8} {'queries':>8} {'accuracy ± se':>16} {'loss':>8}  "
                "routing recall (query-blind baseline) / sparsity per layer")
   for length, m in summary["lengths"].items():
@@ -277,10 +296,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Resumed from step %d in %s.", int(state.step), workdir)
 
     start = int(state.step)
+    resumed_data = meta["data_state"] if latest is not None else {}
     writer = metrics_log.MetricsLog(workdir, start, tensorboard=train.tensorboard,
                                    enabled=distributed.is_primary())
     if start < train.steps:
-      state = _train_loop(experiment, state, mesh, checkpointer, writer, config_dict, start)
+      state = _train_loop(experiment, state, mesh, checkpointer, writer, config_dict, start,
+                          resumed_data)
     elif start > train.steps:
       logging.warning("The checkpoint is at step %d, past train.steps=%d; evaluating it.",
                       start, train.steps)
@@ -291,6 +312,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                "num_params": num_params, "task": experiment.task.to_dict(),
                "seed": experiment.train.seed, "eval": dataclasses.asdict(experiment.eval),
                "lengths": results}
+    if text_task.is_text(experiment.task):
+      summary["corpus"] = text_task.describe(experiment.task)
     if experiment.eval.audit_batches and experiment.family.routes:
       # The auditor's programs run on one device; each process audits its own copy of the
       # (replicated) parameters.
@@ -313,19 +336,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
                 checkpointer: checkpoint_lib.Checkpointer, writer: metrics_log.MetricsLog,
-                config_dict: dict, start: int) -> TrainState:
+                config_dict: dict, start: int, resumed_data: Mapping[str, Any]) -> TrainState:
   train = experiment.train
   wide_step = make_train_step(experiment, mesh)
   narrow_step = wide_step
   if train.narrow_beam_at and experiment.family.routes:
     narrow = dataclasses.replace(experiment.model, train_beam_width=0)
     narrow_step = make_train_step(dataclasses.replace(experiment, model=narrow), mesh)
-  key = experiment_lib.data_key(train.seed)
+  if text_task.is_text(experiment.task):  # Host batches from a resumable stream.
+    stream = text_task.train_stream(experiment.task, train.batch_size, train.seed,
+                                    state=resumed_data.get("stream"))
+    batch_sharding = NamedSharding(mesh, P("data"))
+    feed = lambda: text_task.as_global(next(stream), batch_sharding)
+    data_state = lambda step: {"step": step, "seed": train.seed, "stream": stream.state()}
+  else:  # Batches generated inside the step from (seed, step).
+    key = experiment_lib.data_key(train.seed)
+    feed = lambda: key
+    data_state = lambda step: {"step": step, "seed": train.seed}
   train_step = lambda state, step: (
       narrow_step if train.narrow_beam_at and step >= train.narrow_beam_at else wide_step
-  )(state, key)
+  )(state, feed())
   tokens_per_step = train.batch_size * experiment.task.seq_len
-  data_state = lambda step: {"step": step, "seed": train.seed}
   clock = {"t": time.time(), "step": start, "t0": time.time(), "consecutive": 0}
 
   def record(step: int, metrics) -> None:
