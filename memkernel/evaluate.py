@@ -156,6 +156,7 @@ def _evaluate_text(experiment: Experiment, params, lengths: Sequence[int], inter
     per_batch = []
     for i, batch in enumerate(text_task.eval_batches(task, ev.stream, ev.batch_size,
                                                      ev.batches)):
+      batch["recall"] = text_task.long_range_labels(batch, task)
       per_batch.append(run(params, text_task.as_global(batch, NamedSharding(mesh, P("data")))))
       if progress:
         print(f"  length {length}: batch {i + 1}/{ev.batches}, "

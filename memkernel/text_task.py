@@ -12,7 +12,10 @@ leaf boundary with its own segment, through the document streams of every family
 Evaluation reads the first `eval.batches` batches of the test split (or the validation split,
 `eval.stream`) with the stream seed fixed at 0, so every run, seed and family is scored on the
 same bytes. Its metrics are bits per byte overall and by context position (how far into its
-sequence a byte is predicted: how much the far context helps), and next-byte accuracy.
+sequence a byte is predicted: how much the far context helps), next-byte accuracy, and
+long-range recall: next-byte accuracy inside identifiers (after their first byte) whose previous
+occurrence in the same file lies beyond the sliding window's reach but inside the sequence, for
+rare and for common identifiers (by their count in the training split).
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import collections
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import jax
@@ -37,6 +42,11 @@ STDLIB = "stdlib"
 EVAL_STREAM_SEED = 0
 # Context-position buckets of the evaluation: [0, 64), [64, 128), [128, 256), ... doubling.
 FIRST_BUCKET = 64
+# Identifiers, as Python and most languages spell them.
+IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
+# Long-range recall classes of a position (`long_range_labels`).
+NOT_SCORED, RARE, COMMON = 0, 1, 2
+RECALL_CLASSES = {"rare": RARE, "common": COMMON}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,11 @@ class TextTaskConfig:
     vocab_size: 256 (bytes).
     seq_len: bytes per sequence (T).
     leaf_size: files start on multiples of it (the kernel's leaf, the brain-core's span).
+    recall_window: long-range recall scores identifiers whose previous occurrence in the file
+      is further back than this many bytes (the sliding-window peer's reach) and inside the
+      sequence (`long_range_labels`).
+    rare_count: an identifier seen fewer times than this in the training split is rare; the
+      others are common.
   """
 
   name: str = "bytes_lm"
@@ -59,6 +74,8 @@ class TextTaskConfig:
   vocab_size: int = corpus_lib.VOCAB_SIZE
   seq_len: int = 1024
   leaf_size: int = 16
+  recall_window: int = 256
+  rare_count: int = 10
 
   def __post_init__(self):
     s = "task"
@@ -66,6 +83,8 @@ class TextTaskConfig:
       raise ValueError(f"task.name must be one of {TEXT_TASKS}, got {self.name!r}")
     fields.check_int(s, "seq_len", self.seq_len, 1)
     fields.check_int(s, "leaf_size", self.leaf_size, 1)
+    fields.check_int(s, "recall_window", self.recall_window, 1)
+    fields.check_int(s, "rare_count", self.rare_count, 1)
     if self.vocab_size != corpus_lib.VOCAB_SIZE:
       raise ValueError(f"task.vocab_size must be {corpus_lib.VOCAB_SIZE} for bytes, got "
                        f"{self.vocab_size!r}")
@@ -129,6 +148,50 @@ def eval_batches(task: TextTaskConfig, split: str, batch_size: int, batches: int
   return [next(stream) for _ in range(batches)]
 
 
+@functools.lru_cache(maxsize=4)
+def _train_counts(corpus: str, patterns: tuple[str, ...]) -> collections.Counter:
+  c = load_corpus(corpus, patterns)
+  counts: collections.Counter = collections.Counter()
+  for name in c.split("train"):
+    counts.update(IDENTIFIER.findall(c.read(name)))
+  return counts
+
+
+def identifier_counts(task: TextTaskConfig) -> collections.Counter:
+  """How often each identifier occurs in the training split (computed once per process)."""
+  return _train_counts(task.corpus, task.pattern_list)
+
+
+def long_range_labels(batch: Mapping[str, np.ndarray], task: TextTaskConfig) -> np.ndarray:
+  """int32 [B, T]: RARE or COMMON at the positions long-range recall scores, NOT_SCORED
+  elsewhere.
+
+  An identifier occurrence qualifies when the same identifier occurred earlier in the same
+  document of the same row, the most recent time more than `recall_window` bytes before, and
+  neither touches the row's first byte (it may be cut). Scored are the positions whose target
+  is one of its bytes after the first: once the first byte is seen, the rest can be recalled
+  from the earlier occurrence, which only a memory beyond the window still holds.
+  """
+  counts = identifier_counts(task)
+  tokens, segments, mask = batch["tokens"], batch["segments"], batch["mask"]
+  labels = np.zeros(tokens.shape, np.int32)
+  for row in range(tokens.shape[0]):
+    boundaries = np.flatnonzero(np.diff(segments[row])) + 1
+    for lo, hi in zip(np.r_[0, boundaries], np.r_[boundaries, tokens.shape[1]]):
+      text = tokens[row, lo:hi].astype(np.uint8).tobytes()
+      last: dict[bytes, int] = {}
+      for match in IDENTIFIER.finditer(text):
+        start, end, word = lo + match.start(), lo + match.end(), match.group()
+        previous = last.get(word)
+        last[word] = start
+        if (previous is None or previous == 0 or start - previous <= task.recall_window
+            or end - start < 2 or end == tokens.shape[1]):   # Either may be cut at an end.
+          continue
+        kind = RARE if counts.get(word, 0) < task.rare_count else COMMON
+        labels[row, start:end - 1] = kind    # Position i predicts byte i + 1.
+  return labels * (mask > 0)
+
+
 def buckets(seq_len: int) -> list[tuple[int, int]]:
   """Context-position buckets [lo, hi) covering [0, seq_len): [0, 64), then doubling."""
   edges = [0]
@@ -142,7 +205,8 @@ def buckets(seq_len: int) -> list[tuple[int, int]]:
 
 def position_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Sums the evaluation needs of one batch: scored bytes, their negative log-likelihood in
-  nats and correct argmax predictions, overall and per context-position bucket (`buckets`)."""
+  nats and correct argmax predictions, overall, per context-position bucket (`buckets`) and,
+  with `batch['recall']` (`long_range_labels`), per long-range recall class."""
   t = logits_BTV.shape[1]
   mask = batch["mask"]
   logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
@@ -151,6 +215,12 @@ def position_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict
   sums = {"nll": jnp.sum(nll * mask), "queries": jnp.sum(mask),
           "correct": jnp.sum(correct * mask),
           "sequence_nll": jnp.sum(nll * mask, axis=1), "sequence_queries": jnp.sum(mask, axis=1)}
+  if "recall" in batch:
+    for name, kind in RECALL_CLASSES.items():
+      inside = (batch["recall"] == kind).astype(jnp.float32)
+      sums[f"recall_{name}_nll"] = jnp.sum(nll * inside)
+      sums[f"recall_{name}_correct"] = jnp.sum(correct * inside)
+      sums[f"recall_{name}_queries"] = jnp.sum(inside)
   positions = jnp.arange(t)
   for lo, hi in buckets(t):
     inside = mask * ((positions >= lo) & (positions < hi))
@@ -161,8 +231,9 @@ def position_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict
 
 def summarize(per_batch: list[Mapping[str, Any]], seq_len: int) -> dict[str, float]:
   """Metrics from summed `position_sums`: loss (nats per byte), bits_per_byte and its standard
-  error over the evaluation's sequences' bytes, accuracy, queries, and per bucket
-  `bits_per_byte@<lo>-<hi>`."""
+  error over the evaluation's sequences' bytes, accuracy, queries, per bucket
+  `bits_per_byte@<lo>-<hi>`, and for long-range recall (`recall_rare_*`, `recall_common_*`)
+  accuracy with its standard error, bits per byte and the scored bytes."""
   total: dict[str, float] = {}
   sequences = {"sequence_nll": [], "sequence_queries": []}
   for sums in per_batch:
@@ -184,6 +255,17 @@ def summarize(per_batch: list[Mapping[str, Any]], seq_len: int) -> dict[str, flo
   out = {"loss": total["nll"] / n, "bits_per_byte": bpb, "bits_per_byte_se": bpb_se,
          "accuracy": accuracy, "accuracy_se": math.sqrt(accuracy * (1 - accuracy) / n),
          "queries": total["queries"], "sequences": m}
+  for name in RECALL_CLASSES:
+    if f"recall_{name}_queries" not in total:
+      continue
+    count = total[f"recall_{name}_queries"]
+    acc = total[f"recall_{name}_correct"] / count if count else float("nan")
+    out[f"recall_{name}_accuracy"] = acc
+    out[f"recall_{name}_accuracy_se"] = (math.sqrt(acc * (1 - acc) / count) if count
+                                         else float("nan"))
+    out[f"recall_{name}_bits_per_byte"] = (total[f"recall_{name}_nll"] / count / math.log(2)
+                                           if count else float("nan"))
+    out[f"recall_{name}_queries"] = count
   for lo, hi in buckets(seq_len):
     count = total[f"queries@{lo}"]
     out[f"bits_per_byte@{lo}-{hi}"] = (total[f"nll@{lo}"] / count / math.log(2)

@@ -156,13 +156,15 @@ def format_summary(summary: Mapping[str, Any]) -> str:
            f"({summary['num_params']:,} parameters):"]
   if "corpus" in summary:  # Text: bits per byte, and by context position.
     lines.append(f"  {'length':>8} {'bytes':>10} {'bits/byte ± se':>16} {'accuracy':>9}  "
-                 "bits/byte by context position")
+                 "long-range recall rare / common (bytes)  bits/byte by context position")
     for length, m in summary["lengths"].items():
       by_position = "  ".join(f"{k.split('@')[1]}: {v:.3f}" for k, v in m.items()
                               if k.startswith("bits_per_byte@"))
+      recall = " / ".join(f"{m[f'recall_{c}_accuracy']:.3f} ({int(m[f'recall_{c}_queries'])})"
+                          for c in text_task.RECALL_CLASSES)
       lines.append(f"  {length:>8} {int(m['queries']):>10} "
                    f"{m['bits_per_byte']:>8.4f} ± {m['bits_per_byte_se']:.4f} "
-                   f"{m['accuracy']:>9.4f}  {by_position}")
+                   f"{m['accuracy']:>9.4f}  {recall}  {by_position}")
     return "\n".join(lines)
   lines.append(f"  {'length':>8} {'queries':>8} {'accuracy ± se':>16} {'loss':>8}  "
                "routing recall (query-blind baseline) / sparsity per layer")

@@ -7,6 +7,7 @@ reads the same bytes and ends bit-identical to an uninterrupted one; evaluation 
 test bytes whatever the run's seed; results record the corpus.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +45,7 @@ def _config(corpus, arg="smoke", **train):
   config = text_config.get_config(arg)
   config.task.corpus = corpus
   config.task.patterns = "*.txt"
+  config.task.recall_window = 16   # Words of the little corpus recur within 128 bytes.
   config.train.update(dict(log_every=1, ckpt_every=2, **train))
   config.eval.lengths = (config.task.seq_len,)
   return config
@@ -82,6 +84,9 @@ class TextTaskTest(absltest.TestCase):
     self.assertGreater(m["bits_per_byte_se"], 0)
     self.assertEqual(sorted(k for k in m if k.startswith("bits_per_byte@")),
                      ["bits_per_byte@0-64", "bits_per_byte@64-128"])
+    self.assertGreater(m["recall_common_queries"], 0)
+    self.assertTrue(0 <= m["recall_common_accuracy"] <= 1)
+    self.assertIn("recall_rare_queries", m)
     text = train_lib.format_summary(self.summary)
     self.assertIn("bits/byte", text)
 
@@ -102,7 +107,7 @@ class TextTaskTest(absltest.TestCase):
     self.assertEqual(_rows(workdir), _rows(self.ref))
     for a, b in zip(jax.tree.leaves(load_run(workdir)[1]), jax.tree.leaves(load_run(self.ref)[1])):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    self.assertEqual(summary["lengths"], self.summary["lengths"])
+    np.testing.assert_equal(summary["lengths"], self.summary["lengths"])  # NaN where no byte.
 
   def test_another_seed_trains_on_other_rows_and_is_scored_on_the_same_bytes(self):
     task = text_task.TextTaskConfig(corpus=self.corpus, patterns="*.txt", seq_len=64)
@@ -148,6 +153,40 @@ class SumsTest(absltest.TestCase):
     se = math.sqrt(np.sum((per_sequence - ratio * mask.sum(1)) ** 2) / (b * (b - 1)))
     np.testing.assert_allclose(out["bits_per_byte_se"], se / mask.sum(1).mean(), rtol=1e-5)
     self.assertEqual(out["sequences"], b)
+
+
+class LongRangeRecallTest(absltest.TestCase):
+
+  def test_labels_mark_identifiers_seen_beyond_the_window(self):
+    root = tempfile.mkdtemp()
+    _write_corpus(root)  # 'alpha' is common in its training split; 'zeta_name', 'bar' absent.
+    task = text_task.TextTaskConfig(corpus=root, patterns="*.txt", seq_len=512, recall_window=64)
+    filler = b"1 " * 40                                          # 80 bytes, no identifier.
+    row = (b"\nzeta_name alpha bar\n" + filler + b"zeta_name(alpha) bar\n" + filler
+           + b"bar zeta_name alpha_beta\n")
+    doc = row + b"alpha zeta_name"                  # A second document: nothing seen before.
+    tokens = np.zeros((1, 512), np.int32)
+    tokens[0, :len(doc)] = np.frombuffer(doc, np.uint8)
+    segments = np.zeros((1, 512), np.int32)
+    segments[0, len(row):] = 1
+    batch = {"tokens": tokens, "segments": segments, "mask": np.ones((1, 512), np.float32)}
+    labels = text_task.long_range_labels(batch, task)[0]
+    want = np.zeros(512, np.int32)
+    # Every second and third occurrence in the first document is over 64 bytes after the one
+    # before it; the first occurrences, 'alpha_beta' and the second document are not scored.
+    for word, start, kind in ((b"zeta_name", 21 + 80, text_task.RARE),
+                              (b"alpha", 31 + 80, text_task.COMMON),
+                              (b"bar", 38 + 80, text_task.RARE),
+                              (b"bar", 42 + 160, text_task.RARE),
+                              (b"zeta_name", 46 + 160, text_task.RARE)):
+      self.assertEqual(row[start:start + len(word)], word)
+      want[start:start + len(word) - 1] = kind   # Positions predicting its bytes after the first.
+    np.testing.assert_array_equal(labels, want)
+    counts = text_task.identifier_counts(task)
+    self.assertGreater(counts[b"alpha"], task.rare_count)
+    self.assertEqual(counts[b"bar"] + counts[b"zeta_name"], 0)
+    wide = dataclasses.replace(task, recall_window=200)    # None is over 200 bytes back.
+    self.assertEqual(int(np.sum(text_task.long_range_labels(batch, wide) > 0)), 0)
 
 
 class ConfigTest(absltest.TestCase):
