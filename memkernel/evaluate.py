@@ -88,6 +88,7 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
   Returns:
     {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`; `queries`
     is the number of scored positions and `accuracy_se` the accuracy's standard error over them.
+    For a text task the metrics of `text_task.summarize` (bits per byte, long-range recall).
   """
   if interventions is not None and not experiment.family.sources(experiment.model):
     raise ValueError(f"interventions drop memory sources; the {experiment.model_type!r} family "
@@ -146,7 +147,8 @@ def _text_sums_fn(model_config: Any, interventions: Any, mesh: Mesh):
 def _evaluate_text(experiment: Experiment, params, lengths: Sequence[int], interventions: Any,
                    mesh: Mesh, progress: bool) -> dict[str, dict[str, float]]:
   """`evaluate` on a text task: the first `eval.batches` batches of the `eval.stream` split at
-  each length (`text_task.eval_batches`), bits per byte overall and by context position."""
+  each length (`text_task.eval_batches`): bits per byte overall and by context position, and
+  long-range recall (`text_task.long_range_labels`, labelled on the host)."""
   ev = experiment.eval
   results = {}
   for length in lengths:
