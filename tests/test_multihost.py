@@ -21,8 +21,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
-import jax
-import numpy as np
+import chex
 
 from memkernel import checkpoint as checkpoint_lib
 from memkernel import distributed
@@ -108,12 +107,6 @@ def _state(workdir, step):
   return checkpoint_lib.Checkpointer(workdir, read_only=True).restore_raw(step)
 
 
-def _assert_bitwise_equal(test, a, b):
-  test.assertEqual(jax.tree.structure(a), jax.tree.structure(b))
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 class TwoProcessTest(absltest.TestCase):
 
   @classmethod
@@ -140,12 +133,12 @@ class TwoProcessTest(absltest.TestCase):
   def test_first_leg_equals_one_process_bit_for_bit(self):
     self.assertEqual([r["step"] for r in self.first_rows], [1, 2])
     self.assertEqual(self.first_rows, _rows(self.one)[:2])
-    _assert_bitwise_equal(self, _state(self.two, 2), _state(self.one, 2))
+    chex.assert_trees_all_equal(_state(self.two, 2), _state(self.one, 2))  # Bit for bit.
 
   def test_resumed_run_equals_the_uninterrupted_one(self):
     self.assertTrue(any("Resumed from step 2" in log for log in self.logs[3:]))
     self.assertEqual(_rows(self.two), _rows(self.one))
-    _assert_bitwise_equal(self, _state(self.two, 4), _state(self.one, 4))
+    chex.assert_trees_all_equal(_state(self.two, 4), _state(self.one, 4))
     with open(os.path.join(self.one, experiment_lib.EVAL_FILE)) as f:
       one = json.load(f)
     with open(os.path.join(self.two, experiment_lib.EVAL_FILE)) as f:

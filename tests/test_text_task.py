@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 from absl.testing import absltest
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,8 +106,7 @@ class TextTaskTest(absltest.TestCase):
     self.assertEqual(meta["data_state"]["stream"]["split"], "train")
     summary = train_lib.train_and_evaluate(_config(self.corpus, steps=4), workdir)
     self.assertEqual(_rows(workdir), _rows(self.ref))
-    for a, b in zip(jax.tree.leaves(load_run(workdir)[1]), jax.tree.leaves(load_run(self.ref)[1])):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chex.assert_trees_all_equal(load_run(workdir)[1], load_run(self.ref)[1])  # Bit for bit.
     np.testing.assert_equal(summary["lengths"], self.summary["lengths"])  # NaN where no byte.
 
   def test_another_seed_trains_on_other_rows_and_is_scored_on_the_same_bytes(self):
