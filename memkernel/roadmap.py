@@ -12,7 +12,8 @@ A measurement (`Measure`) names result files by a glob, filters them (task names
 length), picks a metric (a pattern: `layer_*/em_density` takes every layer, combined by
 `per_file`) and combines the files (`combine`: 'mean' with the standard error over files, or
 'max' / 'min' with the file it came from). A criterion compares a measurement, or the
-difference of two (`minus`), with its target ('>= 0.9', '< 0.15').
+difference of two (`minus`), with its target ('>= 0.9', '< 0.15'); with fewer than `min_runs`
+result files it decides nothing.
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ class Criterion:
   measure: Measure
   target: str
   minus: Optional[Measure] = None
+  min_runs: int = 1     # Fewer result files than this (on either side) decide nothing yet.
 
   def check(self, root: str) -> tuple[Optional[bool], str]:
     """(met, what was measured); met is None when nothing was."""
@@ -205,14 +207,20 @@ class Criterion:
     if self.minus is None:
       if a.value is None:
         return None, f"no measurement in `{self.measure.files}` yet"
-      return _OPS[op](a.value, bound), "measured " + _described(a, self.measure.format)
+      text = "measured " + _described(a, self.measure.format)
+      if a.count < self.min_runs:
+        return None, f"{text}; {self.min_runs} runs needed"
+      return _OPS[op](a.value, bound), text
     b = measure(self.minus, root)
     if a.value is None or b.value is None:
       missing = [m.files for m, v in ((self.measure, a), (self.minus, b)) if v.value is None]
       return None, "no measurement in " + " or ".join(f"`{m}`" for m in missing) + " yet"
     difference = a.value - b.value
     text = (f"measured {format_value(a.value, self.measure.format, a.se)} against "
-            f"{format_value(b.value, self.minus.format, b.se)} ({a.count} and {b.count} runs)")
+            f"{format_value(b.value, self.minus.format, b.se)} ({a.count} and {b.count} "
+            f"run{'s' if b.count != 1 else ''})")
+    if min(a.count, b.count) < self.min_runs:
+      return None, f"{text}; {self.min_runs} runs each needed"
     return _OPS[op](difference, bound), text
 
 
@@ -248,8 +256,11 @@ def _criterion(spec: Mapping[str, Any], index: int) -> Criterion:
       raise ValueError(f"roadmap: {where} needs {field!r}")
   _parse_target(spec["target"], where)
   minus = spec.get("minus")
+  min_runs = spec.get("min_runs", 1)
+  if not isinstance(min_runs, int) or isinstance(min_runs, bool) or min_runs < 1:
+    raise ValueError(f"roadmap: {where} min_runs must be a positive integer, got {min_runs!r}")
   return Criterion(spec["name"], _measure_from(spec["measure"], where), spec["target"],
-                   None if minus is None else _measure_from(minus, where + " minus"))
+                   None if minus is None else _measure_from(minus, where + " minus"), min_runs)
 
 
 def render(source: Mapping[str, Any], root: str) -> str:
@@ -261,10 +272,10 @@ def render(source: Mapping[str, Any], root: str) -> str:
            source["vision"].strip(), "", "## Success criteria", ""]
   for criterion, ok, text in checks:
     mark = "☑" if ok else "☐"
-    verdict = "met" if ok else ("not measured yet" if ok is None else "missed")
+    verdict = "met" if ok else ("not decided yet" if ok is None else "missed")
     lines.append(f"- {mark} **{criterion.name}** (target {criterion.target}): {verdict}; {text}")
   lines += ["", "## Current status", "",
-            f"{met} of {len(checks)} success criteria met, {unmeasured} not measured yet. "
+            f"{met} of {len(checks)} success criteria met, {unmeasured} not decided yet. "
             + source["status"].strip(), "", "## Phases", ""]
   for phase in source["phases"]:
     lines += [f"### {phase['title']} [{phase['status']}]", "", f"Objective: {phase['objective']}",

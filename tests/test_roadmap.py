@@ -106,6 +106,11 @@ class MeasureTest(absltest.TestCase):
     ok, text = better.check(self.root)
     self.assertTrue(ok)
     self.assertIn("85.00%", text)
+    one_run = roadmap._criterion({"name": "x", "target": "> 0", "measure": spec,
+                                  "minus": copy, "min_runs": 2}, 0)
+    ok, text = one_run.check(self.root)
+    self.assertIsNone(ok)                          # The copy side has one run.
+    self.assertIn("2 runs each needed", text)
     unmeasured = roadmap._criterion(
         {"name": "x", "target": "> 0", "measure": {"files": "none/*.json", "metric": "a"}}, 0)
     self.assertEqual(unmeasured.check(self.root), (None, "no measurement in `none/*.json` yet"))
