@@ -28,7 +28,10 @@ def main(argv):
     raise FileNotFoundError(f"--source={_SOURCE.value} is not a file")
   text = roadmap.render(roadmap.load(_SOURCE.value),
                         os.path.dirname(os.path.abspath(_SOURCE.value)))
-  current = open(_OUT.value).read() if os.path.exists(_OUT.value) else None
+  current = None
+  if os.path.exists(_OUT.value):
+    with open(_OUT.value) as f:
+      current = f.read()
   if _CHECK.value:
     if current != text:
       _cli.fatal(f"{_OUT.value} is out of date: run python -m experiments.roadmap", "roadmap")

@@ -50,8 +50,9 @@ from typing import Any, Callable, Mapping
 from absl import logging
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from memkernel import distributed
 
 PyTree = Any
 
@@ -244,7 +245,7 @@ class Checkpointer:
   def _purge_deleted_steps(self) -> None:
     """Removes steps that rotation has already renamed out of sight. The trash directory itself
     stays, since orbax's background thread may be renaming the next step into it."""
-    if self.read_only or jax.process_index():
+    if self.read_only or not distributed.is_primary():
       return
     trash = os.path.join(self.directory, _TRASH_SUBDIR)
     if not os.path.isdir(trash):
@@ -391,13 +392,12 @@ class Checkpointer:
     if self.read_only:
       return None
     target = os.path.join(self.directory, _DAMAGED_SUBDIR, str(step))
-    if not jax.process_index():  # One process moves it; the others wait, then look again.
+    if distributed.is_primary():  # One process moves it; the others wait, then look again.
       os.makedirs(os.path.dirname(target), exist_ok=True)
       if os.path.exists(target):
         shutil.rmtree(target)
       os.replace(os.path.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    distributed.barrier(f"checkpoint_set_aside_{step}")
     self._manager.reload()
     return target
 
