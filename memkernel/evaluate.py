@@ -102,11 +102,8 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
                        "chunk")
   mesh = mesh or make_mesh()
   if text_task.is_text(experiment.task):
-    if chunk is not None:
-      raise ValueError("the recurrent form (chunk) evaluates probe tasks only so far; evaluate "
-                       "text in the parallel form")
     return _evaluate_text(experiment, params, lengths or ev.lengths, interventions, mesh,
-                          progress)
+                          chunk, progress)
   key = experiment_lib.eval_key(experiment.train.seed, ev.stream)
   results = {}
   for length in lengths or ev.lengths:
@@ -145,26 +142,63 @@ def _text_sums_fn(model_config: Any, interventions: Any, mesh: Mesh):
 
 
 def _evaluate_text(experiment: Experiment, params, lengths: Sequence[int], interventions: Any,
-                   mesh: Mesh, progress: bool) -> dict[str, dict[str, float]]:
+                   mesh: Mesh, chunk: Optional[int], progress: bool
+                   ) -> dict[str, dict[str, float]]:
   """`evaluate` on a text task: the first `eval.batches` batches of the `eval.stream` split at
   each length (`text_task.eval_batches`): bits per byte overall and by context position, and
-  long-range recall (`text_task.long_range_labels`, labelled on the host)."""
+  long-range recall (`text_task.long_range_labels`, labelled on the host). With `chunk`, the
+  recurrent form over chunks of the sequence (one device), summing the chunks' sums."""
   ev = experiment.eval
   results = {}
   for length in lengths:
     start = time.perf_counter()
     task = experiment.task_for_length(length)
-    run = _text_sums_fn(experiment.model_for_length(length), interventions, mesh)
+    model_config = experiment.model_for_length(length)
     per_batch = []
     for i, batch in enumerate(text_task.eval_batches(task, ev.stream, ev.batch_size,
                                                      ev.batches)):
       batch["recall"] = text_task.long_range_labels(batch, task)
-      per_batch.append(run(params, text_task.as_global(batch, NamedSharding(mesh, P("data")))))
+      if chunk is None:
+        run = _text_sums_fn(model_config, interventions, mesh)
+        per_batch.append(run(params, text_task.as_global(batch, NamedSharding(mesh, P("data")))))
+      else:
+        per_batch.append(_recurrent_text_sums(model_config, params, batch, chunk, interventions))
       if progress:
         print(f"  length {length}: batch {i + 1}/{ev.batches}, "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     results[str(length)] = text_task.summarize(jax.device_get(per_batch), length)
   return results
+
+
+@functools.lru_cache(maxsize=16)
+def _text_chunk_fn(model_config: Any, interventions: Any, seq_len: int):
+  """The jitted `(params, memory, part, offset) -> (memory', sums)`: the recurrent form over one
+  chunk of a text batch and its `text_task.position_sums` (buckets of the whole `seq_len`)."""
+  model = family_lib.build(model_config)
+
+  def run(params, memory, part, offset):
+    logits, memory = model.apply({"params": params}, part["tokens"], memory, part["segments"],
+                                 interventions=interventions, method=model.scan)
+    return memory, text_task.position_sums(logits, part, offset=offset, seq_len=seq_len)
+
+  return jax.jit(run, donate_argnums=(1,))
+
+
+def _recurrent_text_sums(model_config: Any, params, batch, chunk: int,
+                         interventions: Any) -> dict[str, np.ndarray]:
+  """One text batch's `position_sums` by the recurrent form over chunks, the memory carried:
+  the sums of its chunks (per sequence where they are per sequence)."""
+  family = family_lib.of_config(model_config)
+  length = batch["tokens"].shape[1]
+  memory = family.init_memory(model_config, batch["tokens"].shape[0])
+  run = _text_chunk_fn(model_config, interventions, length)
+  total: dict[str, np.ndarray] = {}
+  for begin in range(0, length, chunk):
+    part = {k: jnp.asarray(v[:, begin:begin + chunk]) for k, v in batch.items()}
+    memory, sums = run(params, memory, part, jnp.int32(begin))
+    for k, v in jax.device_get(sums).items():
+      total[k] = total[k] + v if k in total else np.asarray(v, np.float64)
+  return total
 
 
 @functools.lru_cache(maxsize=16)

@@ -203,10 +203,16 @@ def buckets(seq_len: int) -> list[tuple[int, int]]:
   return list(zip(edges[:-1], edges[1:]))
 
 
-def position_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+def position_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array], *,
+                  offset: Any = 0, seq_len: Optional[int] = None) -> dict[str, jax.Array]:
   """Sums the evaluation needs of one batch: scored bytes, their negative log-likelihood in
   nats and correct argmax predictions, overall, per context-position bucket (`buckets`) and,
-  with `batch['recall']` (`long_range_labels`), per long-range recall class."""
+  with `batch['recall']` (`long_range_labels`), per long-range recall class.
+
+  For one chunk of a longer sequence (the recurrent form), `offset` is the chunk's first
+  position (may be traced) and `seq_len` the whole sequence's length: the buckets are the
+  sequence's, and the sums of a sequence's chunks add up to the sums of the sequence.
+  """
   t = logits_BTV.shape[1]
   mask = batch["mask"]
   logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
@@ -221,8 +227,8 @@ def position_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict
       sums[f"recall_{name}_nll"] = jnp.sum(nll * inside)
       sums[f"recall_{name}_correct"] = jnp.sum(correct * inside)
       sums[f"recall_{name}_queries"] = jnp.sum(inside)
-  positions = jnp.arange(t)
-  for lo, hi in buckets(t):
+  positions = offset + jnp.arange(t)
+  for lo, hi in buckets(seq_len or t):
     inside = mask * ((positions >= lo) & (positions < hi))
     sums[f"nll@{lo}"] = jnp.sum(nll * inside)
     sums[f"queries@{lo}"] = jnp.sum(inside)

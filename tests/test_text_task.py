@@ -25,10 +25,11 @@ import numpy as np
 from configs import text as text_config
 from memkernel import checkpoint as checkpoint_lib
 from memkernel import corpus as corpus_lib
+from memkernel import evaluate as evaluate_lib
 from memkernel import experiment as experiment_lib
 from memkernel import text_task
 from memkernel import train as train_lib
-from memkernel.runs import load_run
+from memkernel.runs import load_experiment, load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("alpha", "beta", "gamma", "delta", "memory", "leaf", "tree", "route", "byte", "file")
@@ -108,6 +109,18 @@ class TextTaskTest(absltest.TestCase):
     self.assertEqual(_rows(workdir), _rows(self.ref))
     chex.assert_trees_all_equal(load_run(workdir)[1], load_run(self.ref)[1])  # Bit for bit.
     np.testing.assert_equal(summary["lengths"], self.summary["lengths"])  # NaN where no byte.
+
+  def test_the_recurrent_form_scores_the_same_bytes_alike(self):
+    experiment, params = load_experiment(self.ref), load_run(self.ref)[1]
+    parallel = evaluate_lib.evaluate(experiment, params)["128"]
+    for chunk in (32, 48):       # A chunk that does not divide the length too.
+      recurrent = evaluate_lib.evaluate(experiment, params, chunk=chunk)["128"]
+      self.assertEqual(sorted(recurrent), sorted(parallel))
+      for k, v in parallel.items():
+        if k.endswith("queries") or k == "sequences":
+          self.assertEqual(recurrent[k], v, k)             # The same bytes, buckets and labels.
+        else:
+          np.testing.assert_allclose(recurrent[k], v, rtol=1e-4, atol=1e-5, err_msg=k)
 
   def test_another_seed_trains_on_other_rows_and_is_scored_on_the_same_bytes(self):
     task = text_task.TextTaskConfig(corpus=self.corpus, patterns="*.txt", seq_len=64)
