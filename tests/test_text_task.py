@@ -27,6 +27,7 @@ from memkernel import checkpoint as checkpoint_lib
 from memkernel import corpus as corpus_lib
 from memkernel import evaluate as evaluate_lib
 from memkernel import experiment as experiment_lib
+from memkernel import text_store
 from memkernel import text_task
 from memkernel import train as train_lib
 from memkernel.runs import load_experiment, load_run
@@ -91,6 +92,25 @@ class TextTaskTest(absltest.TestCase):
     self.assertIn("recall_rare_queries", m)
     text = train_lib.format_summary(self.summary)
     self.assertIn("bits/byte", text)
+
+  def test_store_lines_cover_the_bytes_and_alpha_zero_changes_nothing(self):
+    experiment, params = load_experiment(self.ref), load_run(self.ref)[1]
+    directory, key = os.path.join(self.tmp, "store"), b"k" * 32
+    seal = text_store.write_store(directory, key, experiment, params, sequences=3)
+    batch = next(text_task.train_stream(experiment.task, experiment.eval.batch_size,
+                                        seed=text_store.LINES_STREAM_SEED))
+    self.assertEqual(seal.count, int(np.sum(batch["mask"][:, :-1] > 0)))  # A whole batch read.
+    with self.assertRaisesRegex(ValueError, "already holds"):
+      text_store.write_store(directory, key, experiment, params, sequences=1)
+    result = text_store.ask_store(directory, key, experiment, params, alphas=(0.0, 8.0),
+                                  floors=(0.0,), k=3, length=128, progress=lambda m: None)
+    off, on = (t["validation"] for t in result["tried"])
+    np.testing.assert_equal(off, result["no_store"]["validation"])   # Bit for bit (NaN: no byte).
+    self.assertNotEqual(on["bits_per_byte"], off["bits_per_byte"])
+    self.assertEqual(on["queries"], off["queries"])
+    best = min(result["tried"], key=lambda t: t["validation"]["bits_per_byte"])
+    self.assertEqual(result["chosen"]["alpha"], best["alpha"])
+    self.assertEqual(result["lines"], seal.count)
 
   def test_results_record_the_corpus(self):
     with open(os.path.join(self.ref, experiment_lib.EVAL_FILE)) as f:
