@@ -4,7 +4,8 @@ they are worth.
     report = paths_run("runs/mqar_scattered", batches=4)
     print(format_table(report))
 
-On fresh batches of the run's task (the auditor's seed stream, never training batches), the
+On fresh batches of the run's task (the auditor's seed stream, never training batches; for
+text, the validation split's first batches, documents and all), the
 reference forward's route trace gives every scored query's path per layer and head
 (`motifs.encode`). The `next_best_span` intervention (each head reads its best unselected leaves
 instead) gives each scored query's loss delta: the utility of the router's choice there, credited
@@ -19,6 +20,7 @@ also says how many of one setting's queries took a path the other setting's quer
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Mapping, Optional, Sequence
 
@@ -27,14 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from memkernel import runs
+from memkernel import text_task
 from memkernel.analysis import audit as audit_lib
-from memkernel.kernel.interventions import Interventions
+from memkernel.kernel.interventions import NONE, Interventions
 from memkernel.kernel.model import KernelModel
 from memkernel.paths import motifs as motifs_lib
 from memkernel.paths.trie import PathTrie
 
 PATHS_FILE, TABLE_FILE, PLOT_FILE = "paths.json", "paths.md", "paths.png"
 TOP_MOTIFS = 32
+SWAP = Interventions(next_best_span=True)   # Each head reads its best unselected leaves.
 
 
 def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> np.ndarray:
@@ -42,7 +46,14 @@ def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> np.ndarray:
   return np.asarray(-jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0])
 
 
-def collect(model: KernelModel, params, batches: Sequence[Mapping[str, jax.Array]]
+@functools.lru_cache(maxsize=16)
+def _forward(model: KernelModel, interventions: Optional[Interventions]):
+  """Jitted (params, tokens, segments) -> (logits, outputs) of the parallel form."""
+  return jax.jit(lambda params, tokens, segments: model.apply(
+      {"params": params}, tokens, segments, interventions=interventions or NONE))
+
+
+def collect(model: KernelModel, params, batches: Sequence[Mapping[str, Any]]
             ) -> dict[str, np.ndarray]:
   """Every scored query's paths and context, flattened over (batch row, position):
   `paths` int64 [N, layers, H, S], `utility` [N] (next_best_span's loss delta), `tokens` [N],
@@ -51,11 +62,12 @@ def collect(model: KernelModel, params, batches: Sequence[Mapping[str, jax.Array
   num_leaves = model.config.num_leaves
   row0 = 0
   for batch in batches:
-    tokens = batch["tokens"]
-    logits, aux = audit_lib.reference_forward(model, params, tokens)
-    swapped = audit_lib.intervened_logits(model, params, tokens,
-                                          Interventions(next_best_span=True))
-    delta = _nll(swapped, batch["targets"]) - _nll(logits, batch["targets"])
+    tokens, segments = jnp.asarray(batch["tokens"]), batch.get("segments")
+    segments = None if segments is None else jnp.asarray(segments)
+    logits, aux = _forward(model, None)(params, tokens, segments)
+    swapped = _forward(model, SWAP)(params, tokens, segments)[0]
+    targets = jnp.asarray(batch["targets"])
+    delta = _nll(swapped, targets) - _nll(logits, targets)
     layers = [motifs_lib.encode(jax.device_get(r.path), num_leaves, layer=i)
               for i, r in enumerate(aux.routes) if r is not None]
     paths = np.stack(layers, axis=2)                        # [B, T, layers, H, S]
@@ -68,6 +80,13 @@ def collect(model: KernelModel, params, batches: Sequence[Mapping[str, jax.Array
       out[name].append(np.asarray(value)[mask])
     row0 += tok.shape[0]
   return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _batches(task, seed: int, batches: int, batch_size: int) -> list[Mapping[str, Any]]:
+  """The auditor's fresh batches of a probe; the validation split's first batches of text."""
+  if text_task.is_text(task):
+    return text_task.eval_batches(task, "validation", batch_size, batches)
+  return audit_lib.eval_batches(task, seed, batches, batch_size)
 
 
 def build_trie(collected: Mapping[str, np.ndarray], budget: int) -> PathTrie:
@@ -120,7 +139,7 @@ def paths_experiment(experiment, params, *, batches: int, tasks: Mapping[str, Ma
   for name, exp in settings.items():
     task = exp.task
     model = KernelModel(exp.model_for_length(task.seq_len))
-    collected = collect(model, params, audit_lib.eval_batches(task, seed, batches, batch_size))
+    collected = collect(model, params, _batches(task, seed, batches, batch_size))
     trie = build_trie(collected, budget)
     motifs = trie.motifs()
     report["tasks"][name] = {
