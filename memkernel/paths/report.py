@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from memkernel import runs
 from memkernel import text_task
@@ -37,6 +38,7 @@ from memkernel.paths import motifs as motifs_lib
 from memkernel.paths.trie import PathTrie
 
 PATHS_FILE, TABLE_FILE, PLOT_FILE = "paths.json", "paths.md", "paths.png"
+TRIE_DIR = "paths_trie"      # WORKDIR/paths_trie/<task>: each task's trie, saved by orbax.
 TOP_MOTIFS = 32
 SWAP = Interventions(next_best_span=True)   # Each head reads its best unselected leaves.
 
@@ -121,9 +123,9 @@ def shared_paths(a: np.ndarray, b: np.ndarray) -> float:
 
 def paths_experiment(experiment, params, *, batches: int, tasks: Mapping[str, Mapping[str, Any]],
                      budget: int = 1 << 14, batch_size: Optional[int] = None,
-                     seed: Optional[int] = None) -> dict[str, Any]:
+                     seed: Optional[int] = None) -> tuple[dict[str, Any], dict[str, PathTrie]]:
   """The study on `batches` auditor batches per task setting (`tasks`: name -> task overrides,
-  {} for the run's own task)."""
+  {} for the run's own task): the JSON-ready report and each setting's trie."""
   if not experiment.family.routes:
     raise ValueError(f"routing paths need a memory-kernel run; this run trains the "
                      f"{experiment.model_type!r} family, which does not route")
@@ -135,12 +137,12 @@ def paths_experiment(experiment, params, *, batches: int, tasks: Mapping[str, Ma
                             "budget": budget, "tasks": {}}
   settings = {name: runs.with_task(experiment, dict(overrides))   # Every setting checked first.
               for name, overrides in tasks.items()}
-  flat = {}
+  flat, tries = {}, {}
   for name, exp in settings.items():
     task = exp.task
     model = KernelModel(exp.model_for_length(task.seq_len))
     collected = collect(model, params, _batches(task, seed, batches, batch_size))
-    trie = build_trie(collected, budget)
+    trie = tries[name] = build_trie(collected, budget)
     motifs = trie.motifs()
     report["tasks"][name] = {
         "task": task.to_dict(), "queries": int(len(collected["utility"])),
@@ -154,27 +156,42 @@ def paths_experiment(experiment, params, *, batches: int, tasks: Mapping[str, Ma
   names = list(tasks)
   report["shared"] = {f"{b}_in_{a}": shared_paths(flat[a], flat[b])
                       for a in names for b in names if a != b}
-  return report
+  return report, tries
 
 
 def paths_run(workdir: str, *, batches: int = 4, tasks: Optional[Mapping[str, Mapping]] = None,
               budget: int = 1 << 14, step: Optional[int] = None, write: bool = True
               ) -> dict[str, Any]:
-  """`paths_experiment` on a run's checkpoint; with `write`, `paths.json`, `paths.md` and
-  `paths.png` in the workdir."""
+  """`paths_experiment`'s report on a run's checkpoint; with `write`, `paths.json`, `paths.md`,
+  `paths.png` and each task's trie (`paths_trie/<task>`, `load_trie`) in the workdir."""
   experiment = runs.load_experiment(workdir, step)
   if not experiment.family.routes:   # Before any array is read.
     raise ValueError(f"{workdir} holds a {experiment.model_type!r} run; routing paths need a "
                      "memory-kernel run")
   params = runs.load_run(workdir, step)[1]
-  report = paths_experiment(experiment, params, batches=batches, budget=budget,
-                            tasks=tasks or {experiment.task.name: {}})
+  report, tries = paths_experiment(experiment, params, batches=batches, budget=budget,
+                                   tasks=tasks or {experiment.task.name: {}})
   report["workdir"] = workdir
   if write:
+    for name, trie in tries.items():
+      save_trie(os.path.join(workdir, TRIE_DIR, name), trie)
     runs.write_json(os.path.join(workdir, PATHS_FILE), report)
     runs.write_text(os.path.join(workdir, TABLE_FILE), format_table(report))
     save_plot(report, os.path.join(workdir, PLOT_FILE))
   return report
+
+
+def save_trie(path: str, trie: PathTrie) -> None:
+  """Saves `trie.state()` with orbax at `path` (a directory; an older one is replaced)."""
+  path = os.path.abspath(path)
+  with ocp.StandardCheckpointer() as saver:
+    saver.save(path, trie.state(), force=True)
+
+
+def load_trie(path: str) -> PathTrie:
+  """The trie `save_trie` saved at `path`."""
+  with ocp.StandardCheckpointer() as loader:
+    return PathTrie.from_state(loader.restore(os.path.abspath(path)))
 
 
 def describe_path(path: Sequence[int], heads: int) -> str:

@@ -161,8 +161,8 @@ class ReportTest(absltest.TestCase):
     model = KernelModel(experiment.model)
     params = jax.jit(model.init)(jax.random.PRNGKey(0),
                                  jnp.zeros((1, experiment.task.seq_len), jnp.int32))["params"]
-    report = report_lib.paths_experiment(experiment, params, batches=1, batch_size=4,
-                                         tasks={"a": {}, "b": {}}, budget=1 << 12)
+    report, tries = report_lib.paths_experiment(experiment, params, batches=1, batch_size=4,
+                                                tasks={"a": {}, "b": {}}, budget=1 << 12)
     a = report["tasks"]["a"]
     self.assertEqual(a, report["tasks"]["b"])                       # The same batches.
     self.assertEqual(report["shared"], {"b_in_a": 1.0, "a_in_b": 1.0})
@@ -172,6 +172,13 @@ class ReportTest(absltest.TestCase):
     self.assertLessEqual(taken, a["queries"] * layers * heads)
     self.assertGreater(taken, 0)
     self.assertLessEqual(sum(m["count"] for m in a["motifs"]), taken)
+    self.assertEqual([m["count"] for m in a["motifs"]],
+                     [m.count for m in tries["a"].motifs()[:len(a["motifs"])]])
+    with tempfile.TemporaryDirectory() as root:
+      report_lib.save_trie(os.path.join(root, "trie"), tries["a"])
+      report_lib.save_trie(os.path.join(root, "trie"), tries["a"])   # Replaces.
+      self.assertEqual(report_lib.load_trie(os.path.join(root, "trie")).motifs(),
+                       tries["a"].motifs())
     table = report_lib.format_table(report)
     self.assertIn("| layer_0/head_0 |", table)
     with self.assertRaisesRegex(ValueError, "unknown task field"):
