@@ -12,8 +12,10 @@ query is.
 
 `path_statistics` measures, over a set of queries' paths: the entropy of the paths, how much of
 it the query token's identity explains against the previous token's (mutual information, less
-the same measured with the tokens shuffled, which removes the plug-in estimate's bias), and how
-often a path recurs at other positions of the same sequence and in other sequences.
+the same measured with the tokens shuffled, which removes the plug-in estimate's bias), how often a
+path recurs at other positions of the same sequence and in other sequences, and how often a
+crystallized path proposed before routing would be right (`proposals`: the acceptance rate that
+bounds what speculative routing could save).
 """
 
 from __future__ import annotations
@@ -100,10 +102,46 @@ def recurrence(paths: np.ndarray, sequence: np.ndarray) -> dict[str, float]:
           "across_sequences": float(np.mean(sequences_per_path[paths] > 1))}
 
 
-def path_statistics(paths: np.ndarray, tokens: np.ndarray, previous: np.ndarray,
+def proposals(paths_NS: np.ndarray, keys: np.ndarray, sequence: np.ndarray) -> dict[str, float]:
+  """Crystallized paths as proposals, measured before anything is built: the queries of the even
+  sequences crystallize, per key (the query's token, say), their most frequent path; each query
+  of the odd sequences is proposed the path of its key (nothing if its key was not seen).
+  `accepted` is the fraction whose whole path equals the proposal, `prefix` the mean fraction of
+  their path's symbols the proposal gets right before its first wrong one (the levels a verifier
+  would confirm: the sequential beam steps speculation could skip), `covered` the fraction that
+  got a proposal."""
+  fit = sequence % 2 == 0
+  test = ~fit
+  if not fit.any() or not test.any():
+    return {"accepted": 0.0, "prefix": 0.0, "covered": 0.0}
+  ids = keys_of(paths_NS)
+  best: dict[Any, int] = {}
+  pair, counts = np.unique(np.stack([keys[fit], ids[fit]], 1), axis=0, return_counts=True)
+  for (key, path), count in sorted(zip(map(tuple, pair), counts), key=lambda x: x[1]):
+    best[key] = path                                   # The most frequent path last wins.
+  first_row = {int(i): r for r, i in reversed(list(enumerate(ids)))}
+  accepted, prefix, covered = [], [], []
+  for key, path_id, row in zip(keys[test], ids[test], paths_NS[test]):
+    proposal = best.get(key)
+    covered.append(proposal is not None)
+    if proposal is None:
+      accepted.append(False)
+      prefix.append(0.0)
+      continue
+    accepted.append(proposal == path_id)
+    want = row[row >= 0]
+    got = paths_NS[first_row[proposal]]
+    same = np.cumprod(got[:len(want)] == want)
+    prefix.append(float(np.sum(same)) / len(want))
+  return {"accepted": float(np.mean(accepted)), "prefix": float(np.mean(prefix)),
+          "covered": float(np.mean(covered))}
+
+
+def path_statistics(paths_NS: np.ndarray, tokens: np.ndarray, previous: np.ndarray,
                     sequence: np.ndarray) -> dict[str, Any]:
-  """Statistics of one group of queries (one layer's head, say): `paths` [N] path ids
-  (`keys_of`), the query's token, the token before it, and the sequence it is in."""
+  """Statistics of one group of queries (one layer's head, say): `paths_NS` their paths'
+  symbols, the query's token, the token before it, and the sequence it is in."""
+  paths = keys_of(paths_NS)
   n = len(paths)
   counts = np.sort(np.bincount(np.unique(paths, return_inverse=True)[1].reshape(-1)))[::-1] \
       if n else np.zeros((0,), np.int64)
@@ -112,4 +150,7 @@ def path_statistics(paths: np.ndarray, tokens: np.ndarray, previous: np.ndarray,
           "top16_share": float(np.sum(counts[:16]) / n) if n else 0.0,
           "token": explained(paths, tokens), "previous_token": explained(paths, previous),
           "recurs": recurrence(paths, sequence),
+          "proposals": {"by_token": proposals(paths_NS, tokens, sequence),
+                        "by_previous_token": proposals(paths_NS, previous, sequence),
+                        "most_frequent": proposals(paths_NS, np.zeros_like(tokens), sequence)},
           "max_entropy_bits": math.log2(n) if n else 0.0}

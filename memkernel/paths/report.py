@@ -11,7 +11,8 @@ reference forward's route trace gives every scored query's path per layer and he
 instead) gives each scored query's loss delta: the utility of the router's choice there, credited
 to every path taken at that query. The paths go into a `PathTrie`; the report holds, per layer
 and head, the paths' statistics (`motifs.path_statistics`: entropy, token identity against the
-previous token, recurrence across positions and sequences) and, overall, the most frequent
+previous token, recurrence across positions and sequences, the acceptance of crystallized
+paths proposed by token) and, overall, the most frequent
 motifs with their utility and entropy. `task` overrides evaluate the same run on another
 setting of its task (e.g. MQAR's zoology layout beside the scattered one), and the report then
 also says how many of one setting's queries took a path the other setting's queries took.
@@ -108,7 +109,7 @@ def _statistics(collected: Mapping[str, np.ndarray]) -> dict[str, Any]:
       p = paths[:, layer, head]
       taken = p[:, 0] >= 0
       out[f"layer_{layer}/head_{head}"] = motifs_lib.path_statistics(
-          motifs_lib.keys_of(p[taken]), collected["tokens"][taken],
+          p[taken], collected["tokens"][taken],
           collected["previous"][taken], collected["sequence"][taken])
   return out
 
@@ -208,14 +209,19 @@ def format_table(report: Mapping[str, Any]) -> str:
     lines += [f"## {name} ({t['queries']:,} scored queries; mean next-best-span loss delta "
               f"{t['utility_mean']:+.4f} nats)", "",
               "| layer/head | distinct paths | entropy (bits) | top-16 share | token explains "
-              "| previous token explains | recurs in sequence | recurs across sequences |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| previous token explains | recurs in sequence | recurs across sequences "
+              "| proposal by token: accepted / prefix | most frequent path: accepted / prefix |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for key, s in t["heads"].items():
       lines.append(f"| {key} | {s['distinct_paths']:,} | {s['entropy_bits']:.2f} | "
                    f"{s['top16_share']:.3f} | {s['token']['fraction']:.3f} | "
                    f"{s['previous_token']['fraction']:.3f} | "
                    f"{s['recurs']['within_sequence']:.3f} | "
-                   f"{s['recurs']['across_sequences']:.3f} |")
+                   f"{s['recurs']['across_sequences']:.3f} | "
+                   f"{s['proposals']['by_token']['accepted']:.3f} / "
+                   f"{s['proposals']['by_token']['prefix']:.3f} | "
+                   f"{s['proposals']['most_frequent']['accepted']:.3f} / "
+                   f"{s['proposals']['most_frequent']['prefix']:.3f} |")
     lines += ["", "| motif | count | utility (nats) | entropy (bits) |",
               "| --- | ---: | ---: | ---: |"]
     for m in t["motifs"][:16]:

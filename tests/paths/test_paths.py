@@ -136,12 +136,27 @@ class StatisticsTest(absltest.TestCase):
     tokens = rng.integers(0, 8, size=4000)
     previous = rng.integers(0, 8, size=4000)
     sequence = np.repeat(np.arange(40), 100)
-    decided = motifs.path_statistics(tokens % 4, tokens, previous, sequence)
+    as_rows = lambda x: np.stack([np.zeros_like(x), x // 2, x % 2], 1)   # head 0, level, bit
+    decided = motifs.path_statistics(as_rows(tokens % 4), tokens, previous, sequence)
     self.assertAlmostEqual(decided["entropy_bits"], 2.0, delta=0.01)
     self.assertGreater(decided["token"]["fraction"], 0.98)
     self.assertLess(abs(decided["previous_token"]["fraction"]), 0.02)
-    noise = motifs.path_statistics(rng.integers(0, 4, size=4000), tokens, previous, sequence)
+    self.assertEqual(decided["proposals"]["by_token"],
+                     {"accepted": 1.0, "prefix": 1.0, "covered": 1.0})
+    self.assertAlmostEqual(decided["proposals"]["most_frequent"]["accepted"], 0.25, delta=0.03)
+    self.assertLess(decided["proposals"]["by_previous_token"]["accepted"], 0.35)
+    noise = motifs.path_statistics(as_rows(rng.integers(0, 4, size=4000)), tokens, previous,
+                                   sequence)
     self.assertLess(abs(noise["token"]["fraction"]), 0.02)
+
+  def test_proposals_confirm_the_prefix_they_get_right(self):
+    paths = np.array([[0, 2, 1, 0], [0, 2, 1, 0], [0, 2, 1, 1], [0, 2, 0, 1], [1, 0, -1, -1]])
+    keys = np.array([5, 5, 5, 5, 6])
+    sequence = np.array([0, 2, 1, 3, 5])     # Even rows crystallize, odd rows are proposed.
+    p = motifs.proposals(paths, keys, sequence)
+    # Key 5 proposes (0, 2, 1, 0): the first odd query matches 3 of 4 symbols, the second 2;
+    # key 6 was never crystallized.
+    self.assertEqual(p, {"accepted": 0.0, "prefix": (3 / 4 + 2 / 4 + 0) / 3, "covered": 2 / 3})
 
   def test_recurrence_counts_within_and_across_sequences(self):
     paths = np.array([0, 0, 1, 2, 2, 3])
