@@ -53,7 +53,8 @@ def main(argv):
   _cli.quiet_orbax(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)
   report = report_lib.paths_run(_WORKDIR.value, batches=_BATCHES.value, tasks=tasks,
-                                budget=_BUDGET.value, step=_STEP.value)
+                                budget=_BUDGET.value, step=_STEP.value,
+                                command=_cli.command("paths"))
   print(report_lib.format_table(report))
   print(f"wrote {report_lib.PATHS_FILE}, {report_lib.TABLE_FILE} and {report_lib.PLOT_FILE} "
         f"in {_WORKDIR.value}")

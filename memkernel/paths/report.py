@@ -161,10 +161,11 @@ def paths_experiment(experiment, params, *, batches: int, tasks: Mapping[str, Ma
 
 
 def paths_run(workdir: str, *, batches: int = 4, tasks: Optional[Mapping[str, Mapping]] = None,
-              budget: int = 1 << 14, step: Optional[int] = None, write: bool = True
-              ) -> dict[str, Any]:
+              budget: int = 1 << 14, step: Optional[int] = None, write: bool = True,
+              command: Optional[str] = None) -> dict[str, Any]:
   """`paths_experiment`'s report on a run's checkpoint; with `write`, `paths.json`, `paths.md`,
-  `paths.png` and each task's trie (`paths_trie/<task>`, `load_trie`) in the workdir."""
+  `paths.png` and each task's trie (`paths_trie/<task>`, `load_trie`) in the workdir.
+  `command`, if given, is recorded (the command line that made the report)."""
   experiment = runs.load_experiment(workdir, step)
   if not experiment.family.routes:   # Before any array is read.
     raise ValueError(f"{workdir} holds a {experiment.model_type!r} run; routing paths need a "
@@ -173,6 +174,8 @@ def paths_run(workdir: str, *, batches: int = 4, tasks: Optional[Mapping[str, Ma
   report, tries = paths_experiment(experiment, params, batches=batches, budget=budget,
                                    tasks=tasks or {experiment.task.name: {}})
   report["workdir"] = workdir
+  if command:
+    report["command"] = command
   if write:
     for name, trie in tries.items():
       save_trie(os.path.join(workdir, TRIE_DIR, name), trie)
