@@ -100,7 +100,8 @@ def ask_store(directory: str, key: bytes, experiment, params, *, alphas: Sequenc
   evaluates the test split with it and without the store.
 
   Returns the JSON-ready result: every validation setting, the no-store baselines and the chosen
-  setting's test metrics.
+  setting's test metrics, also as `lengths` ({str(length): metrics}, the shape of `eval.json`,
+  which the roadmap reads).
   """
   verification.require_ok(directory, key)
 
@@ -122,9 +123,11 @@ def ask_store(directory: str, key: bytes, experiment, params, *, alphas: Sequenc
   best = min(tried, key=lambda v: v["validation"]["bits_per_byte"])
   with store_lib.MemoryLineStore.open(directory, key) as store:
     lines = len(store)
+  chosen = with_store(best["similarity_floor"], best["alpha"], TEST)
   return {"site": site, "k": k, "length": length, "lines": lines, "tried": tried,
           "no_store": {"validation": baseline,
                        "test": evaluate(experiment, params, length=length, split=TEST,
                                         bias=None, site=site)},
           "chosen": {"alpha": best["alpha"], "similarity_floor": best["similarity_floor"],
-                     "test": with_store(best["similarity_floor"], best["alpha"], TEST)}}
+                     "test": chosen},
+          "lengths": {str(length): chosen}}

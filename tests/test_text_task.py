@@ -111,6 +111,7 @@ class TextTaskTest(absltest.TestCase):
     best = min(result["tried"], key=lambda t: t["validation"]["bits_per_byte"])
     self.assertEqual(result["chosen"]["alpha"], best["alpha"])
     self.assertEqual(result["lines"], seal.count)
+    self.assertIs(result["lengths"]["128"], result["chosen"]["test"])
 
   def test_results_record_the_corpus(self):
     with open(os.path.join(self.ref, experiment_lib.EVAL_FILE)) as f:
