@@ -241,15 +241,18 @@ def save_plot(report: Mapping[str, Any], path: str) -> None:
   """Motif frequency against utility, per task (one point per motif)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # Lazy: only plots need it.
   from matplotlib.figure import Figure
+  from matplotlib.ticker import NullFormatter
 
   names = list(report["tasks"])
   fig = Figure(figsize=(5 * len(names), 4))
   FigureCanvasAgg(fig)
   for ax, name in zip(np.atleast_1d(fig.subplots(1, len(names))), names):
     ms = [m for m in report["tasks"][name]["motifs"] if m["utility"] is not None]
-    ax.scatter([m["count"] for m in ms], [m["utility"] for m in ms],
-               c=[m["entropy_bits"] for m in ms], cmap="viridis")
+    points = ax.scatter([m["count"] for m in ms], [m["utility"] for m in ms],
+                        c=[m["entropy_bits"] for m in ms], cmap="viridis")
+    fig.colorbar(points, ax=ax, label="entropy of the next choice (bits)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("motif frequency (queries)")
     ax.set_ylabel("utility: next-best-span loss delta (nats)")
