@@ -98,6 +98,15 @@ def load_experiment(workdir: str, step: Optional[int] = None) -> experiment_lib.
   return experiment_lib.parse_config(ml_collections.ConfigDict(config))
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of a run's committed checkpoints, oldest first."""
+  checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
+  try:
+    return checkpointer.all_steps()
+  finally:
+    checkpointer.close()
+
+
 def load_run(workdir: str, step: Optional[int] = None) -> tuple[Any, Any]:
   """Loads a run's model config and parameters.
 

@@ -50,7 +50,7 @@ def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _forward(model: KernelModel, interventions: Optional[Interventions]):
+def reference_forward(model: KernelModel, interventions: Optional[Interventions]):
   """Jitted (params, tokens, segments) -> (logits, outputs) of the parallel form."""
   return jax.jit(lambda params, tokens, segments: model.apply(
       {"params": params}, tokens, segments, interventions=interventions or NONE))
@@ -67,8 +67,8 @@ def collect(model: KernelModel, params, batches: Sequence[Mapping[str, Any]]
   for batch in batches:
     tokens, segments = jnp.asarray(batch["tokens"]), batch.get("segments")
     segments = None if segments is None else jnp.asarray(segments)
-    logits, aux = _forward(model, None)(params, tokens, segments)
-    swapped = _forward(model, SWAP)(params, tokens, segments)[0]
+    logits, aux = reference_forward(model, None)(params, tokens, segments)
+    swapped = reference_forward(model, SWAP)(params, tokens, segments)[0]
     targets = jnp.asarray(batch["targets"])
     delta = _nll(swapped, targets) - _nll(logits, targets)
     layers = [motifs_lib.encode(jax.device_get(r.path), num_leaves, layer=i)
@@ -85,7 +85,7 @@ def collect(model: KernelModel, params, batches: Sequence[Mapping[str, Any]]
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def _batches(task, seed: int, batches: int, batch_size: int) -> list[Mapping[str, Any]]:
+def study_batches(task, seed: int, batches: int, batch_size: int) -> list[Mapping[str, Any]]:
   """The auditor's fresh batches of a probe; the validation split's first batches of text."""
   if text_task.is_text(task):
     return text_task.eval_batches(task, "validation", batch_size, batches)
@@ -142,7 +142,7 @@ def paths_experiment(experiment, params, *, batches: int, tasks: Mapping[str, Ma
   for name, exp in settings.items():
     task = exp.task
     model = KernelModel(exp.model_for_length(task.seq_len))
-    collected = collect(model, params, _batches(task, seed, batches, batch_size))
+    collected = collect(model, params, study_batches(task, seed, batches, batch_size))
     trie = tries[name] = build_trie(collected, budget)
     motifs = trie.motifs()
     report["tasks"][name] = {
