@@ -20,17 +20,23 @@ picks them), so it separates a search that loses the answer from a read that can
 the node) instead of its pooled summary key; no parameter changes, so any trained run takes it.
 --stream=validation draws the batches from the validation stream, on which choices (steps,
 widths, curricula) are tuned; the default 'test' stream is the one results are reported on.
+--route_hints=WORKDIR/route_hints.npz (written by `experiments.traces`) biases every routing head
+toward the nodes holding a token that follows its query token's hint, by --hint_alpha times the
+read trace's edge strength (--hint_table=shuffled: the control built from shuffled reads).
+
 --chunk=N runs the recurrent form over N-token chunks with the memory carried instead of the
 parallel form: it holds one chunk's activations at a time, so lengths to 2^20 tokens fit on a
 CPU (batch 1); the two forms agree. Each length also records its wall time and peak memory.
 """
 
+import math
 import os
 
 from absl import flags
 
 from experiments import _cli
 from memkernel import runs
+from memkernel.paths import trace_study
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's --workdir.")
 _LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: the run's "
@@ -56,6 +62,14 @@ _STREAM = flags.DEFINE_enum("stream", None, ["test", "validation"], "Evaluation 
                             "choices on 'validation', report 'test' (default: the run's, 'test').")
 _DROP = flags.DEFINE_list("drop", [], "Memory sources to switch off, e.g. episodic,procedural "
                           "(the family's source names; the run-time ablation).")
+_HINTS = flags.DEFINE_string("route_hints", None, "Routing hints (kernel runs, parallel form, "
+                             "synthetic probes): the route_hints.npz `experiments.traces` "
+                             "writes; each head favours what follows its query token's hint.")
+_HINT_ALPHA = flags.DEFINE_float("hint_alpha", 1.0, "With --route_hints: the hint's weight "
+                                 "(added to the routing scores, times the edge's strength).")
+_HINT_TABLE = flags.DEFINE_enum("hint_table", "trace", ["trace", "shuffled"], "With "
+                                "--route_hints: the read trace's table, or the control built "
+                                "from shuffled reads.")
 _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -65,12 +79,18 @@ def main(argv):
   _cli.check_directory("workdir", _WORKDIR.value)
   lengths = _cli.parse_lengths(_LENGTHS.value)
   task = runs.parse_task_overrides(_TASK.value)
+  hints = None
+  if _HINTS.value is not None:
+    if not math.isfinite(_HINT_ALPHA.value) or _HINT_ALPHA.value < 0:
+      raise ValueError(f"--hint_alpha must be a finite number >= 0, got {_HINT_ALPHA.value}")
+    hints = trace_study.load_hint_table(_HINTS.value, _HINT_TABLE.value, _HINT_ALPHA.value)
   changes = (sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("reps", _REPS.value)] if _REPS.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else [])
              + ([("chunk", _CHUNK.value)] if _CHUNK.value is not None else [])
-             + ([("drop", "+".join(_DROP.value))] if _DROP.value else []))
+             + ([("drop", "+".join(_DROP.value))] if _DROP.value else [])
+             + ([("hints", f"{_HINT_TABLE.value}{_HINT_ALPHA.value:g}")] if hints else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
@@ -81,7 +101,7 @@ def main(argv):
                              stream=_STREAM.value, search_width=_SEARCH.value,
                              node_reps=_REPS.value, batch_size=_BATCH_SIZE.value,
                              chunk=_CHUNK.value, progress=_CHUNK.value is not None,
-                             drop=_DROP.value)
+                             drop=_DROP.value, route_hints=hints)
   beam = (f" (beam {result['beam_width']}, search {result['search_width']}, "
           f"reps {result['node_reps']})"
           if result["beam_width"] is not None else "")
@@ -91,6 +111,9 @@ def main(argv):
         if k in ("accuracy", "accuracy_se", "queries", "loss") or k.endswith("routing_recall")
         or k.endswith("routing_recall_blind"))
         + "; " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["cost"][length].items())))
+  if hints is not None:
+    result["route_hints"] = {"file": _HINTS.value, "table": _HINT_TABLE.value,
+                             "alpha": _HINT_ALPHA.value}
   result["command"] = _cli.command("evaluate")
   runs.write_json(out, result)
   print(f"wrote {out}")

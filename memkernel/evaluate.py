@@ -49,24 +49,44 @@ def _generate_fn(mesh: Mesh):
 _generate_one_device = jax.jit(probes.generate, static_argnums=(0, 2))
 
 
+def hints_for(tokens_BT: jax.Array, table: tuple[jax.Array, jax.Array], num_layers: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """Per-query routing hints from a table of (token, weight) [layers * heads, V] by query token
+  (`memkernel.paths.trace_study.hint_table`): (token, weight) [B, T, layers, H]."""
+  token_GV, weight_GV = table
+  g = token_GV.shape[0]
+
+  def per_query(x_GV):
+    x = x_GV[:, tokens_BT]                                        # [G, B, T]
+    return jnp.moveaxis(x, 0, -1).reshape(tokens_BT.shape + (num_layers, g // num_layers))
+
+  return per_query(token_GV), per_query(weight_GV)
+
+
 @functools.lru_cache(maxsize=64)
-def _metrics_fn(model_config: Any, oracle: bool, interventions: Any, mesh: Mesh):
-  """The jitted `metrics(params, batch)` of one model configuration."""
+def _metrics_fn(model_config: Any, oracle: bool, interventions: Any, mesh: Mesh,
+                hinted: bool = False):
+  """The jitted `metrics(params, batch)` of one model configuration; with `hinted`,
+  `metrics(params, batch, hint_table)` (`hints_for`)."""
   model = family_lib.build(model_config)
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  def metrics(params, batch):
+  def metrics(params, batch, table=None):
+    hints = None if table is None else hints_for(batch["tokens"], table, model_config.num_layers)
     return metrics_lib.forward_metrics(model, params, batch, train=False, oracle=oracle,
-                                       interventions=interventions)[1]
+                                       interventions=interventions, route_hints=hints)[1]
 
+  if hinted:
+    return jax.jit(metrics, in_shardings=(replicated, batch_sharding, replicated),
+                   out_shardings=replicated)
   return jax.jit(metrics, in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
 
 def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]] = None,
              interventions: Any = None, mesh: Optional[Mesh] = None,
-             chunk: Optional[int] = None, progress: bool = False
-             ) -> dict[str, dict[str, float]]:
+             chunk: Optional[int] = None, progress: bool = False,
+             route_hints: Optional[tuple[Any, Any]] = None) -> dict[str, dict[str, float]]:
   """Evaluates `params` on `eval.batches` fresh batches at each length (evaluation beam).
 
   The batches come from the evaluation seed stream `eval.stream` ('test' or 'validation';
@@ -84,6 +104,9 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
       of that many tokens, the memory carried (one device; no oracle routes). Its metrics are the
       loss, accuracy and routing recall (all heads, each head, and the query-blind baselines).
     progress: print a line per batch to stderr (long lengths take minutes per batch).
+    route_hints: optional (token, weight) tables [layers * heads, vocab]: every routing head
+      favours the nodes holding a token that follows the hint its query token looks up
+      (`hints_for`; a kernel run, the parallel form, a synthetic probe).
 
   Returns:
     {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`; `queries`
@@ -100,6 +123,19 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     if ev.oracle:
       raise ValueError("oracle routes are fed to the parallel form only; evaluate them without "
                        "chunk")
+  if route_hints is not None:
+    if not experiment.family.routes:
+      raise ValueError(f"route_hints bias routing; the {experiment.model_type!r} family does "
+                       "not route")
+    if chunk is not None or text_task.is_text(experiment.task):
+      raise ValueError("route_hints are fed to the parallel form of a synthetic probe only")
+    want = (experiment.model.num_layers * experiment.model.num_route_heads,
+            experiment.task.vocab_size)
+    if any(tuple(np.shape(x)) != want for x in route_hints):
+      raise ValueError(f"route_hints tables must be [layers * heads, vocab] = {list(want)}, got "
+                       f"{[list(np.shape(x)) for x in route_hints]}")
+    route_hints = (jnp.asarray(route_hints[0], jnp.int32),
+                   jnp.asarray(route_hints[1], jnp.float32))
   mesh = mesh or make_mesh()
   if text_task.is_text(experiment.task):
     return _evaluate_text(experiment, params, lengths or ev.lengths, interventions, mesh,
@@ -115,7 +151,12 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
       batch_key = jax.random.fold_in(key, i)
       if chunk is None:
         batch = _generate_fn(mesh)(task, batch_key, ev.batch_size)
-        per_batch.append(_metrics_fn(model_config, ev.oracle, interventions, mesh)(params, batch))
+        if route_hints is None:
+          per_batch.append(_metrics_fn(model_config, ev.oracle, interventions, mesh)(params,
+                                                                                     batch))
+        else:
+          per_batch.append(_metrics_fn(model_config, ev.oracle, interventions, mesh, True)(
+              params, batch, route_hints))
       else:
         batch = _generate_one_device(task, batch_key, ev.batch_size)
         per_batch.append(_recurrent_metrics(model_config, params, batch, chunk, interventions))

@@ -90,10 +90,12 @@ def routing_metrics(routes: Optional[Sequence[Optional[RouteTrace]]], batch: Map
 
 
 def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *, train: bool,
-                    oracle: bool, interventions: Any = None) -> tuple[jax.Array, dict]:
+                    oracle: bool, interventions: Any = None,
+                    route_hints: Any = None) -> tuple[jax.Array, dict]:
   """(objective, metrics) of one batch: masked cross entropy + the model's auxiliary losses.
 
-  `interventions` (a family's, e.g. `memkernel.Interventions`; None: none) go to the model.
+  `interventions` (a family's, e.g. `memkernel.Interventions`; None: none) go to the model, and
+  `route_hints` (token, weight [B, T, layers, H]; the kernel's parallel form) too.
 
   Returns:
     objective: scalar, the task loss plus the model's `Outputs.losses` when training.
@@ -101,10 +103,11 @@ def forward_metrics(model: nn.Module, params, batch: Mapping[str, jax.Array], *,
       `loss/<name>`, the model's diagnostics and `routing_metrics` (of the leaves actually read:
       with `oracle` those are the answer leaves wherever they are visible).
   """
+  extra = {} if route_hints is None else {"route_hints": route_hints}
   logits, out = model.apply({"params": params}, batch["tokens"], batch.get("segments"),
                             oracle_leaves=batch["answer_leaves"] if oracle else None, train=train,
                             loss_mask=batch["mask"] if train else None,
-                            interventions=interventions)
+                            interventions=interventions, **extra)
   mask = batch["mask"]
   denom = jnp.maximum(jnp.sum(mask), 1.0)
   logp = jax.nn.log_softmax(logits, axis=-1)

@@ -146,7 +146,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  search_width: Optional[int] = None,
                  node_reps: Optional[int] = None, batch_size: Optional[int] = None,
                  chunk: Optional[int] = None, progress: bool = False,
-                 drop: Sequence[str] = ()) -> dict[str, Any]:
+                 drop: Sequence[str] = (),
+                 route_hints: Optional[tuple[Any, Any]] = None) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -177,6 +178,9 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     progress: print a line per batch to stderr.
     drop: memory sources to switch off (names from the family's `sources`), the run-time
       ablation of what each memory contributes.
+    route_hints: optional (token, weight) tables [layers * heads, vocab] biasing each routing
+      head toward what follows its query token's hint (`evaluate.evaluate(route_hints=)`; the
+      tables `experiments.traces` writes). Kernel runs, the parallel form.
 
   Returns:
     {"step", "task", "drop", "beam_width", "search_width" and "node_reps" (None for a peer), "stream",
@@ -235,7 +239,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   for length in lengths:
     start = time.perf_counter()
     results.update(evaluate_lib.evaluate(experiment, params, lengths=(length,), chunk=chunk,
-                                         progress=progress, interventions=interventions))
+                                         progress=progress, interventions=interventions,
+                                         route_hints=route_hints))
     cost[str(length)] = {"wall_s": time.perf_counter() - start, **evaluate_lib.peak_memory_mib()}
   return {"step": step, "task": dataclasses.asdict(experiment.task), "drop": list(drop),
           "beam_width": beam,

@@ -81,22 +81,24 @@ class KernelModel(nn.Module):
 
   def _read_memory(self, feats: Features, node_keys, node_vals, cache_k, cache_v, query_leaf_T,
                    beam, oracle_leaves, interventions, read_sink, first_leaf_BT=None,
-                   node_reps=None):
+                   node_reps=None, presence=None, hints_BTH=None):
     """Routes and reads for every token of `feats`; returns (tree value, read value, aux).
 
     `first_leaf_BT` (document streams with tree_boundary='reset'): the first leaf of each
     query's document; nothing before it is routed to or read. `node_reps`: the tree's
     representative keys (config `node_reps` > 0), which the router then scores nodes by.
+    `presence`, `hints_BTH` (token, weight [B, T, H]): a routing hint (`routing.route_beam`).
     """
     c = self.config
     b, t, h, e = feats.q.shape
     if not self._uses_routing():
       zeros = jnp.zeros((b, t, h, e), jnp.float32)
       return zeros, zeros, None
-    def route_and_read(rq, q, query_leaf, oracle, first_leaf, remat):
+    def route_and_read(rq, q, query_leaf, oracle, first_leaf, hint, remat):
       rerank = (q, cache_k) if c.leaf_rerank else None
       route_fn = functools.partial(routing.route_beam, beam_width=beam, descend=c.route_descend,
-                                   search_width=c.search(beam), node_reps=node_reps)
+                                   search_width=c.search(beam), node_reps=node_reps,
+                                   hint=None if hint is None else (presence,) + tuple(hint))
       read_fn = read_lib.exact_read
       if remat:
         route_fn, read_fn = jax.checkpoint(route_fn), jax.checkpoint(read_fn)
@@ -116,7 +118,7 @@ class KernelModel(nn.Module):
     block = c.query_block
     if not block or t <= block:
       return route_and_read(feats.rq, feats.q, query_leaf_T, oracle_leaves, first_leaf_BT,
-                            c.remat)
+                            hints_BTH, c.remat)
     # Blocks of queries, each recomputed in the backward pass: the per-query gathered tokens of
     # routing, the re-rank and the read exist for one block at a time (BUILD_NOTES, issue 7).
     nb = -(-t // block)
@@ -130,8 +132,9 @@ class KernelModel(nn.Module):
     leaf_blocks = jnp.pad(query_leaf_T, (0, pad)).reshape(nb, block)
     oracle = None if oracle_leaves is None else split(oracle_leaves)
     first_leaf = None if first_leaf_BT is None else split(first_leaf_BT)
+    hints = None if hints_BTH is None else tuple(split(x) for x in hints_BTH)
     out = jax.lax.map(jax.checkpoint(lambda xs: route_and_read(*xs, remat=False)),
-                      (split(feats.rq), split(feats.q), leaf_blocks, oracle, first_leaf))
+                      (split(feats.rq), split(feats.q), leaf_blocks, oracle, first_leaf, hints))
     merge = lambda y: jnp.moveaxis(y, 0, 1).reshape((b, nb * block) + y.shape[3:])[:, :t]
     return jax.tree.map(merge, out)
 
@@ -170,7 +173,8 @@ class KernelModel(nn.Module):
   # Parallel form.
 
   def __call__(self, tokens, segments=None, *, oracle_leaves=None, train: bool = False,
-               interventions: Optional[Interventions] = NONE, loss_mask=None):
+               interventions: Optional[Interventions] = NONE, loss_mask=None,
+               route_hints=None):
     """Parallel form.
 
     Args:
@@ -185,6 +189,10 @@ class KernelModel(nn.Module):
       loss_mask: optional [B, T] weights of the positions the task loss scores; with
         `teacher_positions='scored'` the routing teacher trains the router at those positions
         only (training only; None: `teacher_queries` positions spread over the sequence).
+      route_hints: optional (token int32 [B, T, layers, H], weight [B, T, layers, H]): each
+        routing head favours, by `weight`, the nodes holding a token that follows its hint
+        token (-1: no hint), in the summaries' scores and the leaf re-rank. The bias a read
+        trace suggests (`memkernel.paths.traces`); the parallel form only.
     Returns:
       (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
       weights, runner_up [B, T, H, K], entropy, start_level, read_probs, read_active),
@@ -224,8 +232,18 @@ class KernelModel(nn.Module):
       # The teacher's query positions (all layers): the scored ones, or spread over the sequence.
       mask = loss_mask if c.teacher_positions == "scored" else None
       teacher_pos = routing.teacher_positions(c.teacher_queries, t, b, mask)
-    for layer in self.layers:
+    presence = None
+    if route_hints is not None:
+      want = (b, t, c.num_layers, c.num_route_heads)
+      if (len(route_hints) != 2 or tuple(route_hints[0].shape) != want
+          or tuple(route_hints[1].shape) != want):
+        raise ValueError(f"route_hints must be (token, weight), each of shape {want}, got "
+                         f"{[tuple(getattr(x, 'shape', ())) for x in route_hints]}")
+      presence = tree_lib.build_presence(tokens, n, l, c.vocab_size, leaf_doc)
+    for i, layer in enumerate(self.layers):
       feats, _, _ = layer.features(x, conv0, roots0, keep_r, c.scan_impl, lag_valid, carry_scale)
+      hints = None if route_hints is None else (route_hints[0][:, :, i].astype(jnp.int32),
+                                                route_hints[1][:, :, i].astype(jnp.float32))
 
       def leaf_major(y):
         y = y[:, :n_full * l].reshape((b, n_full, l) + y.shape[2:])
@@ -243,7 +261,7 @@ class KernelModel(nn.Module):
             n_full, leaf_doc)
       tree_val, exact_val, route_aux = self._read_memory(
           feats, node_keys, node_vals, leaf_major(feats.k), leaf_major(feats.v), query_leaf, beam,
-          oracle_leaves, interventions, layer.read_sink, first_leaf, node_reps)
+          oracle_leaves, interventions, layer.read_sink, first_leaf, node_reps, presence, hints)
       if self._uses_routing():
         # For `memkernel.analysis.diagnose` (apply with mutable=["intermediates"]); a no-op otherwise.
         self.sow("intermediates", "route_inputs",

@@ -177,7 +177,8 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
                rerank: Optional[tuple[jax.Array, jax.Array]] = None,
                descend: bool = True, first_leaf: Optional[jax.Array] = None,
                search_width: int = 0,
-               node_reps: Optional[tuple[jax.Array, jax.Array]] = None) -> RouteResult:
+               node_reps: Optional[tuple[jax.Array, jax.Array]] = None,
+               hint: Optional[tuple[jax.Array, jax.Array, jax.Array]] = None) -> RouteResult:
   """Beam-routes every query down the tree to `beam_width` sealed leaves before its own leaf.
 
   Args:
@@ -204,6 +205,10 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     node_reps: optional (rep_keys [B, S, H, M, P], rep_sal [B, S, H, M]), every node's
       representative keys (`tree.build_reps`): a node then scores by the best of them,
       max_m q . rk_m (slots of salience NEG_INF are empty), instead of q . its pooled key.
+    hint: optional (presence [B, S, V] of `tree.build_presence`, token [B, T, H] int32 (-1:
+      none), weight [B, T, H]): every score of a node (and, in the re-rank, of a leaf) that
+      holds a token following the query head's hint token gains `weight` (read traces'
+      routing bias, evaluation only).
   Returns:
     A `RouteResult`.
   """
@@ -221,12 +226,21 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
       return valid
     return valid & (((index + 1) << level) > first_leaf[:, :, None, None])
 
+  def hint_bias(flat):
+    presence, token, weight = hint
+    vocab = presence.shape[-1]
+    idx = flat * vocab + jnp.maximum(token, 0)[..., None]             # [B, T, H, C]
+    held = jnp.take_along_axis(presence.reshape(b, -1), idx.reshape(b, -1), axis=1)
+    return jnp.where(token[..., None] >= 0, weight[..., None] * held.reshape(idx.shape), 0.0)
+
   def score(level, index, valid):
     flat = jnp.where(valid, flat_index(level, index, num_leaves), 0)
     if node_reps is None:
       s = matvec(gather_nodes(node_keys_BSHP, flat), rq_BTHP) * scale
     else:
       s = rep_scores(rq_BTHP, *node_reps, flat)
+    if hint is not None:
+      s = s + hint_bias(flat)
     return jnp.where(valid, s, NEG_INF), flat
 
   def keep(scores, valid, *fields, width):
@@ -306,7 +320,10 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     # The S leaves the beam ended with and the S best leaves it pruned, chosen by their tokens:
     # the best K are read, the next K are the runner-ups.
     cand = jnp.concatenate([leaves, runner_up], axis=-1)
-    exact = jnp.where(cand >= 0, exact_leaf_scores(*rerank, cand), NEG_INF)
+    exact = exact_leaf_scores(*rerank, cand)
+    if hint is not None:
+      exact = exact + hint_bias(jnp.maximum(cand, 0))                 # Leaves: flat = index.
+    exact = jnp.where(cand >= 0, exact, NEG_INF)
     top, kept, cand = keep(exact, cand >= 0, cand, width=2 * read_k)
     leaves = jnp.where(kept[..., :read_k], cand[..., :read_k], -1)
     weights = _masked_softmax(top[..., :read_k], kept[..., :read_k])

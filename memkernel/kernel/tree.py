@@ -185,6 +185,23 @@ def build_levels(leaf_nodes, num_sealed: int, merge, leaf_doc_BN: jax.Array | No
   return tuple(jnp.concatenate(store, axis=1) for store in stores)
 
 
+def build_presence(tokens_BT: jax.Array, num_leaves: int, leaf_size: int, vocab_size: int,
+                   leaf_doc_BN: jax.Array | None = None) -> jax.Array:
+  """Which tokens every node's tokens *follow*: float32 [B, S, V], 1 where some token of the node
+  comes right after token v (the token before position 0 is none). A routing hint "favour what
+  follows token v" (`routing.route_beam(hint=...)`) reads it; it is built in the parallel form
+  only (evaluation-time hints). Sealed leaves only, by `build_levels`' rules."""
+  b, t = tokens_BT.shape
+  num_sealed = t // leaf_size
+  before = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), tokens_BT[:, :-1].astype(jnp.int32)],
+                           axis=1)[:, :num_sealed * leaf_size]
+  onehot = jax.nn.one_hot(before.reshape(b, num_sealed, leaf_size), vocab_size,
+                          dtype=jnp.float32).max(axis=2)                 # [B, sealed, V]
+  leaves = jnp.pad(onehot, ((0, 0), (0, num_leaves - num_sealed), (0, 0)))
+  return build_levels((leaves,), num_sealed, lambda l, r: (jnp.maximum(l[0], r[0]),),
+                      leaf_doc_BN)[0]
+
+
 def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BNH: jax.Array,
                num_sealed: int, pooled: bool = True, leaf_doc_BN: jax.Array | None = None):
   """Builds the whole level-major store in one batched pass (the parallel form).

@@ -36,7 +36,8 @@ from memkernel.kernel.model import KernelModel
 from memkernel.paths import report as report_lib
 from memkernel.paths import traces as traces_lib
 
-TRACES_FILE, TRACES_TABLE = "traces.json", "traces.md"
+TRACES_FILE, TRACES_TABLE, HINTS_FILE = "traces.json", "traces.md", "route_hints.npz"
+HINT_GATE = 0.5            # A head gets hints only if its held-out read hit rate reaches this.
 MAX_HIT_QUERIES = 2048     # Per group: the hit rates' sample of odd-row queries.
 
 
@@ -245,12 +246,55 @@ def traces_experiment(experiment, params_by_step: Mapping[int, Any], *, batches:
         "hit": {name: _hits(fit, fit_shuffled, keying, tokens, target, leaf_size=leaf_size,
                             vocab_size=vocab_size)
                 for name, target in targets.items()}}
+    if keying == "context":
+      heads_on = [h >= HINT_GATE for h in cell["hit"]["read"]["groups"]]
+      report["hints"] = {"heads_on": heads_on, "gate": HINT_GATE, "tables": {
+          "trace": hint_table(full, vocab_size, heads_on),
+          "shuffled": hint_table(make(shuffled), vocab_size, heads_on)}}
     if keying != "position":        # Position edges do not exist beyond the training length.
       cell["transfer"] = {str(length): _hits(fit, fit_shuffled, keying, long_tokens, target,
                                              leaf_size=leaf_size, vocab_size=vocab_size)
                           for length, (long_tokens, target) in long_data.items()}
     report["keyings"][keying] = cell
   return report
+
+
+def hint_table(trace: traces_lib.ReadTraces, vocab_size: int, heads_on: Sequence[bool]
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """A context-keyed trace as routing hints: per group and query token, the token whose
+  followers the query read most (-1: none, or the group is off) and that edge's strength over
+  the group's strongest (in [0, 1]). (token int32, weight float32), each [groups, vocab]."""
+  m = trace.strength.reshape(trace.shape[0], vocab_size, vocab_size)
+  token = np.argmax(m, axis=2).astype(np.int32)
+  strength = np.max(m, axis=2)
+  top = np.maximum(strength.max(axis=1, keepdims=True), 1e-30)
+  on = np.asarray(heads_on, bool)[:, None] & (strength > 0)
+  return np.where(on, token, -1).astype(np.int32), np.where(on, strength / top, 0.0).astype(
+      np.float32)
+
+
+def save_hint_table(path: str, tables: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    heads_on: Sequence[bool]) -> None:
+  """Writes the hint tables (`hint_table`; names 'trace', 'shuffled') to an .npz, atomically."""
+  arrays = {"heads_on": np.asarray(heads_on, bool)}
+  for name, (token, weight) in tables.items():
+    arrays[f"{name}_token"], arrays[f"{name}_weight"] = token, weight
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_hint_table(path: str, table: str = "trace", alpha: float = 1.0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(token, alpha * weight) of one table in a `save_hint_table` file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no route hints file at {path} (experiments.traces writes "
+                            f"WORKDIR/{HINTS_FILE})")
+  with np.load(path) as data:
+    if f"{table}_token" not in data:
+      names = sorted(k[:-len("_token")] for k in data.files if k.endswith("_token"))
+      raise ValueError(f"{path} has no {table!r} table (it has {names})")
+    return data[f"{table}_token"], alpha * data[f"{table}_weight"]
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -318,7 +362,10 @@ def traces_run(workdir: str, *, batches: int = 4, steps: Optional[Sequence[int]]
   report["workdir"] = workdir
   if command:
     report["command"] = command
+  hints = report.pop("hints")
+  report["hint_heads"] = hints["heads_on"]
   if write:
+    save_hint_table(os.path.join(workdir, HINTS_FILE), hints["tables"], hints["heads_on"])
     runs.write_json(os.path.join(workdir, TRACES_FILE), report)
     runs.write_text(os.path.join(workdir, TRACES_TABLE), format_table(report))
   return report
