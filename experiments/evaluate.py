@@ -22,7 +22,8 @@ the node) instead of its pooled summary key; no parameter changes, so any traine
 widths, curricula) are tuned; the default 'test' stream is the one results are reported on.
 --route_hints=WORKDIR/route_hints.npz (written by `experiments.traces`) biases every routing head
 toward the nodes holding a token that follows its query token's hint, by --hint_alpha times the
-read trace's edge strength (--hint_table=shuffled: the control built from shuffled reads).
+read trace's edge strength (--hint_table=shuffled: the control built from shuffled reads), for
+the heads whose trace predicted the leaf they read on at least --hint_gate of held-out queries.
 
 --chunk=N runs the recurrent form over N-token chunks with the memory carried instead of the
 parallel form: it holds one chunk's activations at a time, so lengths to 2^20 tokens fit on a
@@ -70,6 +71,8 @@ _HINT_ALPHA = flags.DEFINE_float("hint_alpha", 1.0, "With --route_hints: the hin
 _HINT_TABLE = flags.DEFINE_enum("hint_table", "trace", ["trace", "shuffled"], "With "
                                 "--route_hints: the read trace's table, or the control built "
                                 "from shuffled reads.")
+_HINT_GATE = flags.DEFINE_float("hint_gate", 0.5, "With --route_hints: heads whose trace "
+                                "predicted the leaf read on fewer held-out queries get no hint.")
 _OUT = flags.DEFINE_string("out", None, "Result JSON (default: WORKDIR/eval_<tag>.json).")
 flags.mark_flags_as_required(["workdir"])
 
@@ -83,14 +86,16 @@ def main(argv):
   if _HINTS.value is not None:
     if not math.isfinite(_HINT_ALPHA.value) or _HINT_ALPHA.value < 0:
       raise ValueError(f"--hint_alpha must be a finite number >= 0, got {_HINT_ALPHA.value}")
-    hints = trace_study.load_hint_table(_HINTS.value, _HINT_TABLE.value, _HINT_ALPHA.value)
+    hints = trace_study.load_hint_table(_HINTS.value, _HINT_TABLE.value, _HINT_ALPHA.value,
+                                        _HINT_GATE.value)
   changes = (sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("reps", _REPS.value)] if _REPS.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else [])
              + ([("chunk", _CHUNK.value)] if _CHUNK.value is not None else [])
              + ([("drop", "+".join(_DROP.value))] if _DROP.value else [])
-             + ([("hints", f"{_HINT_TABLE.value}{_HINT_ALPHA.value:g}")] if hints else []))
+             + ([("hints", f"{_HINT_TABLE.value}{_HINT_ALPHA.value:g}-gate{_HINT_GATE.value:g}")]
+                if hints else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
   out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
   if os.path.exists(out):
@@ -113,7 +118,7 @@ def main(argv):
         + "; " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(result["cost"][length].items())))
   if hints is not None:
     result["route_hints"] = {"file": _HINTS.value, "table": _HINT_TABLE.value,
-                             "alpha": _HINT_ALPHA.value}
+                             "alpha": _HINT_ALPHA.value, "gate": _HINT_GATE.value}
   result["command"] = _cli.command("evaluate")
   runs.write_json(out, result)
   print(f"wrote {out}")

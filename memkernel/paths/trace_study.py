@@ -37,7 +37,7 @@ from memkernel.paths import report as report_lib
 from memkernel.paths import traces as traces_lib
 
 TRACES_FILE, TRACES_TABLE, HINTS_FILE = "traces.json", "traces.md", "route_hints.npz"
-HINT_GATE = 0.5            # A head gets hints only if its held-out read hit rate reaches this.
+HINT_GATE = 0.5            # Default: a head gets hints if its held-out read hit rate reaches it.
 MAX_HIT_QUERIES = 2048     # Per group: the hit rates' sample of odd-row queries.
 
 
@@ -247,10 +247,9 @@ def traces_experiment(experiment, params_by_step: Mapping[int, Any], *, batches:
                             vocab_size=vocab_size)
                 for name, target in targets.items()}}
     if keying == "context":
-      heads_on = [h >= HINT_GATE for h in cell["hit"]["read"]["groups"]]
-      report["hints"] = {"heads_on": heads_on, "gate": HINT_GATE, "tables": {
-          "trace": hint_table(full, vocab_size, heads_on),
-          "shuffled": hint_table(make(shuffled), vocab_size, heads_on)}}
+      report["hints"] = {"read_hit": cell["hit"]["read"]["groups"], "tables": {
+          "trace": hint_table(full, vocab_size), "shuffled": hint_table(make(shuffled),
+                                                                        vocab_size)}}
     if keying != "position":        # Position edges do not exist beyond the training length.
       cell["transfer"] = {str(length): _hits(fit, fit_shuffled, keying, long_tokens, target,
                                              leaf_size=leaf_size, vocab_size=vocab_size)
@@ -259,24 +258,24 @@ def traces_experiment(experiment, params_by_step: Mapping[int, Any], *, batches:
   return report
 
 
-def hint_table(trace: traces_lib.ReadTraces, vocab_size: int, heads_on: Sequence[bool]
-               ) -> tuple[np.ndarray, np.ndarray]:
+def hint_table(trace: traces_lib.ReadTraces, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
   """A context-keyed trace as routing hints: per group and query token, the token whose
-  followers the query read most (-1: none, or the group is off) and that edge's strength over
-  the group's strongest (in [0, 1]). (token int32, weight float32), each [groups, vocab]."""
+  followers the query read most (-1: none) and that edge's strength over the group's strongest
+  (in [0, 1]). (token int32, weight float32), each [groups, vocab]."""
   m = trace.strength.reshape(trace.shape[0], vocab_size, vocab_size)
   token = np.argmax(m, axis=2).astype(np.int32)
   strength = np.max(m, axis=2)
   top = np.maximum(strength.max(axis=1, keepdims=True), 1e-30)
-  on = np.asarray(heads_on, bool)[:, None] & (strength > 0)
+  on = strength > 0
   return np.where(on, token, -1).astype(np.int32), np.where(on, strength / top, 0.0).astype(
       np.float32)
 
 
 def save_hint_table(path: str, tables: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                    heads_on: Sequence[bool]) -> None:
-  """Writes the hint tables (`hint_table`; names 'trace', 'shuffled') to an .npz, atomically."""
-  arrays = {"heads_on": np.asarray(heads_on, bool)}
+                    read_hit: Sequence[float]) -> None:
+  """Writes the hint tables (`hint_table`; names 'trace', 'shuffled') and each group's
+  held-out read hit rate (the gate's measure) to an .npz, atomically."""
+  arrays = {"read_hit": np.asarray(read_hit, np.float32)}
   for name, (token, weight) in tables.items():
     arrays[f"{name}_token"], arrays[f"{name}_weight"] = token, weight
   tmp = path + ".tmp.npz"
@@ -284,17 +283,23 @@ def save_hint_table(path: str, tables: Mapping[str, tuple[np.ndarray, np.ndarray
   os.replace(tmp, path)
 
 
-def load_hint_table(path: str, table: str = "trace", alpha: float = 1.0
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """(token, alpha * weight) of one table in a `save_hint_table` file."""
+def load_hint_table(path: str, table: str = "trace", alpha: float = 1.0,
+                    gate: float = HINT_GATE) -> tuple[np.ndarray, np.ndarray]:
+  """(token, alpha * weight) of one table in a `save_hint_table` file, with the groups whose
+  trace predicted the leaf read on fewer than `gate` of the held-out queries switched off."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no route hints file at {path} (experiments.traces writes "
                             f"WORKDIR/{HINTS_FILE})")
+  if not 0.0 <= gate <= 1.0:
+    raise ValueError(f"gate must be in [0, 1], got {gate}")
   with np.load(path) as data:
-    if f"{table}_token" not in data:
+    if f"{table}_token" not in data or "read_hit" not in data:
       names = sorted(k[:-len("_token")] for k in data.files if k.endswith("_token"))
-      raise ValueError(f"{path} has no {table!r} table (it has {names})")
-    return data[f"{table}_token"], alpha * data[f"{table}_weight"]
+      raise ValueError(f"{path} has no {table!r} table with read hit rates (it has {names}); "
+                       "rerun experiments.traces")
+    on = (data["read_hit"] >= gate)[:, None]
+    return (np.where(on, data[f"{table}_token"], -1).astype(np.int32),
+            np.where(on, alpha * data[f"{table}_weight"], 0.0).astype(np.float32))
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -363,9 +368,9 @@ def traces_run(workdir: str, *, batches: int = 4, steps: Optional[Sequence[int]]
   if command:
     report["command"] = command
   hints = report.pop("hints")
-  report["hint_heads"] = hints["heads_on"]
+  report["hint_heads"] = [h >= HINT_GATE for h in hints["read_hit"]]
   if write:
-    save_hint_table(os.path.join(workdir, HINTS_FILE), hints["tables"], hints["heads_on"])
+    save_hint_table(os.path.join(workdir, HINTS_FILE), hints["tables"], hints["read_hit"])
     runs.write_json(os.path.join(workdir, TRACES_FILE), report)
     runs.write_text(os.path.join(workdir, TRACES_TABLE), format_table(report))
   return report

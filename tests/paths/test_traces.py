@@ -1,5 +1,5 @@
 """Read traces (`memkernel.paths.traces`, `trace_study`): the EMA with decay and quota, edge keys,
-the leaf a trace points at, and the study on a small kernel.
+the leaf a trace points at, the hint tables and their gate, and the study on a small kernel.
 
 Checked: an update is the EMA it says (captured edges move toward the batch's salience, the rest
 decay) and the quota keeps the strongest edges, never more; overlap is 1 for equal traces and 0
@@ -118,6 +118,32 @@ class LeafBiasTest(absltest.TestCase):
       self.assertEqual(context["groups"], [1.0])
       self.assertLess(content["trace"], 0.5)   # Values are random: their edges do not recur.
       self.assertLess(context["chance"], 0.2)
+
+
+class HintTableTest(absltest.TestCase):
+
+  def test_tables_pick_the_strongest_follower_and_the_gate_switches_heads_off(self):
+    vocab = 4
+    trace = traces.ReadTraces(groups=2, edges=vocab * vocab, retention=0.0)
+    # Group 0: query token 1 reads what follows 3 (0.8) and 2 (0.2); query token 2: 1 (0.4).
+    trace.update(np.array([0, 0, 0, 1]), np.array([1 * vocab + 3, 1 * vocab + 2, 2 * vocab + 1,
+                                                   0 * vocab + 0]),
+                 np.array([0.8, 0.2, 0.4, 0.5]), np.array([1, 1]))
+    token, weight = trace_study.hint_table(trace, vocab)
+    np.testing.assert_array_equal(token, [[-1, 3, 1, -1], [0, -1, -1, -1]])
+    np.testing.assert_allclose(weight, [[0, 1.0, 0.5, 0], [1.0, 0, 0, 0]])
+    with tempfile.TemporaryDirectory() as root:
+      path = os.path.join(root, "hints.npz")
+      trace_study.save_hint_table(path, {"trace": (token, weight)}, read_hit=[0.9, 0.1])
+      gated_token, gated_weight = trace_study.load_hint_table(path, "trace", alpha=4.0)
+      np.testing.assert_array_equal(gated_token[1], [-1] * vocab)     # Below the 0.5 gate.
+      np.testing.assert_allclose(gated_weight[0], 4.0 * weight[0])
+      open_token, _ = trace_study.load_hint_table(path, "trace", gate=0.0)
+      np.testing.assert_array_equal(open_token, token)
+      with self.assertRaisesRegex(ValueError, "no 'shuffled' table"):
+        trace_study.load_hint_table(path, "shuffled")
+      with self.assertRaisesRegex(FileNotFoundError, "no route hints file"):
+        trace_study.load_hint_table(os.path.join(root, "none.npz"))
 
 
 class StudyTest(absltest.TestCase):
