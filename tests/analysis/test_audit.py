@@ -32,7 +32,7 @@ from absl.testing import parameterized
 
 from memkernel import KernelModel, Interventions, KernelConfig
 from memkernel.analysis import audit
-from memkernel import checkpoint as checkpoint_lib
+import cli_checks
 from memkernel.kernel import routing
 from memkernel import runs
 from memkernel import train as train_lib
@@ -377,11 +377,7 @@ class AuditTest(parameterized.TestCase):
 
   def test_binary_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:
-      peer = os.path.join(root, "peer")
-      config = importlib.import_module("configs.mqar").get_config("smoke,dense")
-      with checkpoint_lib.Checkpointer(peer) as ckpt:
-        ckpt.save(1, {"x": np.zeros(2, np.float32)}, config=config.to_dict(),
-                  data_state={"step": 1, "seed": 0}, force=True)
+      peer = cli_checks.peer_run(root)
       env = dict(os.environ, JAX_PLATFORMS="cpu")
       with self.assertRaisesRegex(FileNotFoundError, "not a directory"):
         audit.audit_run(os.path.join(root, "missing"))

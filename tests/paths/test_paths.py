@@ -10,16 +10,14 @@ command fails in one line on bad input.
 
 import importlib
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
+import cli_checks
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memkernel import checkpoint as checkpoint_lib
 from memkernel import experiment as experiment_lib
 from memkernel.kernel import routing
 from memkernel.kernel.model import KernelModel
@@ -27,7 +25,6 @@ from memkernel.paths import motifs
 from memkernel.paths import report as report_lib
 from memkernel.paths.trie import PathTrie
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _rows(*paths, width=5):
@@ -201,25 +198,10 @@ class ReportTest(absltest.TestCase):
 
   def test_binary_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:
-      peer = os.path.join(root, "peer")
-      config = importlib.import_module("configs.mqar").get_config("smoke,dense")
-      with checkpoint_lib.Checkpointer(peer) as ckpt:
-        ckpt.save(1, {"x": np.zeros(2, np.float32)}, config=config.to_dict(),
-                  data_state={"step": 1, "seed": 0}, force=True)
-      cases = {(peer,): "'dense' run; routing paths need a memory-kernel run",
+      peer = cli_checks.peer_run(root)
+      cli_checks.assert_fatal_lines(self, "paths", {(peer,): "'dense' run; routing paths need a memory-kernel run",
                (peer, "--task=nofields"): "--task must be NAME:FIELD=VALUE",
-               (peer, "--batches=0"): "--batches must be a positive integer, got 0"}
-      procs = {args: subprocess.Popen(
-          [sys.executable, "-m", "experiments.paths", f"--workdir={args[0]}", *args[1:]],
-          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True) for args in cases}
-      for args, expected in cases.items():
-        _, err = procs[args].communicate(timeout=120)
-        self.assertEqual(procs[args].returncode, 1, err)
-        lines = err.strip().splitlines()
-        self.assertLen(lines, 1, err)
-        self.assertTrue(lines[0].startswith("FATAL paths:"), lines[0])
-        self.assertIn(expected, lines[0])
+               (peer, "--batches=0"): "--batches must be a positive integer, got 0"})
 
 
 if __name__ == "__main__":

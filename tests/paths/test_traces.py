@@ -13,22 +13,19 @@ on bad input.
 
 import importlib
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
+import cli_checks
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memkernel import checkpoint as checkpoint_lib
 from memkernel import experiment as experiment_lib
 from memkernel.kernel.model import KernelModel
 from memkernel.paths import trace_study
 from memkernel.paths import traces
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ReadTracesTest(absltest.TestCase):
@@ -176,25 +173,10 @@ class StudyTest(absltest.TestCase):
 
   def test_binary_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:
-      peer = os.path.join(root, "peer")
-      config = importlib.import_module("configs.mqar").get_config("smoke,dense")
-      with checkpoint_lib.Checkpointer(peer) as ckpt:
-        ckpt.save(1, {"x": np.zeros(2, np.float32)}, config=config.to_dict(),
-                  data_state={"step": 1, "seed": 0}, force=True)
-      cases = {(peer,): "'dense' run; read traces need a memory-kernel run",
+      peer = cli_checks.peer_run(root)
+      cli_checks.assert_fatal_lines(self, "traces", {(peer,): "'dense' run; read traces need a memory-kernel run",
                (peer, "--steps=1"): "--steps takes two checkpoint steps",
-               (peer, "--top=0"): "--top must be a positive integer, got 0"}
-      procs = {args: subprocess.Popen(
-          [sys.executable, "-m", "experiments.traces", f"--workdir={args[0]}", *args[1:]],
-          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True) for args in cases}
-      for args, expected in cases.items():
-        _, err = procs[args].communicate(timeout=120)
-        self.assertEqual(procs[args].returncode, 1, err)
-        lines = err.strip().splitlines()
-        self.assertLen(lines, 1, err)
-        self.assertTrue(lines[0].startswith("FATAL traces:"), lines[0])
-        self.assertIn(expected, lines[0])
+               (peer, "--top=0"): "--top must be a positive integer, got 0"})
 
 
 if __name__ == "__main__":
