@@ -96,7 +96,6 @@ class ReadTraces:
     self.retention, self.decay, self.threshold, self.quota = retention, decay, threshold, quota
     self.strength = np.zeros((groups, edges), np.float32)
     self.age = np.zeros((groups, edges), np.int32)     # Updates since the edge was last captured.
-    self.updates = 0
 
   @property
   def shape(self) -> tuple[int, int]:
@@ -116,7 +115,6 @@ class ReadTraces:
                              + (1 - self.retention) * s, self.decay * self.strength)
     self.age = np.where(captured, 0, self.age + 1)
     self._cut_to_quota()
-    self.updates += 1
 
   def _cut_to_quota(self) -> None:
     if self.quota >= self.shape[1]:

@@ -101,10 +101,9 @@ class HintTest(absltest.TestCase):
     changed[:, 90] = MARK                                     # A later mark moves nothing earlier.
     later, _ = forward(params, jnp.asarray(changed), hints)
     np.testing.assert_allclose(np.asarray(later)[:, :80], np.asarray(logits)[:, :80], atol=1e-5)
-    blocked = dataclasses.replace(BASE, query_block=32)
-    _, bparams, bforward, _ = _compiled(blocked)
-    del bparams
-    blogits, _ = bforward(params, jnp.asarray(tokens), hints)
+    blocked = KernelModel(dataclasses.replace(BASE, query_block=32))   # Same parameters.
+    blogits, _ = jax.jit(lambda p, t, h: blocked.apply(p, t, route_hints=h))(
+        params, jnp.asarray(tokens), hints)
     np.testing.assert_allclose(np.asarray(blogits), np.asarray(logits), atol=1e-5)
 
   def test_wrong_shapes_fail_with_a_message(self):
