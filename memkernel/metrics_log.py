@@ -20,6 +20,7 @@ import importlib.util
 import json
 import numbers
 import os
+import time
 from typing import Any, Mapping
 
 from absl import logging
@@ -47,9 +48,13 @@ class MetricsLog:
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       # Events after `resume_step` (a killed run's last steps) are purged when they reappear.
+      # tensorboardX names the file by the second it opened it and opens it with "wb", so a
+      # resume within the same second would overwrite the first run's events; a nanosecond
+      # suffix keeps every run's file and sorts them in the order they were written.
       self._tb = tensorboardX.SummaryWriter(
           os.path.join(workdir, TENSORBOARD_DIR),
-          purge_step=resume_step + 1 if resume_step else None)
+          purge_step=resume_step + 1 if resume_step else None,
+          filename_suffix=f".{time.time_ns():020d}")
 
   def write(self, row: Mapping[str, Any]) -> None:
     """Appends one row (a JSON object with `step`; `split` 'train' or 'eval')."""
