@@ -1,6 +1,7 @@
 """The metrics log on disk: JSON rows and TensorBoard event files across a resume."""
 
 import os
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -20,7 +21,9 @@ class TensorBoardResumeTest(absltest.TestCase):
 
   def test_a_resume_within_the_same_second_keeps_the_first_runs_events(self):
     """tensorboardX names event files by the second; two runs in one second must not share one."""
-    workdir = self.create_tempdir().full_path
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    workdir = tmp.name
     with mock.patch("time.time", return_value=1_800_000_000.0):
       _log_steps(workdir, 0, [1, 2, 3, 4, 5])
       _log_steps(workdir, 3, [4, 5, 6])  # killed after step 5, resumed from checkpoint 3
