@@ -10,7 +10,8 @@ Layout of an experiment config (`memkernel.train.parse_config` validates it):
   task        `memkernel.probes.TaskConfig` fields.
   train       seed, steps, batch_size, lr, schedule, warmup_steps, decay_steps, weight_decay,
               clip_norm, log_every, eval_every, ckpt_every, keep_checkpoints, max_nonfinite, oracle,
-              narrow_beam_at, tensorboard.
+              narrow_beam_at, tensorboard, route_hints, hints_every, hints_batches,
+              hints_alpha, hints_gate.
   eval        batches, batch_size, lengths, oracle, audit_batches.
 
 Sizes the kernel and its peers must share (vocab_size, d_model, num_layers, mlp_ratio) and sizes the
@@ -146,6 +147,11 @@ def get_config(task: dict[str, Any], arg: Optional[str] = None, *,
       oracle=False,
       narrow_beam_at=0,       # From this step on, train with the evaluation beam (0: never).
       tensorboard=False,      # Also write TensorBoard event files (workdir/tensorboard/).
+      route_hints="off",      # 'traces': train with routing hints from its own read traces.
+      hints_every=25,         # Steps between rebuilds of the hint table.
+      hints_batches=2,        # Batches each rebuild reads.
+      hints_alpha=16.0,       # The hints' weight on routing scores.
+      hints_gate=0.5,         # Held-out read hit rate a head needs to get hints.
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

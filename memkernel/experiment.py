@@ -26,10 +26,11 @@ COMMON_SECTIONS = ("model_type", "task", "train", "eval")
 METRICS_FILE = metrics_log.METRICS_FILE
 EVAL_FILE = "eval.json"
 # Independent random streams derived from train.seed.
-INIT_STREAM, DATA_STREAM, EVAL_STREAM, VALIDATION_STREAM = 0, 1, 2, 3
+INIT_STREAM, DATA_STREAM, EVAL_STREAM, VALIDATION_STREAM, HINT_STREAM = 0, 1, 2, 3, 4
 # Evaluation streams: choices (steps, widths, curricula) are tuned on 'validation' and reported
 # on 'test' (the default), so no reported number is one the choice was fitted to.
 EVAL_STREAMS = {"test": EVAL_STREAM, "validation": VALIDATION_STREAM}
+ROUTE_HINTS = ("off", "traces", "shuffled")     # train.route_hints (`paths.train_hints`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,13 @@ class TrainConfig:
       adapts to the beam it is evaluated with; 0 keeps the training beam throughout.
     tensorboard: also write the metrics as TensorBoard event files in `workdir/tensorboard/`
       (`memkernel.metrics_log`); `metrics.jsonl` is written either way.
+    route_hints: the kernel trains with routing hints from a read trace of its own reads
+      (`memkernel.paths.train_hints`): 'off', 'traces', or 'shuffled' (the control).
+    hints_every: steps between rebuilds of the hint table (a multiple of it divides ckpt_every).
+    hints_batches: training-distribution batches each rebuild reads.
+    hints_alpha: the hints' weight on routing scores (`evaluate --hint_alpha`).
+    hints_gate: a head gets hints when its trace predicts the leaf it read on held-out rows at
+      least this often (`evaluate --hint_gate`).
   """
 
   seed: int = 0
@@ -78,6 +86,11 @@ class TrainConfig:
   oracle: bool = False
   narrow_beam_at: int = 0
   tensorboard: bool = False
+  route_hints: str = "off"
+  hints_every: int = 25
+  hints_batches: int = 2
+  hints_alpha: float = 16.0
+  hints_gate: float = 0.5
 
   def __post_init__(self):
     s = "train"
@@ -94,6 +107,14 @@ class TrainConfig:
     for name in ("oracle", "tensorboard"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"train.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.route_hints not in ROUTE_HINTS:
+      raise ValueError(f"train.route_hints must be one of {ROUTE_HINTS}, got {self.route_hints!r}")
+    for name in ("hints_every", "hints_batches"):
+      fields.check_int(s, name, getattr(self, name), 1)
+    fields.check_number(s, "hints_alpha", self.hints_alpha, 0.0, strict=False)
+    fields.check_number(s, "hints_gate", self.hints_gate, 0.0, strict=False)
+    if self.hints_gate > 1:
+      raise ValueError(f"train.hints_gate must be in [0, 1], got {self.hints_gate}")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -230,6 +251,21 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
       raise ValueError(f"eval.lengths: task {task.name!r} is invalid at length {length}: {e}") from e
   if is_text:
     _check_text(task, family, model, train, evaluation)
+  if train.route_hints != "off":
+    if not family.routes:
+      raise ValueError(f"train.route_hints={train.route_hints!r} needs a routing family; "
+                       f"{family.name!r} does not route")
+    if is_text or train.oracle:
+      raise ValueError(f"train.route_hints={train.route_hints!r} needs a probe trained without "
+                       "oracle routes (text batches are read on the host; oracle routes "
+                       "replace the routing the hints bias)")
+    if train.batch_size < 2:
+      raise ValueError("train.route_hints: the hints' gate compares even and odd rows, so "
+                       f"train.batch_size must be at least 2, got {train.batch_size}")
+    if train.ckpt_every % train.hints_every:
+      raise ValueError(f"train.ckpt_every={train.ckpt_every} must be a multiple of "
+                       f"train.hints_every={train.hints_every} with train.route_hints="
+                       f"{train.route_hints!r} (a resume rebuilds the hints at its checkpoint)")
   experiment = Experiment(family.name, model, task, train, evaluation)
   return dataclasses.replace(experiment, model=experiment.model_for_length(task.seq_len))
 

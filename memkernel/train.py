@@ -55,6 +55,7 @@ from memkernel import optim
 from memkernel import probes
 from memkernel import text_task
 from memkernel.analysis import audit as audit_lib
+from memkernel.paths import train_hints
 from memkernel.experiment import EvalConfig, Experiment, TrainConfig
 from memkernel.optim import TrainState
 
@@ -76,7 +77,9 @@ def make_train_step(experiment: Experiment, mesh: Mesh):
   """The jitted `train_step(state, data_key) -> (state, metrics)`; the state is donated.
 
   `data_key` is `data_key(train.seed)`; for a text task the step takes the batch instead,
-  `train_step(state, batch)`, sharded along 'data' (`text_task.as_global`). Compiled steps are
+  `train_step(state, batch)`, sharded along 'data' (`text_task.as_global`); with
+  `train.route_hints` it takes the hint table too, `train_step(state, data_key, table)`
+  (`paths.train_hints`). Compiled steps are
   cached per (model, task, step settings but the seed, mesh), so calling `train_and_evaluate`
   again in one process (a Colab, a resumed run, another seed) does not recompile.
   """
@@ -92,10 +95,11 @@ def _train_step_fn(model_config: Any, task: probes.TaskConfig, train: TrainConfi
   batch_sharding = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
 
-  def update(state: TrainState, batch):
+  def update(state: TrainState, batch, route_hints=None):
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     grad_fn = jax.value_and_grad(
-        functools.partial(metrics_lib.forward_metrics, model, batch=batch, train=True, oracle=train.oracle),
+        functools.partial(metrics_lib.forward_metrics, model, batch=batch, train=True,
+                          oracle=train.oracle, route_hints=route_hints),
         has_aux=True)
     (objective, metrics), grads = grad_fn(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -116,6 +120,14 @@ def _train_step_fn(model_config: Any, task: probes.TaskConfig, train: TrainConfi
     return update(state, probes.generate(task, jax.random.fold_in(data_key, state.step),
                                          train.batch_size))
 
+  def hinted_step(state: TrainState, data_key: jax.Array, table):
+    batch = probes.generate(task, jax.random.fold_in(data_key, state.step), train.batch_size)
+    return update(state, batch,
+                  evaluate_lib.hints_for(batch["tokens"], table, model_config.num_layers))
+
+  if train.route_hints != "off":  # `train_step(state, data_key, hint_table)`.
+    return jax.jit(hinted_step, in_shardings=(replicated, replicated, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
   return jax.jit(train_step, in_shardings=(replicated, replicated),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -309,11 +321,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       start, train.steps)
     checkpointer.wait()
 
-    results = evaluate_lib.evaluate(experiment, state.params, mesh=mesh)
+    hints = hint_stats = None
+    if train.route_hints != "off":  # The hints of the final parameters.
+      hints, hint_stats = train_hints.HintRefresher(experiment).refresh(state.params,
+                                                                        int(state.step))
+    results = evaluate_lib.evaluate(experiment, state.params, mesh=mesh, route_hints=hints)
     summary = {"step": int(state.step), "model_type": experiment.model_type,
                "num_params": num_params, "task": experiment.task.to_dict(),
                "seed": experiment.train.seed, "eval": dataclasses.asdict(experiment.eval),
                "lengths": results}
+    if hint_stats is not None:
+      summary["route_hints"] = {"mode": train.route_hints, **hint_stats}
     if text_task.is_text(experiment.task):
       summary["corpus"] = text_task.describe(experiment.task)
     if experiment.eval.audit_batches and experiment.family.routes:
@@ -355,14 +373,20 @@ def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
     key = experiment_lib.data_key(train.seed)
     feed = lambda: key
     data_state = lambda step: {"step": step, "seed": train.seed}
-  train_step = lambda state, step: (
-      narrow_step if train.narrow_beam_at and step >= train.narrow_beam_at else wide_step
-  )(state, feed())
+  refresher = hints = None
+  hint_stats: dict[str, float] = {}
+  if train.route_hints != "off":
+    refresher = train_hints.HintRefresher(experiment)
+
+  def train_step(state, step):
+    step_fn = narrow_step if train.narrow_beam_at and step >= train.narrow_beam_at else wide_step
+    return step_fn(state, feed()) if hints is None else step_fn(state, feed(), hints)
   tokens_per_step = train.batch_size * experiment.task.seq_len
   clock = {"t": time.time(), "step": start, "t0": time.time(), "consecutive": 0}
 
   def record(step: int, metrics) -> None:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics.update(hint_stats)
     if metrics["nonfinite"]:
       clock["consecutive"] += 1
       logging.warning("Step %d: non-finite loss %s / grad norm %s (%d in a row; update skipped).",
@@ -393,6 +417,12 @@ def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
   pending = None
   step = start
   while step < train.steps:
+    if refresher is not None and step % train.hints_every == 0:
+      if pending is not None:
+        record(*pending)
+        pending = None
+      hints, hint_stats = refresher.refresh(state.params, step)
+      logging.info("step %d: %s", step, train_hints.log_line(hint_stats))
     # Dispatched before the previous metrics are pulled.
     state, metrics = train_step(state, step)
     step += 1
@@ -406,7 +436,8 @@ def _train_loop(experiment: Experiment, state: TrainState, mesh: Mesh,
       pending = None
       if at_eval:
         length = experiment.task.seq_len
-        results = evaluate_lib.evaluate(experiment, state.params, lengths=(length,), mesh=mesh)[str(length)]
+        results = evaluate_lib.evaluate(experiment, state.params, lengths=(length,), mesh=mesh,
+                                        route_hints=hints)[str(length)]
         writer.write({"step": step, "split": "eval", "time": time.time(), "length": length,
                       **results})
         logging.info("eval at step %d (length %d) | %s", step, length, _brief(results))

@@ -42,12 +42,14 @@ MAX_HIT_QUERIES = 2048     # Per group: the hit rates' sample of odd-row queries
 
 
 def collect_reads(model: KernelModel, params, batch: Mapping[str, Any], *, row0: int,
-                  min_read: float) -> tuple[traces_lib.Reads, np.ndarray]:
-  """One batch's reads above `min_read` and its scored queries per group [groups]."""
+                  min_read: float, forward=None) -> tuple[traces_lib.Reads, np.ndarray]:
+  """One batch's reads above `min_read` and its scored queries per group [groups]; `forward`
+  is `report.reference_forward(model, None)`, passed in to reuse its compilation."""
   tokens = jnp.asarray(batch["tokens"])
   segments = batch.get("segments")
   segments = None if segments is None else jnp.asarray(segments)
-  _, aux = report_lib.reference_forward(model, None)(params, tokens, segments)
+  forward = forward or report_lib.reference_forward(model, None)
+  _, aux = forward(params, tokens, segments)
   tok = np.asarray(tokens)
   mask = np.asarray(batch["mask"]) > 0
   leaf_size = model.config.leaf_size
@@ -81,7 +83,7 @@ def collect_reads(model: KernelModel, params, batch: Mapping[str, Any], *, row0:
   return reads, queries
 
 
-def _shuffled(reads: traces_lib.Reads, rng: np.random.Generator) -> traces_lib.Reads:
+def shuffled_reads(reads: traces_lib.Reads, rng: np.random.Generator) -> traces_lib.Reads:
   """The reads with their targets permuted among the reads of each group."""
   target = reads.target.copy()
   target_token, target_previous = reads.target_token.copy(), reads.target_previous.copy()
@@ -109,7 +111,7 @@ def build(per_batch: Sequence[tuple[traces_lib.Reads, np.ndarray]], keying: str,
   return trace
 
 
-def _read_targets(per_batch, leaf_size: int, rng: np.random.Generator
+def read_targets(per_batch, leaf_size: int, rng: np.random.Generator
                   ) -> dict[tuple[int, int, int], int]:
   """Per odd-row (sequence, group, query): the leaf the model read most; a sample of at most
   MAX_HIT_QUERIES per group."""
@@ -155,7 +157,7 @@ def _sample(targets: Mapping[tuple[int, int, int], int], rng: np.random.Generato
   return sample
 
 
-def _tokens(data, batch_size: int) -> dict[int, np.ndarray]:
+def tokens_by_row(data, batch_size: int) -> dict[int, np.ndarray]:
   return {i * batch_size + r: row for i, batch in enumerate(data)
           for r, row in enumerate(np.asarray(batch["tokens"]))}
 
@@ -201,7 +203,7 @@ def traces_experiment(experiment, params_by_step: Mapping[int, Any], *, batches:
   model = KernelModel(experiment.model_for_length(task.seq_len))
   leaf_size, vocab_size = model.config.leaf_size, task.vocab_size
   data = report_lib.study_batches(task, seed, batches, batch_size)
-  tokens = _tokens(data, batch_size)
+  tokens = tokens_by_row(data, batch_size)
   steps = sorted(params_by_step)
   reads_by_step = {step: [collect_reads(model, params_by_step[step], batch,
                                         row0=i * batch_size, min_read=min_read)
@@ -211,16 +213,16 @@ def traces_experiment(experiment, params_by_step: Mapping[int, Any], *, batches:
   groups = len(per_batch[0][1])
   geometry = dict(leaf_size=leaf_size, seq_len=task.seq_len, vocab_size=vocab_size)
   rng = np.random.default_rng(seed)
-  shuffled = [(_shuffled(r, rng), q) for r, q in per_batch]
+  shuffled = [(shuffled_reads(r, rng), q) for r, q in per_batch]
   even, odd = (lambda r: r.sequence % 2 == 0), (lambda r: r.sequence % 2 == 1)
-  targets = {"read": _read_targets(per_batch, leaf_size, rng)}
+  targets = {"read": read_targets(per_batch, leaf_size, rng)}
   if recall_probe:
     targets["answer"] = _answer_targets(data, batch_size, groups, leaf_size, rng, odd_only=True)
   long_data = {}
   for length in lengths:
     long_task = dataclasses.replace(task, seq_len=length)
     batch = report_lib.study_batches(long_task, seed, batches, batch_size)
-    long_data[length] = (_tokens(batch, batch_size),
+    long_data[length] = (tokens_by_row(batch, batch_size),
                          _answer_targets(batch, batch_size, groups, leaf_size, rng,
                                          odd_only=False))
   report: dict[str, Any] = {

@@ -246,9 +246,11 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
   return dict(values)
 
 
-# Fields that change how a cell is logged, not what it computes, left out of its hash at their
-# default so that adding them did not invalidate finished cells.
-_UNHASHED = {("train", "tensorboard"): False}
+# Fields added after cells were finished, left out of a cell's hash at their default so that
+# adding them did not invalidate those cells.
+_UNHASHED = {("train", "tensorboard"): False, ("train", "route_hints"): "off",
+             ("train", "hints_every"): 25, ("train", "hints_batches"): 2,
+             ("train", "hints_alpha"): 16.0, ("train", "hints_gate"): 0.5}
 
 
 def _config_hash(config: Mapping[str, Any], extra: Any = None) -> str:
