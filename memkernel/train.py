@@ -79,8 +79,7 @@ def make_train_step(experiment: Experiment, mesh: Mesh):
   `data_key` is `data_key(train.seed)`; for a text task the step takes the batch instead,
   `train_step(state, batch)`, sharded along 'data' (`text_task.as_global`); with
   `train.route_hints` it takes the hint table too, `train_step(state, data_key, table)`
-  (`paths.train_hints`). Compiled steps are
-  cached per (model, task, step settings but the seed, mesh), so calling `train_and_evaluate`
+  (`paths.train_hints`). Compiled steps are cached per (model, task, step settings but the seed, mesh), so calling `train_and_evaluate`
   again in one process (a Colab, a resumed run, another seed) does not recompile.
   """
   return _train_step_fn(experiment.model, experiment.task, _step_settings(experiment.train), mesh)
@@ -254,6 +253,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     metrics_log.check_tensorboard()
   mesh = evaluate_lib.make_mesh()
   experiment_lib.check_devices(experiment, mesh.size)
+  if experiment.train.route_hints != "off" and jax.process_count() > 1:
+    raise ValueError("train.route_hints builds its traces on the host of one process; train "
+                     "with hints in a single process")
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   train = experiment.train
   os.makedirs(workdir, exist_ok=True)
