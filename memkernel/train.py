@@ -79,8 +79,9 @@ def make_train_step(experiment: Experiment, mesh: Mesh):
   `data_key` is `data_key(train.seed)`; for a text task the step takes the batch instead,
   `train_step(state, batch)`, sharded along 'data' (`text_task.as_global`); with
   `train.route_hints` it takes the hint table too, `train_step(state, data_key, table)`
-  (`paths.train_hints`). Compiled steps are cached per (model, task, step settings but the seed, mesh), so calling `train_and_evaluate`
-  again in one process (a Colab, a resumed run, another seed) does not recompile.
+  (`paths.train_hints`). Compiled steps are cached per (model, task, step settings but the
+  seed, mesh), so calling `train_and_evaluate` again in one process (a Colab, a resumed run,
+  another seed) does not recompile.
   """
   return _train_step_fn(experiment.model, experiment.task, _step_settings(experiment.train), mesh)
 
