@@ -19,7 +19,6 @@ run's hints is `experiments.evaluate --route_hints` after `experiments.traces`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping
 
 import jax
@@ -36,13 +35,6 @@ MIN_READ = 0.02       # Reads below this weight are not edges (the study's defau
 QUOTA = 2048          # Edges per group (the study's default).
 
 
-@functools.lru_cache(maxsize=8)
-def _reference(model_config: Any):
-  """The model and its jitted reference forward, compiled once per configuration."""
-  model = KernelModel(model_config)
-  return model, report_lib.reference_forward(model, None)
-
-
 class HintRefresher:
   """`refresh(params, step) -> (table, stats)`: the hint table [groups, V] (token int32, weight
   float32) of the run's own reads at `step`, and what it holds (for the metrics log)."""
@@ -50,7 +42,8 @@ class HintRefresher:
   def __init__(self, experiment: experiment_lib.Experiment):
     train, task = experiment.train, experiment.task
     self._mode = train.route_hints
-    self._model, self._forward = _reference(experiment.model_for_length(task.seq_len))
+    self._model = KernelModel(experiment.model_for_length(task.seq_len))
+    self._forward = report_lib.reference_forward(self._model, None)
     self._task, self._train = task, train
     self._key = experiment_lib.root_key(train.seed, experiment_lib.HINT_STREAM)
     self._groups = self._model.config.num_layers * self._model.config.num_route_heads
