@@ -43,14 +43,13 @@ def rows(workdir):
             for line in f]
 
 
-class HintedStepTest(absltest.TestCase):
+class TrainHintsTest(absltest.TestCase):
+  """One class, so that its tests share one worker's compiled steps."""
 
   def test_no_hints_train_as_none_and_hints_change_the_step(self):
     mesh = evaluate_lib.make_mesh()
-    # 16 leaves: more than the smoke beam reads, so what routing picks matters.
-    longer = {**RUN, "task.seq_len": 256}
-    hinted = experiment_lib.parse_config(config(longer))
-    plain = experiment_lib.parse_config(config({**longer, "train.route_hints": "off"}))
+    hinted = experiment_lib.parse_config(config(RUN))
+    plain = experiment_lib.parse_config(config({**RUN, "train.route_hints": "off"}))
     key = experiment_lib.data_key(0)
     init = lambda: optim.init_state(plain, jax.random.key(0))
     groups = hinted.model.num_layers * hinted.model.num_route_heads
@@ -69,9 +68,6 @@ class HintedStepTest(absltest.TestCase):
                            for a, b in zip(jax.tree.leaves(base.params),
                                            jax.tree.leaves(some.params))), 1e-5)
     self.assertNotEqual(float(base_metrics["loss"]), float(some_metrics["loss"]))
-
-
-class RefresherTest(absltest.TestCase):
 
   def test_the_table_is_a_function_of_the_parameters_and_the_step(self):
     experiment = experiment_lib.parse_config(config({**RUN, "train.hints_gate": 0.0}))
@@ -100,9 +96,6 @@ class RefresherTest(absltest.TestCase):
       self.assertLess(stats5["hints/heads_on"], 1.0)
     off = (token5 < 0).all(axis=1)
     self.assertTrue(np.all(weight5[off] == 0))
-
-
-class HintedRunTest(absltest.TestCase):
 
   def test_a_hinted_run_resumes_exactly(self):
     tmp = tempfile.TemporaryDirectory()
