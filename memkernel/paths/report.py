@@ -51,16 +51,9 @@ def _nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def reference_forward(model: KernelModel, interventions: Optional[Interventions]):
-  """Jitted (params, tokens, segments) -> (logits, outputs) of the parallel form, compiled once
-  per (model configuration, interventions) and input shapes."""
-  return _reference_forward(model.config, interventions or NONE)
-
-
-@functools.lru_cache(maxsize=16)
-def _reference_forward(config: Any, interventions: Interventions):
-  model = KernelModel(config)
+  """Jitted (params, tokens, segments) -> (logits, outputs) of the parallel form."""
   return jax.jit(lambda params, tokens, segments: model.apply(
-      {"params": params}, tokens, segments, interventions=interventions))
+      {"params": params}, tokens, segments, interventions=interventions or NONE))
 
 
 def collect(model: KernelModel, params, batches: Sequence[Mapping[str, Any]]

@@ -42,14 +42,12 @@ MAX_HIT_QUERIES = 2048     # Per group: the hit rates' sample of odd-row queries
 
 
 def collect_reads(model: KernelModel, params, batch: Mapping[str, Any], *, row0: int,
-                  min_read: float, forward=None) -> tuple[traces_lib.Reads, np.ndarray]:
-  """One batch's reads above `min_read` and its scored queries per group [groups]; `forward`
-  is `report.reference_forward(model, None)`, passed in to reuse its compilation."""
+                  min_read: float) -> tuple[traces_lib.Reads, np.ndarray]:
+  """One batch's reads above `min_read` and its scored queries per group [groups]."""
   tokens = jnp.asarray(batch["tokens"])
   segments = batch.get("segments")
   segments = None if segments is None else jnp.asarray(segments)
-  forward = forward or report_lib.reference_forward(model, None)
-  _, aux = forward(params, tokens, segments)
+  _, aux = report_lib.reference_forward(model, None)(params, tokens, segments)
   tok = np.asarray(tokens)
   mask = np.asarray(batch["mask"]) > 0
   leaf_size = model.config.leaf_size

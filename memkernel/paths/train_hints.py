@@ -27,7 +27,6 @@ import numpy as np
 from memkernel import experiment as experiment_lib
 from memkernel import probes
 from memkernel.kernel.model import KernelModel
-from memkernel.paths import report as report_lib
 from memkernel.paths import trace_study
 from memkernel.paths import traces as traces_lib
 
@@ -43,7 +42,6 @@ class HintRefresher:
     train, task = experiment.train, experiment.task
     self._mode = train.route_hints
     self._model = KernelModel(experiment.model_for_length(task.seq_len))
-    self._forward = report_lib.reference_forward(self._model, None)
     self._task, self._train = task, train
     self._key = experiment_lib.root_key(train.seed, experiment_lib.HINT_STREAM)
     self._groups = self._model.config.num_layers * self._model.config.num_route_heads
@@ -61,8 +59,7 @@ class HintRefresher:
     data = [probes.generate(self._task, jax.random.fold_in(key, i), train.batch_size)
             for i in range(train.hints_batches)]
     per_batch = [trace_study.collect_reads(self._model, params, batch,
-                                           row0=i * train.batch_size, min_read=MIN_READ,
-                                           forward=self._forward)
+                                           row0=i * train.batch_size, min_read=MIN_READ)
                  for i, batch in enumerate(data)]
     rng = np.random.default_rng([train.seed, step])
     build = lambda source, keep=None: trace_study.build(
