@@ -23,12 +23,13 @@ def peer_run(root: str) -> str:
   return peer
 
 
-def assert_fatal_lines(test, binary: str, cases) -> None:
-  """Runs `python -m experiments.<binary> --workdir=ARGS[0] ARGS[1:]` for every case (in
-  parallel) and asserts exit status 1 and one stderr line `FATAL <binary>: ...` holding the
-  case's expected text."""
+def assert_fatal_lines(test, binary: str, cases, *, workdir: bool = True) -> None:
+  """Runs `python -m experiments.<binary> --workdir=ARGS[0] ARGS[1:]` (with `workdir=False`:
+  `ARGS` as they are) for every case (in parallel) and asserts exit status 1 and one stderr
+  line `FATAL <binary>: ...` holding the case's expected text."""
+  argv = lambda args: [f"--workdir={args[0]}", *args[1:]] if workdir else list(args)
   procs = {args: subprocess.Popen(
-      [sys.executable, "-m", f"experiments.{binary}", f"--workdir={args[0]}", *args[1:]],
+      [sys.executable, "-m", f"experiments.{binary}", *argv(args)],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for args in cases}
   for args, expected in cases.items():

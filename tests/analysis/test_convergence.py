@@ -3,16 +3,13 @@ on hand-written metrics files whose answers are known, and the command's one-lin
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 from absl.testing import absltest
+import cli_checks
 import numpy as np
 
 from memkernel.analysis import convergence
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_run(root, name, accuracies, evals=None):
@@ -78,15 +75,10 @@ class ConvergenceTest(absltest.TestCase):
         (f"--group=a={run}", "--thresholds=x"): "--thresholds must be comma-separated numbers",
         (f"--group=a={os.path.join(self.root, 'none')}",): "no metrics.jsonl in",
     }
-    for args, expected in cases.items():
-      proc = subprocess.run([sys.executable, "-m", "experiments.convergence",
-                             f"--out={self.root}/out", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-      self.assertEqual(proc.returncode, 1, proc.stderr)
-      lines = proc.stderr.strip().splitlines()
-      self.assertLen(lines, 1, proc.stderr)
-      self.assertTrue(lines[0].startswith("FATAL convergence:"), lines[0])
-      self.assertIn(expected, lines[0])
+    out = f"--out={self.root}/out"
+    cli_checks.assert_fatal_lines(self, "convergence",
+                                  {(out, *args): expected for args, expected in cases.items()},
+                                  workdir=False)
 
 
 if __name__ == "__main__":

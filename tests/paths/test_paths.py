@@ -199,9 +199,10 @@ class ReportTest(absltest.TestCase):
   def test_binary_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:
       peer = cli_checks.peer_run(root)
-      cli_checks.assert_fatal_lines(self, "paths", {(peer,): "'dense' run; routing paths need a memory-kernel run",
-               (peer, "--task=nofields"): "--task must be NAME:FIELD=VALUE",
-               (peer, "--batches=0"): "--batches must be a positive integer, got 0"})
+      cli_checks.assert_fatal_lines(self, "paths", {
+          (peer,): "'dense' run; routing paths need a memory-kernel run",
+          (peer, "--task=nofields"): "--task must be NAME:FIELD=VALUE",
+          (peer, "--batches=0"): "--batches must be a positive integer, got 0"})
 
 
 if __name__ == "__main__":

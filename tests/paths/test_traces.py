@@ -174,9 +174,10 @@ class StudyTest(absltest.TestCase):
   def test_binary_fails_in_one_line_on_bad_input(self):
     with tempfile.TemporaryDirectory() as root:
       peer = cli_checks.peer_run(root)
-      cli_checks.assert_fatal_lines(self, "traces", {(peer,): "'dense' run; read traces need a memory-kernel run",
-               (peer, "--steps=1"): "--steps takes two checkpoint steps",
-               (peer, "--top=0"): "--top must be a positive integer, got 0"})
+      cli_checks.assert_fatal_lines(self, "traces", {
+          (peer,): "'dense' run; read traces need a memory-kernel run",
+          (peer, "--steps=1"): "--steps takes two checkpoint steps",
+          (peer, "--top=0"): "--top must be a positive integer, got 0"})
 
 
 if __name__ == "__main__":
