@@ -246,8 +246,8 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
   return dict(values)
 
 
-# Fields added after cells were finished, left out of a cell's hash at their default so that
-# adding them did not invalidate those cells.
+# Fields added after cells were finished, left out of a cell's hash at the value those cells ran
+# with (written out, not read from TrainConfig, so that changing a default does change the hash).
 _UNHASHED = {("train", "tensorboard"): False, ("train", "route_hints"): "off",
              ("train", "hints_every"): 25, ("train", "hints_batches"): 2,
              ("train", "hints_alpha"): 16.0, ("train", "hints_gate"): 0.5}
