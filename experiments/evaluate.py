@@ -6,6 +6,7 @@ r"""Evaluates a trained run again: other lengths, another setting of its task; `
   python -m experiments.evaluate --workdir=runs/mqar --stream=validation
   python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --search_width=8
   python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=8192 --node_reps=8
+  python -m experiments.evaluate --workdir=runs/mqar_bc --model=em_items=32 --task=num_pairs=64
   python -m experiments.evaluate --workdir=runs/mqar_scattered --lengths=1048576 \
       --batch_size=1 --batches=32 --chunk=4096
 
@@ -24,6 +25,10 @@ widths, curricula) are tuned; the default 'test' stream is the one results are r
 toward the nodes holding a token that follows its query token's hint, by --hint_alpha times the
 read trace's edge strength (--hint_table=shuffled: the control built from shuffled reads), for
 the heads whose trace predicted the leaf they read on at least --hint_gate of held-out queries.
+
+--model=FIELD=VALUE changes a field of the model's memory that no parameter depends on (the
+family's `memory_fields`: for the brain-core its episodic items, read width, decays, threshold
+and boundary rules), e.g. fewer episodic items than the facts a sequence holds.
 
 --chunk=N runs the recurrent form over N-token chunks with the memory carried instead of the
 parallel form: it holds one chunk's activations at a time, so lengths to 2^20 tokens fit on a
@@ -44,6 +49,9 @@ _LENGTHS = flags.DEFINE_list("lengths", None, "Sequence lengths (default: the ru
                              "eval.lengths).")
 _TASK = flags.DEFINE_multi_string("task", [], "A task field to change, FIELD=VALUE (repeatable), "
                                   "e.g. distance=uniform.")
+_MODEL = flags.DEFINE_multi_string("model", [], "A memory field of the model config to change, "
+                                   "FIELD=VALUE (repeatable; the family's memory_fields, e.g. "
+                                   "em_items=32 for a brain-core run).")
 _BATCHES = flags.DEFINE_integer("batches", None, "Batches per length (default: the run's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences per batch (default: the "
                                    "run's eval.batch_size).")
@@ -82,13 +90,14 @@ def main(argv):
   _cli.check_directory("workdir", _WORKDIR.value)
   lengths = _cli.parse_lengths(_LENGTHS.value)
   task = runs.parse_task_overrides(_TASK.value)
+  memory = runs.parse_task_overrides(_MODEL.value, flag="model")
   hints = None
   if _HINTS.value is not None:
     if not math.isfinite(_HINT_ALPHA.value) or _HINT_ALPHA.value < 0:
       raise ValueError(f"--hint_alpha must be a finite number >= 0, got {_HINT_ALPHA.value}")
     hints = trace_study.load_hint_table(_HINTS.value, _HINT_TABLE.value, _HINT_ALPHA.value,
                                         _HINT_GATE.value)
-  changes = (sorted(task.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
+  changes = (sorted(task.items()) + sorted(memory.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("reps", _REPS.value)] if _REPS.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else [])
@@ -106,7 +115,7 @@ def main(argv):
                              stream=_STREAM.value, search_width=_SEARCH.value,
                              node_reps=_REPS.value, batch_size=_BATCH_SIZE.value,
                              chunk=_CHUNK.value, progress=_CHUNK.value is not None,
-                             drop=_DROP.value, route_hints=hints)
+                             drop=_DROP.value, route_hints=hints, memory=memory)
   beam = (f" (beam {result['beam_width']}, search {result['search_width']}, "
           f"reps {result['node_reps']})"
           if result["beam_width"] is not None else "")

@@ -55,6 +55,9 @@ class Family:
     segment_align: documents of a stream start at multiples of this many tokens.
     resumable_fields: model-config fields that may change when a run resumes (curricula,
       capacity, implementation); every other field is architecture.
+    memory_fields: model-config fields an evaluation of a trained run may change: sizes and
+      rules of its memory that no parameter depends on (the brain-core's episodic items, for
+      the capacity study).
     boundaries: config -> {memory name: Boundary} the config sets.
     flops_by_part: (config, num_tokens, *, form='parallel'|'recurrent', train=False) ->
       {part: matmul FLOPs} of one sequence (`memkernel.costs`).
@@ -75,6 +78,7 @@ class Family:
   routes: bool = False
   segment_align: Callable[[Any], int] = lambda config: 1
   resumable_fields: tuple[str, ...] = ("max_seq_len",)
+  memory_fields: tuple[str, ...] = ()
   boundaries: Callable[[Any], Mapping[str, Boundary]] = lambda config: {}
   flops_by_part: Optional[Callable[..., Mapping[str, int]]] = None
   state_bytes_read: Optional[Callable[[Any, Any, Sequence[str]], int]] = None

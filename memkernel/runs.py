@@ -45,14 +45,14 @@ def latest_step(workdir: str) -> int:
   return step
 
 
-def parse_task_overrides(items: Sequence[str]) -> dict[str, Any]:
-  """FIELD=VALUE strings (a command's repeated --task flag) as a dict; values are Python
-  literals where they parse as one (`num_pairs=8`), else strings (`distance=uniform`)."""
+def parse_task_overrides(items: Sequence[str], flag: str = "task") -> dict[str, Any]:
+  """FIELD=VALUE strings (a command's repeated --task or --model flag) as a dict; values are
+  Python literals where they parse as one (`num_pairs=8`), else strings (`distance=uniform`)."""
   task = {}
   for item in items:
     field, sep, value = item.partition("=")
     if not sep or not field:
-      raise ValueError(f"--task must be FIELD=VALUE, got {item!r}")
+      raise ValueError(f"--{flag} must be FIELD=VALUE, got {item!r}")
     try:
       task[field] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -73,6 +73,23 @@ def with_task(experiment: experiment_lib.Experiment,
   if unknown:
     raise ValueError(f"unknown task field(s) {unknown}; known: {sorted(known)}")
   return dataclasses.replace(experiment, task=dataclasses.replace(experiment.task, **task))
+
+
+def with_memory(experiment: experiment_lib.Experiment,
+                memory: Optional[Mapping[str, Any]]) -> experiment_lib.Experiment:
+  """The experiment with model-config fields of its memory changed for a trained run (the
+  family's `memory_fields`: no parameter depends on them); rejects every other field."""
+  memory = dict(memory or {})
+  allowed = experiment.family.memory_fields
+  refused = sorted(set(memory) - set(allowed))
+  if refused:
+    raise ValueError(f"model field(s) {refused} cannot change for a trained "
+                     f"{experiment.model_type} run; an evaluation may change "
+                     f"{sorted(allowed) if allowed else 'none of its fields'}")
+  if not memory:
+    return experiment
+  return dataclasses.replace(  # The config validates the values.
+      experiment, model=dataclasses.replace(experiment.model, **memory))
 
 
 def write_text(path: str, text: str) -> None:
@@ -147,7 +164,8 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
                  node_reps: Optional[int] = None, batch_size: Optional[int] = None,
                  chunk: Optional[int] = None, progress: bool = False,
                  drop: Sequence[str] = (),
-                 route_hints: Optional[tuple[Any, Any]] = None) -> dict[str, Any]:
+                 route_hints: Optional[tuple[Any, Any]] = None,
+                 memory: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """Evaluates a trained run again, at other lengths, on another setting of its task, or with
   another routing beam.
 
@@ -181,9 +199,12 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
     route_hints: optional (token, weight) tables [layers * heads, vocab] biasing each routing
       head toward what follows its query token's hint (`evaluate.evaluate(route_hints=)`; the
       tables `experiments.traces` writes). Kernel runs, the parallel form.
+    memory: model-config fields of the memory to change (the family's `memory_fields`, e.g.
+      {"em_items": 32} for a brain-core run: capacity without retraining).
 
   Returns:
     {"step", "task", "drop", "beam_width", "search_width" and "node_reps" (None for a peer), "stream",
+    "memory" (the memory fields changed),
     "batch_size", "chunk", "cost": {str(length): {"wall_s" (compiles included), "peak_rss_mib"
     (the process's peak so far) and, on an accelerator, "peak_device_mib"}}, "lengths":
     {str(length): {metric: mean over batches}}}.
@@ -191,7 +212,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   Raises:
     ValueError: an unknown or fixed task field, an invalid value, or a beam for a peer (named).
   """
-  experiment = with_task(load_experiment(workdir, step), task)
+  experiment = with_memory(with_task(load_experiment(workdir, step), task), memory)
   for name, value, least in (("beam_width", beam_width, 1), ("search_width", search_width, 1),
                              ("node_reps", node_reps, 0)):
     if value is None:
@@ -245,4 +266,5 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
   return {"step": step, "task": dataclasses.asdict(experiment.task), "drop": list(drop),
           "beam_width": beam,
           "search_width": search, "node_reps": reps, "stream": ev.stream,
-          "batch_size": ev.batch_size, "chunk": chunk, "cost": cost, "lengths": results}
+          "batch_size": ev.batch_size, "chunk": chunk, "memory": dict(memory or {}),
+          "cost": cost, "lengths": results}

@@ -213,6 +213,15 @@ class TrainTest(parameterized.TestCase):
     self.assertNotEqual(dropped["lengths"]["128"]["loss"], parallel["lengths"]["128"]["loss"])
     with self.assertRaisesRegex(ValueError, r"drop names \['tree'\].*'working'"):
       runs.evaluate_run(workdir, drop=("tree",))
+    # The memory's size changes at evaluation (no parameter depends on it); architecture does not.
+    smaller = runs.evaluate_run(workdir, lengths=(128,), batches=1, batch_size=2,
+                                memory={"em_items": 4})
+    self.assertEqual(smaller["memory"], {"em_items": 4})
+    self.assertNotEqual(smaller["lengths"]["128"]["loss"], parallel["lengths"]["128"]["loss"])
+    with self.assertRaisesRegex(ValueError, r"\['d_model'\] cannot change.*'em_items'"):
+      runs.evaluate_run(workdir, memory={"d_model": 32})
+    with self.assertRaisesRegex(ValueError, "em_k must be <= em_items"):
+      runs.evaluate_run(workdir, memory={"em_items": 4, "em_k": 5})
 
   # -- resume --------------------------------------------------------------------------------
 

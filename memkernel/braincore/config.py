@@ -122,9 +122,8 @@ class BrainCoreConfig:
                        f"pairs), got d_model={self.d_model}, num_heads={self.num_heads}")
     if self.em_k > self.em_items:
       raise ValueError(f"{s}.em_k must be <= em_items ({self.em_items}), got {self.em_k}")
-    if self.span % self.em_writes or self.em_writes > self.em_items:
-      raise ValueError(f"{s}.em_writes must divide span ({self.span}) and be <= em_items "
-                       f"({self.em_items}), got {self.em_writes}")
+    if self.span % self.em_writes:
+      raise ValueError(f"{s}.em_writes must divide span ({self.span}), got {self.em_writes}")
     if self.em_features not in EM_FEATURES:
       raise ValueError(f"{s}.em_features must be one of {EM_FEATURES}, got {self.em_features!r}")
     if self.em_target not in EM_TARGETS:

@@ -9,10 +9,14 @@ Shapes: B batch, M items, Q queries, K items read, D key width, E value width.
     memory = write_many(memory, keys_BCD, values_BCE, gates_BC)   # C candidates at once
     memory, stored_B = offer(memory, keys_BCD, values_BCE, gates_BC)   # and how many it stored
     memory, stored_B = offer(memory, keys_BCD, values_BCE, gates_BC, threshold=0.5)  # gate > 0.5
+    memory, _ = offer(memory, keys_BCD, values_BCE, gates_BC, origins_BC=positions_BC)
+    blind_BK = strongest(memory, k=4)                     # the query-blind read's items
     memory = decay(memory, 0.9)                           # strengths fade
     memory = reset_rows(memory, reset_B)                  # a document boundary under 'reset'
 
-An item is (key, value, strength); strength 0 means empty. A read scores the live items by
+An item is (key, value, strength, origin); strength 0 means empty, and the origin is the stream
+position of the token that wrote it (-1 if the writer gave none: provenance for audits, read by
+no computation). A read scores the live items by
 q . k / sqrt(D) + log(strength), keeps the k best and mixes their values with a softmax over
 those k scores (one-query cross-attention over the retrieved items), so a weak item needs a
 closer key to win. A write offers one candidate per example with a gate in [0, 1]: it replaces
@@ -27,6 +31,8 @@ choice of slot (the weakest item) and of the k items read are selections, with n
 
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -34,10 +40,12 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class EpisodicMemory:
-  """Per-example items: keys [B, M, D], values [B, M, E], strengths [B, M] (0: empty)."""
+  """Per-example items: keys [B, M, D], values [B, M, E], strengths [B, M] (0: empty) and
+  origins [B, M] (the writing token's stream position; -1: none given)."""
   keys_BMD: jax.Array
   values_BME: jax.Array
   strength_BM: jax.Array
+  origin_BM: jax.Array
 
 
 def init_episodic(batch_size: int, items: int, key_dim: int, value_dim: int,
@@ -49,7 +57,8 @@ def init_episodic(batch_size: int, items: int, key_dim: int, value_dim: int,
       raise ValueError(f"init_episodic: {name} must be a positive integer, got {value!r}")
   return EpisodicMemory(jnp.zeros((batch_size, items, key_dim), dtype),
                         jnp.zeros((batch_size, items, value_dim), dtype),
-                        jnp.zeros((batch_size, items), jnp.float32))
+                        jnp.zeros((batch_size, items), jnp.float32),
+                        jnp.full((batch_size, items), -1, jnp.int32))
 
 
 def read(memory: EpisodicMemory, queries_BQD: jax.Array, k: int):
@@ -94,34 +103,46 @@ def write(memory: EpisodicMemory, key_BD: jax.Array, value_BE: jax.Array,
 
 
 def write_many(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
-               gates_BC: jax.Array, threshold: float = 0.0) -> EpisodicMemory:
+               gates_BC: jax.Array, threshold: float = 0.0,
+               origins_BC: Optional[jax.Array] = None) -> EpisodicMemory:
   """Offers C candidates per example at once: ranked by gate, the i-th strongest candidate
   replaces the i-th weakest item where its gate is above that item's strength and above
-  `threshold` (C = 1 is `write`). One scatter, whatever C: a span's candidates cost one write,
+  `threshold` (C = 1 is `write`; of more candidates than items only the M strongest can land). One scatter, whatever C: a span's candidates cost one write,
   not C."""
-  return offer(memory, keys_BCD, values_BCE, gates_BC, threshold)[0]
+  return offer(memory, keys_BCD, values_BCE, gates_BC, threshold, origins_BC)[0]
 
 
 def offer(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
-          gates_BC: jax.Array, threshold: float = 0.0) -> tuple[EpisodicMemory, jax.Array]:
+          gates_BC: jax.Array, threshold: float = 0.0,
+          origins_BC: Optional[jax.Array] = None) -> tuple[EpisodicMemory, jax.Array]:
   """`write_many`, and how many of the C candidates it stored per example [B] (the write
-  density is this over C)."""
+  density is this over C). `origins_BC` (int [B, C]): the candidates' stream positions, kept
+  as the items' origins (-1 without)."""
   if not 0.0 <= threshold < 1.0:
     raise ValueError(f"write_many: threshold must lie in [0, 1), got {threshold!r}")
   b, items, key_dim = memory.keys_BMD.shape
   value_dim = memory.values_BME.shape[-1]
   c = gates_BC.shape[-1] if gates_BC.ndim == 2 else -1
   if (gates_BC.shape != (b, c) or keys_BCD.shape != (b, c, key_dim)
-      or values_BCE.shape != (b, c, value_dim) or not 1 <= c <= items):
+      or values_BCE.shape != (b, c, value_dim) or c < 1):
     raise ValueError(f"write_many: keys [{b}, C, {key_dim}], values [{b}, C, {value_dim}] and "
-                     f"gates [{b}, C] with 1 <= C <= {items} expected, got {keys_BCD.shape}, "
+                     f"gates [{b}, C] with C >= 1 expected, got {keys_BCD.shape}, "
                      f"{values_BCE.shape}, {gates_BC.shape}")
+  if origins_BC is None:
+    origins_BC = jnp.full((b, c), -1, jnp.int32)
+  elif origins_BC.shape != (b, c):
+    raise ValueError(f"offer: origins must be [{b}, {c}] like the gates, got {origins_BC.shape}")
   gates_BC = jnp.clip(gates_BC.astype(jnp.float32), 0.0, 1.0)
   # Candidates strongest first; slots weakest first (both selections, outside the gradient).
   order_BC = jnp.argsort(-jax.lax.stop_gradient(gates_BC), axis=-1)
   take = lambda a: jnp.take_along_axis(a, order_BC.reshape(order_BC.shape + (1,) * (a.ndim - 2)),
                                        axis=1)
   gates_BC, keys_BCD, values_BCE = take(gates_BC), take(keys_BCD), take(values_BCE)
+  origins_BC = take(jnp.asarray(origins_BC, jnp.int32))
+  if c > items:  # More candidates than items: only the M strongest can land.
+    c = items
+    gates_BC, keys_BCD, values_BCE, origins_BC = (
+        gates_BC[:, :c], keys_BCD[:, :c], values_BCE[:, :c], origins_BC[:, :c])
   weakest_BC, slot_BC = jax.lax.top_k(-memory.strength_BM, c)
   lands_BC = (gates_BC > -weakest_BC) & (gates_BC > threshold)
   at_BCM = jax.nn.one_hot(slot_BC, items, dtype=jnp.float32) * lands_BC[..., None]
@@ -133,8 +154,32 @@ def offer(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Array,
       keys_BMD=place(keys_BCD, memory.keys_BMD),
       values_BME=place(values_BCE, memory.values_BME),
       strength_BM=jnp.where(at_BM, jnp.einsum("bcm,bc->bm", at_BCM, gates_BC),
-                            memory.strength_BM))
+                            memory.strength_BM),
+      origin_BM=jnp.where(
+          at_BM, jnp.sum(at_BCM.astype(jnp.int32) * origins_BC[..., None], axis=1),
+          memory.origin_BM))
   return written, jnp.sum(lands_BC, axis=-1)
+
+
+def strongest(memory: EpisodicMemory, k: int) -> jax.Array:
+  """The k strongest live items' slots [B, K] (-1 past the live ones): what a query-blind read,
+  one that picks the same items for every query, would read (the baseline a query's read must
+  beat to be finding rather than recalling the strongest)."""
+  items = memory.strength_BM.shape[1]
+  if not 1 <= k <= items:
+    raise ValueError(f"strongest: k must lie in [1, {items}] (the items), got {k}")
+  top_BK, slot_BK = jax.lax.top_k(memory.strength_BM, k)
+  return jnp.where(top_BK > 0, slot_BK, -1)
+
+
+def origins(memory: EpisodicMemory, slots: jax.Array) -> jax.Array:
+  """The origins of the items in `slots` [B, ...] (-1 where a slot is -1 or the item empty)."""
+  b = slots.shape[0]
+  flat = slots.reshape(b, -1)
+  safe = jnp.maximum(flat, 0)
+  origin = jnp.take_along_axis(memory.origin_BM, safe, axis=1)
+  live = jnp.take_along_axis(memory.strength_BM, safe, axis=1) > 0
+  return jnp.where((flat >= 0) & live, origin, -1).reshape(slots.shape)
 
 
 def decay(memory: EpisodicMemory, factor) -> EpisodicMemory:

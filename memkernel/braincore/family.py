@@ -38,6 +38,8 @@ FAMILY = family_lib.Family(
     with_capacity=_with_capacity,
     segment_align=lambda config: config.span,
     resumable_fields=("max_seq_len", "scan_impl"),
+    memory_fields=("em_items", "em_k", "em_decay", "em_threshold", "boundary_decay",
+                   "core_boundary", "wm_boundary", "em_boundary", "pm_boundary"),
     boundaries=_boundaries,
     flops_by_part=costs.flops_by_part,
 )

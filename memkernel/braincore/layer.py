@@ -59,6 +59,8 @@ class SpanCut:
     start_changed_B: bool [B], the chunk starts a span that starts a new document.
     cut_changed_B: bool [B], the span that starts inside the chunk starts a new document.
     aligned: static: the chunk starts a span, so every token is before the cut (no second read).
+    span_start: the stream position of the first token of the span the chunk starts in (the
+      origins of the items its end writes).
   """
   before_Q: jax.Array
   part_Q: jax.Array
@@ -66,6 +68,7 @@ class SpanCut:
   start_changed_B: jax.Array
   cut_changed_B: jax.Array
   aligned: bool
+  span_start: Any = 0
 
 
 def _select(pred, on_true, on_false):
@@ -143,7 +146,8 @@ class BrainCoreLayer(nn.Module):
   # ----------------------------------------------------------------------------------------------
   # The span-boundary writes.
 
-  def _em_write(self, em: em_lib.EpisodicMemory, pool) -> tuple[em_lib.EpisodicMemory, dict]:
+  def _em_write(self, em: em_lib.EpisodicMemory, pool,
+                span_start) -> tuple[em_lib.EpisodicMemory, dict]:
     """The memory after the span's candidates are offered, and what the write did: the gates'
     logits [B, C] ('logits'), the candidates' keys [B, C, K] ('keys') and the fraction of them
     stored [B] ('density')."""
@@ -165,8 +169,12 @@ class BrainCoreLayer(nn.Module):
                               jnp.broadcast_to(jnp.min(em.strength_BM, axis=-1)[:, None], shape),
                               jnp.broadcast_to(em_lib.occupancy(em)[:, None], shape)], axis=-1)
     logits_BC = self.em_gate(features_BC4)[..., 0]
+    # A part's origin is its first token (the token itself when every token is a candidate).
+    part = self.config.span // self.config.em_writes
+    origins_BC = jnp.broadcast_to(span_start + part * jnp.arange(shape[-1], dtype=jnp.int32),
+                                  shape)
     em, stored_B = em_lib.offer(em, keys_BCK, values_BCK, jax.nn.sigmoid(logits_BC),
-                                self.config.em_threshold)
+                                self.config.em_threshold, origins_BC)
     return em, {"logits": logits_BC, "keys": keys_BCK, "density": stored_B / shape[-1]}
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
@@ -228,10 +236,10 @@ class BrainCoreLayer(nn.Module):
     in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
     pool_before = pool_add(memory.pool, salience_BQ, features_BQF,
                            before_Q[:, None] & in_part_QC)
-    em1, written = self._em_write(em0, pool_before)
+    em1, written = self._em_write(em0, pool_before, cut.span_start)
     em1 = self._em_boundary(em1, cut.cut_changed_B)
     query_BQK = u_BQD @ self.em_query_kernel
-    read_BQK = em_lib.read(em0, query_BQK, c.em_k)[0]
+    read_BQK, weights_BQK, slots_BQK = em_lib.read(em0, query_BQK, c.em_k)
     if not cut.aligned:
       read_BQK = jnp.where(before_Q[None, :, None], read_BQK,
                            em_lib.read(em1, query_BQK, c.em_k)[0])
@@ -270,6 +278,12 @@ class BrainCoreLayer(nn.Module):
         raise ValueError("the write trace needs chunks aligned to the spans (the parallel form)")
       write_trace = {"logits": written["logits"],
                      "keys": jax.lax.stop_gradient(written["keys"]),
-                     "queries": jax.lax.stop_gradient(query_BQK)}
+                     "queries": jax.lax.stop_gradient(query_BQK),
+                     # Provenance for the read audit: the origins of the items each query read,
+                     # of the k strongest (the query-blind read) and of every live item.
+                     "read_origins": em_lib.origins(em0, jnp.where(weights_BQK > 0, slots_BQK,
+                                                                   -1)),
+                     "blind_origins": em_lib.origins(em0, em_lib.strongest(em0, c.em_k)),
+                     "live_origins": jnp.where(em0.strength_BM > 0, em0.origin_BM, -1)}
     return x_BQD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
                               em_previous_BD), diagnostics, write_trace

@@ -35,6 +35,8 @@ from memkernel.braincore.state import BrainCoreMemory, init_memory
 from memkernel.outputs import Outputs
 
 _CARRY = {"reset": 0.0, "carry": 1.0}
+# The write trace's entries with one row per position (the rest have one per span).
+_PER_POSITION = ("queries", "read_origins")
 
 
 def sources(config: BrainCoreConfig) -> tuple[str, ...]:
@@ -102,11 +104,12 @@ class BrainCoreModel(nn.Module):
     span = self.config.span
     b = segments_BQ.shape[0]
     offset = memory.position % span
+    span_start = (memory.position - offset).astype(jnp.int32)
     start_changed_B = (offset == 0) & (segments_BQ[:, 0] != memory.segment_B)
     part_Q = ((offset + jnp.arange(q)) % span) // (span // self.config.em_writes)
     if aligned:
       return SpanCut(jnp.ones((q,), bool), part_Q, q == span, start_changed_B,
-                     jnp.zeros((b,), bool), aligned=True)
+                     jnp.zeros((b,), bool), aligned=True, span_start=span_start)
     cut = span - offset
     cut_changed_B = jnp.zeros((b,), bool)
     if q > 1:
@@ -114,7 +117,7 @@ class BrainCoreModel(nn.Module):
       cut_changed_B = (cut < q) & (jnp.take(segments_BQ, i, axis=1)
                                    != jnp.take(segments_BQ, i - 1, axis=1))
     return SpanCut(jnp.arange(q) < cut, part_Q, cut <= q, start_changed_B, cut_changed_B,
-                   aligned=False)
+                   aligned=False, span_start=span_start)
 
   def _new_documents(self, segments_BQ: jax.Array, memory: BrainCoreMemory) -> jax.Array:
     """bool [B, Q]: the tokens that start a document (the first token of a stream does not)."""
@@ -146,8 +149,9 @@ class BrainCoreModel(nn.Module):
            aligned: bool, drop: frozenset, trace: bool = False):
     """Chunks of P tokens (`nn.scan` over the whole ones, then the rest): (logits, memory,
     diagnostics summed over chunks, each layer's write trace over the sequence: the whole
-    spans' gate logits [B, N, C] and keys [B, N, C, K], every position's queries [B, T, K];
-    empty without `trace`)."""
+    spans' gate logits [B, N, C] and keys [B, N, C, K], every position's queries [B, T, K] and
+    the origins of the items it read [B, T, K], each whole span's query-blind items' origins
+    [B, N, K] and live items' origins [B, N, M]; empty without `trace`)."""
     b, t = tokens.shape
     chunk = self.config.span
     n, tail = divmod(t, chunk)
@@ -167,8 +171,8 @@ class BrainCoreModel(nn.Module):
       totals = {k: jnp.sum(v) for k, v in diag.items()}
       traces = [{k: jnp.swapaxes(v, 0, 1) for k, v in layer.items()} for layer in stacked]
       for layer in traces:
-        if layer:
-          layer["queries"] = layer["queries"].reshape(b, n * chunk, -1)
+        for name in _PER_POSITION if layer else ():
+          layer[name] = layer[name].reshape(b, n * chunk, -1)
     if tail:
       out, memory, diag, tail_traces = self._chunk(tokens[:, n * chunk:], segments[:, n * chunk:],
                                                    memory, aligned=aligned, drop=drop,
@@ -176,8 +180,9 @@ class BrainCoreModel(nn.Module):
       logits.append(out)
       totals = {k: totals.get(k, 0.0) + v for k, v in diag.items()}
       for layer, tail_trace in zip(traces, tail_traces):
-        if tail_trace and layer:  # The tail's candidates are never written: only its queries.
-          layer["queries"] = jnp.concatenate([layer["queries"], tail_trace["queries"]], axis=1)
+        for name in _PER_POSITION if tail_trace and layer else ():
+          # The tail's candidates are never written: only its per-position entries.
+          layer[name] = jnp.concatenate([layer[name], tail_trace[name]], axis=1)
     return ((jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]), memory, totals,
             traces)
 
@@ -257,6 +262,27 @@ class BrainCoreModel(nn.Module):
     traces = self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
                        drop=frozenset(), trace=True)[3]
     return tuple(jax.nn.sigmoid(layer["logits"]) for layer in traces)
+
+  def episodic_reads(self, tokens: jax.Array, segments: Any = None) -> tuple[dict, ...]:
+    """Per layer, what the parallel form's episodic reads saw, as stream positions of the tokens
+    that wrote the items (-1: none): {'read' [B, T, K]: the items each position's query read,
+    'blind' [B, N, K]: the k strongest items as each span starts (a query-blind read),
+    'live' [B, N, M]: every live item then}, for the N spans of `tokens` (T a multiple of the
+    span). What `memkernel.analysis.read_audit` reads."""
+    c = self.config
+    if not c.plasticity:
+      raise ValueError("episodic_reads: a model without plasticity has no episodic memory")
+    _check_tokens(tokens, 2, "tokens")
+    family_lib.check_segments(segments, tokens.shape, align=c.span)
+    if tokens.shape[1] % c.span:
+      raise ValueError(f"episodic_reads: the length must be a multiple of the span ({c.span}), "
+                       f"got {tokens.shape[1]}")
+    segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
+                else jnp.asarray(segments, jnp.int32))
+    traces = self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
+                       drop=frozenset(), trace=True)[3]
+    return tuple({"read": layer["read_origins"], "blind": layer["blind_origins"],
+                  "live": layer["live_origins"]} for layer in traces)
 
   def scan(self, tokens: jax.Array, memory: BrainCoreMemory, segments: Any = None, *,
            interventions: Any = None, return_aux: bool = False):

@@ -43,6 +43,7 @@ FAMILY = family_lib.Family(
     segment_align=lambda config: config.leaf_size,
     boundaries=lambda c: {"trunk": family_lib.Boundary(c.trunk_boundary),
                           "tree": family_lib.Boundary(c.tree_boundary)},
+    memory_fields=("trunk_boundary", "tree_boundary", "boundary_decay"),
     resumable_fields=("beam_width", "train_beam_width", "search_width", "teacher_weight",
                       "teacher_positions", "teacher_cross_level", "teacher_queries", "salience_weight",
                       "max_seq_len", "scan_impl", "remat", "query_block", "min_timescale",

@@ -32,6 +32,7 @@ def _family(name: str) -> family_lib.Family:
       sources=lambda config: (),
       with_capacity=_with_capacity,
       resumable_fields=("max_seq_len", "query_block"),
+      memory_fields=("boundary",),
       boundaries=lambda config: {"attention": family_lib.Boundary(config.boundary)},
       flops_by_part=costs.flops_by_part,
       activation_bytes=costs.attention_bytes,

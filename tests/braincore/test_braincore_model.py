@@ -343,6 +343,17 @@ class TestDocuments:
       assert found == SPAN - 1, (nearest, asked + 1)
     else:
       assert found < SPAN - 1, (nearest, asked + 1)
+    # The same reads in the parallel form, by provenance: the item each token of document 1
+    # reads first was written by the token that followed it in document 0.
+    reads_0 = model.apply(variables, tokens[:, :2 * SPAN], segments, method=model.episodic_reads)[0]
+    first_read = np.asarray(reads_0["read"][0, SPAN:2 * SPAN - 1, 0])
+    live = np.asarray(reads_0["live"][0, 1])
+    assert set(live[live >= 0]) <= set(range(SPAN)) and np.all(reads_0["live"][0, 0] == -1)
+    if features == "input":
+      np.testing.assert_array_equal(first_read, asked + 1)
+      assert set(first_read) <= set(live)
+    else:
+      assert np.sum(first_read == np.asarray(asked) + 1) < SPAN - 1
 
   def test_misaligned_documents_are_refused(self, model_and_params):
     model, variables = model_and_params

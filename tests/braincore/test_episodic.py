@@ -11,10 +11,12 @@ from memkernel.braincore import episodic
 
 
 def _filled(strengths):
-  """A memory of one example whose item i has key e_i, value i + 1 and the given strength."""
+  """A memory of one example whose item i has key e_i, value i + 1, the given strength and
+  origin 10 i."""
   m = len(strengths)
   return episodic.EpisodicMemory(jnp.eye(m)[None] * 4.0, (jnp.arange(m) + 1.0)[None, :, None],
-                                 jnp.asarray(strengths, jnp.float32)[None])
+                                 jnp.asarray(strengths, jnp.float32)[None],
+                                 (10 * jnp.arange(m, dtype=jnp.int32))[None])
 
 
 def test_a_written_item_is_what_a_later_read_returns():
@@ -57,8 +59,8 @@ def test_many_candidates_take_the_weakest_items_strongest_first():
   one = episodic.write_many(memory, keys[:, :1], values[:, :1], jnp.array([[0.3]]))
   np.testing.assert_allclose(one.strength_BM[0], [0.5, 0.2, 0.9, 0.3, 0.7])
   np.testing.assert_allclose(one.values_BME[0, :, 0], [1.0, 2.0, 3.0, 10.0, 5.0])
-  with pytest.raises(ValueError, match="write_many: keys"):
-    episodic.write_many(memory, jnp.ones((1, 6, 5)), jnp.ones((1, 6, 1)), jnp.ones((1, 6)))
+  with pytest.raises(ValueError, match="write_many: keys"):   # Keys 4 wide, items' 5.
+    episodic.write_many(memory, jnp.ones((1, 3, 4)), jnp.ones((1, 3, 1)), jnp.ones((1, 3)))
 
 
 def test_offer_counts_the_candidates_it_stores():
@@ -72,10 +74,41 @@ def test_offer_counts_the_candidates_it_stores():
   # Random memories and gates: the count is the items the write changed.
   k1, k2 = jax.random.split(jax.random.key(0))
   strengths = jax.random.uniform(k1, (3, 6)) * (jax.random.uniform(k2, (3, 6)) > 0.3)
-  memory = episodic.EpisodicMemory(jnp.zeros((3, 6, 2)), jnp.zeros((3, 6, 1)), strengths)
+  memory = episodic.EpisodicMemory(jnp.zeros((3, 6, 2)), jnp.zeros((3, 6, 1)), strengths,
+                                   jnp.full((3, 6), -1, jnp.int32))
   gates = jax.random.uniform(jax.random.key(1), (3, 4))
   written, stored = episodic.offer(memory, jnp.ones((3, 4, 2)), jnp.ones((3, 4, 1)), gates)
   np.testing.assert_array_equal(stored, jnp.sum(written.strength_BM != strengths, axis=-1))
+
+
+def test_an_item_keeps_the_position_of_the_token_that_wrote_it():
+  memory = _filled([0.5, 0.2, 0.9, 0.0])
+  keys, values = jnp.ones((1, 2, 4)), jnp.ones((1, 2, 1))
+  written = episodic.write_many(memory, keys, values, jnp.array([[0.3, 0.6]]),
+                                origins_BC=jnp.array([[77, 88]]))
+  # The stronger candidate (origin 88) takes the empty slot 3, the weaker one the weakest item.
+  np.testing.assert_array_equal(written.origin_BM, [[0, 77, 20, 88]])
+  # The query-blind read: the k strongest live items, whatever the query.
+  np.testing.assert_array_equal(episodic.strongest(written, 3), [[2, 3, 0]])
+  np.testing.assert_array_equal(episodic.origins(written, episodic.strongest(written, 3)),
+                                [[20, 88, 0]])
+  # Past the live items a slot is -1, and so is its origin; without origins a write gives -1.
+  np.testing.assert_array_equal(episodic.strongest(memory, 4), [[2, 0, 1, -1]])
+  np.testing.assert_array_equal(episodic.origins(memory, jnp.array([[3, -1, 1]])), [[-1, -1, 10]])
+  anonymous = episodic.write(memory, jnp.ones((1, 4)), jnp.ones((1, 1)), jnp.array([0.6]))
+  np.testing.assert_array_equal(anonymous.origin_BM, [[0, 10, 20, -1]])
+  with pytest.raises(ValueError, match="origins must be"):
+    episodic.offer(memory, keys, values, jnp.array([[0.3, 0.6]]), origins_BC=jnp.array([[1]]))
+
+
+def test_of_more_candidates_than_items_the_strongest_land():
+  memory = episodic.init_episodic(1, 4, 2, 1)
+  gates = jnp.array([[0.3, 0.9, 0.1, 0.7, 0.8, 0.5]])
+  written, stored = episodic.offer(memory, jnp.ones((1, 6, 2)), jnp.ones((1, 6, 1)), gates,
+                                   origins_BC=jnp.arange(6)[None])
+  np.testing.assert_array_equal(stored, [4])
+  assert sorted(np.asarray(written.origin_BM[0]).tolist()) == [1, 3, 4, 5]
+  np.testing.assert_allclose(jnp.sort(written.strength_BM[0]), [0.5, 0.7, 0.8, 0.9])
 
 
 def test_a_threshold_keeps_weak_candidates_out_even_of_empty_slots():
@@ -103,7 +136,7 @@ def test_every_example_owns_its_items():
 
 def test_a_stronger_item_wins_between_equally_close_keys():
   memory = episodic.EpisodicMemory(jnp.ones((1, 2, 2)), jnp.array([[[1.0], [2.0]]]),
-                                   jnp.array([[0.2, 0.8]]))
+                                   jnp.array([[0.2, 0.8]]), jnp.array([[0, 1]], jnp.int32))
   out, weights, index = episodic.read(memory, jnp.ones((1, 1, 2)), k=2)
   assert int(index[0, 0, 0]) == 1
   np.testing.assert_allclose(weights[0, 0], [0.8, 0.2], rtol=1e-5)   # softmax of log strengths
