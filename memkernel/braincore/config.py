@@ -16,6 +16,7 @@ BOUNDARIES = ("reset", "carry", "decay")
 SCAN_IMPLS = ("linear", "associative")
 EM_FEATURES = ("input", "mixed")
 EM_TARGETS = ("first", "near")  # memkernel.braincore.write_teacher.TARGETS
+EM_WRITE_GATES = ("learned", "open", "shut")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,9 @@ class BrainCoreConfig:
     em_threshold: a candidate is written only where its gate is above this (and above the
       weakest item's strength); 0 writes every candidate with a positive gate while slots are
       empty. In [0, 1).
+    em_write_gate: 'learned' (the gate decides), or an intervention on a trained run (no
+      parameter depends on it): 'open' offers every candidate with gate 1 (the memory keeps
+      the newest, as strengths decay), 'shut' writes nothing. What the learned gate is worth.
     em_teacher: weight of the write gate's hindsight loss (training only, the parallel form;
       0: off): binary cross entropy of each candidate's gate against whether it is the first
       choice of a later scored position's dense read over every candidate the sequence offered
@@ -95,6 +99,7 @@ class BrainCoreConfig:
   em_writes: int = 1
   em_features: str = "input"
   em_threshold: float = 0.0
+  em_write_gate: str = "learned"
   em_teacher: float = 0.0
   em_target: str = "first"
   em_novelty_init: float = 0.0
@@ -126,6 +131,9 @@ class BrainCoreConfig:
       raise ValueError(f"{s}.em_writes must divide span ({self.span}), got {self.em_writes}")
     if self.em_features not in EM_FEATURES:
       raise ValueError(f"{s}.em_features must be one of {EM_FEATURES}, got {self.em_features!r}")
+    if self.em_write_gate not in EM_WRITE_GATES:
+      raise ValueError(f"{s}.em_write_gate must be one of {EM_WRITE_GATES}, got "
+                       f"{self.em_write_gate!r}")
     if self.em_target not in EM_TARGETS:
       raise ValueError(f"{s}.em_target must be one of {EM_TARGETS}, got {self.em_target!r}")
     if self.scan_impl not in SCAN_IMPLS:

@@ -173,8 +173,11 @@ class BrainCoreLayer(nn.Module):
     part = self.config.span // self.config.em_writes
     origins_BC = jnp.broadcast_to(span_start + part * jnp.arange(shape[-1], dtype=jnp.int32),
                                   shape)
-    em, stored_B = em_lib.offer(em, keys_BCK, values_BCK, jax.nn.sigmoid(logits_BC),
-                                self.config.em_threshold, origins_BC)
+    gates_BC = jax.nn.sigmoid(logits_BC)
+    if self.config.em_write_gate != "learned":  # The intervention: every gate 1, or 0.
+      gates_BC = jnp.full_like(gates_BC, 1.0 if self.config.em_write_gate == "open" else 0.0)
+    em, stored_B = em_lib.offer(em, keys_BCK, values_BCK, gates_BC, self.config.em_threshold,
+                                origins_BC)
     return em, {"logits": logits_BC, "keys": keys_BCK, "density": stored_B / shape[-1]}
 
   def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:

@@ -250,7 +250,8 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
 # with (written out, not read from TrainConfig, so that changing a default does change the hash).
 _UNHASHED = {("train", "tensorboard"): False, ("train", "route_hints"): "off",
              ("train", "hints_every"): 25, ("train", "hints_batches"): 2,
-             ("train", "hints_alpha"): 16.0, ("train", "hints_gate"): 0.5}
+             ("train", "hints_alpha"): 16.0, ("train", "hints_gate"): 0.5,
+             ("braincore", "em_write_gate"): "learned"}
 
 
 def _config_hash(config: Mapping[str, Any], extra: Any = None) -> str:

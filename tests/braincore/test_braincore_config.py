@@ -23,6 +23,7 @@ def test_the_defaults_are_the_seeds():
     ({"scan_impl": "fast"}, "scan_impl must be one of"),
     ({"em_features": "output"}, "em_features must be one of"),
     ({"em_threshold": 1.0}, "em_threshold must be < 1"),
+    ({"em_write_gate": "ajar"}, "em_write_gate must be one of"),
     ({"em_threshold": -0.1}, "em_threshold must be >= 0"),
     ({"em_teacher": -1.0}, "em_teacher must be >= 0"),
     ({"em_novelty_init": -4.0}, "em_novelty_init must be >= 0"),

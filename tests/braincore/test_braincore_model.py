@@ -267,6 +267,26 @@ class TestPlasticity:
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
       assert np.isfinite(g).all(), jax.tree_util.keystr(path)
 
+  def test_a_shut_gate_is_no_episodic_memory_and_an_open_one_keeps_every_candidate(
+      self, model_and_params):
+    """The write-gate interventions on the same parameters: 'shut' stores nothing, so the
+    model is the one with episodic memory dropped; 'open' stores every candidate (density 1,
+    at a threshold no learned gate clears)."""
+    model, variables = model_and_params
+    tokens = _tokens()
+    dropped = model.apply(variables, tokens, interventions=Interventions(drop=("episodic",)))[0]
+    shut_model = BrainCoreModel(dataclasses.replace(CONFIG, em_write_gate="shut"))
+    shut_logits, shut = shut_model.apply(variables, tokens)
+    np.testing.assert_allclose(shut_logits, dropped, atol=1e-6)
+    open_config = dataclasses.replace(CONFIG, em_write_gate="open", em_threshold=0.99)
+    _, opened = BrainCoreModel(open_config).apply(variables, tokens)
+    _, learned = BrainCoreModel(dataclasses.replace(CONFIG, em_threshold=0.99)).apply(
+        variables, tokens)
+    for i in range(CONFIG.num_layers):
+      assert float(shut.metrics[f"layer_{i}/em_occupancy"]) == 0.0
+      assert float(opened.metrics[f"layer_{i}/em_density"]) == 1.0
+      assert float(learned.metrics[f"layer_{i}/em_density"]) == 0.0
+
   def test_interventions_name_sources(self, model_and_params):
     model, variables = model_and_params
     with pytest.raises(ValueError, match="sources are"):
