@@ -14,7 +14,9 @@ layer this counts, over the memory the question's read sees (as its span starts)
 - `blind`: the k strongest live items hold every source: the read of a router that picks the
   same items for every question, the baseline that `found` must beat to be finding.
 
-Shares of the scored questions with binomial standard errors, `found` among the questions
+Shares of the scored questions with binomial standard errors (and `own_span`, the share whose
+source lies in the question's own span: written only when that span ends, after the read, so
+never stored for it), `found` among the questions
 whose sources are stored, and `stored` and `found` by the age of the fact (the quarters of a
 sequence's asked facts by position, oldest first): where a memory too small for its facts
 forgets. Needs every token a candidate (`em_writes` = `span`, so an item's
@@ -82,7 +84,7 @@ def audit_reads(experiment: experiment_lib.Experiment, params, *, batches: Optio
   counts = [dict.fromkeys(KINDS, 0) for _ in range(config.num_layers)]
   by_age = [np.zeros((2, AGES), np.int64) for _ in range(config.num_layers)]  # stored, found
   asked_by_age = np.zeros(AGES, np.int64)
-  questions = 0
+  questions = own_span = 0
   for i in range(batches):
     batch = probes.generate(experiment.task, jax.random.fold_in(key, i), batch_size, seq_len)
     sources_BTS = np.asarray(batch["answer_sources"])
@@ -90,6 +92,8 @@ def audit_reads(experiment: experiment_lib.Experiment, params, *, batches: Optio
     sources_QS = sources_BTS[b_Q, t_Q]
     span_Q = t_Q // config.span
     questions += len(t_Q)
+    own_span += int(np.any((sources_QS >= 0) & (sources_QS // config.span == span_Q[:, None]),
+                           axis=-1).sum())
     age_Q = _age(b_Q, np.max(sources_QS, axis=-1))
     asked_by_age += np.bincount(age_Q, minlength=AGES)
     layers = reads_fn(params, batch["tokens"], batch.get("segments"))
@@ -106,7 +110,7 @@ def audit_reads(experiment: experiment_lib.Experiment, params, *, batches: Optio
       count["blind"] += int(_holds(sources_QS, np.asarray(layer["blind"])[b_Q, span_Q]).sum())
   report = {"batches": batches, "batch_size": batch_size, "seq_len": seq_len,
             "stream": ev.stream, "questions": questions, "k": config.em_k,
-            "items": config.em_items, "layers": []}
+            "items": config.em_items, "own_span": own_span / max(questions, 1), "layers": []}
   n = max(questions, 1)
   report["asked_by_age"] = asked_by_age.tolist()
   for count, ages in zip(counts, by_age):
@@ -125,7 +129,8 @@ def audit_reads(experiment: experiment_lib.Experiment, params, *, batches: Optio
 def format_report(report: dict) -> str:
   lines = [f"episodic reads at {report['seq_len']} tokens: {report['questions']:,} questions "
            f"({report['batches']} batches of {report['batch_size']}, {report['stream']} stream; "
-           f"top {report['k']} of {report['items']} items)",
+           f"top {report['k']} of {report['items']} items; {report['own_span']:.4f} of them ask for "
+           "a token of their own span, written only after the read)",
            "layer   stored ± se        found ± se         first ± se         "
            "query-blind ± se   found if stored"]
   for i, layer in enumerate(report["layers"]):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import cross_doc
+from configs import passkey
 from memkernel import experiment as experiment_lib
 from memkernel.analysis import read_audit
 
@@ -36,6 +37,7 @@ def test_every_stored_fact_is_counted_and_the_blind_read_is_a_baseline(experimen
   experiment, params = experiment_and_params
   report = read_audit.audit_reads(experiment, _with_gate_bias(params, 30.0), batches=2)
   assert report["questions"] == 2 * experiment.eval.batch_size * experiment.task.num_pairs
+  assert report["own_span"] == 0.0       # Document 1 asks only for document 0's tokens.
   for layer in report["layers"]:
     assert layer["stored"] == 1.0        # Every candidate lands in a memory with room for all.
     assert 0.0 <= layer["blind"] < 1.0   # 4 strongest of 64 items: not every fact.
@@ -77,3 +79,19 @@ def test_runs_it_cannot_read_are_named(experiment_and_params):
   kernel = experiment_lib.parse_config(cross_doc.get_config("smoke"))
   with pytest.raises(ValueError, match="brain-core"):
     read_audit.audit_reads(kernel, params, batches=1)
+
+
+def test_a_fact_in_the_questions_own_span_is_never_stored_for_it():
+  """Reads come before the span's writes: with every candidate stored, exactly the questions
+  whose passkey lies in their own span find it missing."""
+  config = passkey.get_config("smoke,braincore")
+  # Spans of 32: the passkey, before the last 16-token leaf, may share the question's span.
+  config.braincore.update(dict(em_threshold=0.5, span=32, em_writes=32, em_items=64))
+  experiment = experiment_lib.parse_config(config)
+  model = experiment.family.build(experiment.model)
+  params = model.init(jax.random.key(0), np.zeros((1, 64), np.int32))["params"]
+  report = read_audit.audit_reads(experiment, _with_gate_bias(params, 30.0), batches=4,
+                                  batch_size=32)
+  assert 0.0 < report["own_span"] < 1.0
+  for layer in report["layers"]:
+    assert layer["stored"] == pytest.approx(1.0 - report["own_span"])
