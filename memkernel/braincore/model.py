@@ -245,22 +245,26 @@ class BrainCoreModel(nn.Module):
       out = out.replace(metrics=metrics, losses={"em_write": c.em_teacher * loss})
     return logits, out
 
+  def _traced(self, tokens: jax.Array, segments: Any, what: str) -> tuple[dict, ...]:
+    """Each layer's write trace of the parallel form over `tokens` (checked for `what`)."""
+    c = self.config
+    if not c.plasticity:
+      raise ValueError(f"{what}: a model without plasticity has no episodic memory")
+    _check_tokens(tokens, 2, "tokens")
+    family_lib.check_segments(segments, tokens.shape, align=c.span)
+    segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
+                else jnp.asarray(segments, jnp.int32))
+    return self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
+                     drop=frozenset(), trace=True)[3]
+
   def write_gates(self, tokens: jax.Array, segments: Any = None) -> tuple[jax.Array, ...]:
     """Per layer, the write gate of every candidate the parallel form offers, [B, N, C] for
     the N whole spans of `tokens` (candidate c of span n is token n * span + c when `em_writes`
     is `span`): what `memkernel.analysis.write_audit` reads."""
-    c = self.config
-    if not c.plasticity:
-      raise ValueError("write_gates: a model without plasticity writes nothing")
-    _check_tokens(tokens, 2, "tokens")
-    family_lib.check_segments(segments, tokens.shape, align=c.span)
-    if tokens.shape[1] < c.span:
-      raise ValueError(f"write_gates: tokens must hold at least one span ({c.span}), got "
-                       f"{tokens.shape[1]}")
-    segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
-                else jnp.asarray(segments, jnp.int32))
-    traces = self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
-                       drop=frozenset(), trace=True)[3]
+    if getattr(tokens, "ndim", 0) == 2 and tokens.shape[1] < self.config.span:
+      raise ValueError(f"write_gates: tokens must hold at least one span ({self.config.span}), "
+                       f"got {tokens.shape[1]}")
+    traces = self._traced(tokens, segments, "write_gates")
     return tuple(jax.nn.sigmoid(layer["logits"]) for layer in traces)
 
   def episodic_reads(self, tokens: jax.Array, segments: Any = None) -> tuple[dict, ...]:
@@ -269,18 +273,10 @@ class BrainCoreModel(nn.Module):
     'blind' [B, N, K]: the k strongest items as each span starts (a query-blind read),
     'live' [B, N, M]: every live item then}, for the N spans of `tokens` (T a multiple of the
     span). What `memkernel.analysis.read_audit` reads."""
-    c = self.config
-    if not c.plasticity:
-      raise ValueError("episodic_reads: a model without plasticity has no episodic memory")
-    _check_tokens(tokens, 2, "tokens")
-    family_lib.check_segments(segments, tokens.shape, align=c.span)
-    if tokens.shape[1] % c.span:
-      raise ValueError(f"episodic_reads: the length must be a multiple of the span ({c.span}), "
-                       f"got {tokens.shape[1]}")
-    segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
-                else jnp.asarray(segments, jnp.int32))
-    traces = self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
-                       drop=frozenset(), trace=True)[3]
+    if getattr(tokens, "ndim", 0) == 2 and tokens.shape[1] % self.config.span:
+      raise ValueError(f"episodic_reads: the length must be a multiple of the span "
+                       f"({self.config.span}), got {tokens.shape[1]}")
+    traces = self._traced(tokens, segments, "episodic_reads")
     return tuple({"read": layer["read_origins"], "blind": layer["blind_origins"],
                   "live": layer["live_origins"]} for layer in traces)
 
