@@ -97,7 +97,8 @@ def main(argv):
       raise ValueError(f"--hint_alpha must be a finite number >= 0, got {_HINT_ALPHA.value}")
     hints = trace_study.load_hint_table(_HINTS.value, _HINT_TABLE.value, _HINT_ALPHA.value,
                                         _HINT_GATE.value)
-  changes = (sorted(task.items()) + sorted(memory.items()) + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
+  changes = (sorted(task.items()) + sorted(memory.items())
+             + ([("beam", _BEAM.value)] if _BEAM.value is not None else [])
              + ([("search", _SEARCH.value)] if _SEARCH.value is not None else [])
              + ([("reps", _REPS.value)] if _REPS.value is not None else [])
              + ([("stream", _STREAM.value)] if _STREAM.value is not None else [])

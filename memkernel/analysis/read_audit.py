@@ -14,13 +14,13 @@ layer this counts, over the memory the question's read sees (as its span starts)
 - `blind`: the k strongest live items hold every source: the read of a router that picks the
   same items for every question, the baseline that `found` must beat to be finding.
 
-Shares of the scored questions with binomial standard errors (and `own_span`, the share whose
-source lies in the question's own span: written only when that span ends, after the read, so
-never stored for it), `found` among the questions
+Shares of the scored questions with binomial standard errors, `found` among the questions
 whose sources are stored, and `stored` and `found` by the age of the fact (the quarters of a
-sequence's asked facts by position, oldest first): where a memory too small for its facts
-forgets. Needs every token a candidate (`em_writes` = `span`, so an item's
-origin is its token) and lengths that are multiples of the span. Batches come from the run's
+sequence's asked facts by position, oldest first: where a memory too small for its facts
+forgets); and `own_span`, the share of questions whose source lies in their own span (written
+only when that span ends, after the read, so never stored for them). Needs every token a
+candidate (`em_writes` = `span`, so an item's origin is its token) and lengths that are
+multiples of the span. Batches come from the run's
 evaluation stream (`eval.stream`), as in evaluation.
 """
 

@@ -15,18 +15,17 @@ Shapes: B batch, M items, Q queries, K items read, D key width, E value width.
     memory = reset_rows(memory, reset_B)                  # a document boundary under 'reset'
 
 An item is (key, value, strength, origin); strength 0 means empty, and the origin is the stream
-position of the token that wrote it (-1 if the writer gave none: provenance for audits, read by
-no computation). A read scores the live items by
-q . k / sqrt(D) + log(strength), keeps the k best and mixes their values with a softmax over
-those k scores (one-query cross-attention over the retrieved items), so a weak item needs a
-closer key to win. A write offers one candidate per example with a gate in [0, 1]: it replaces
-the weakest item if the gate exceeds that item's strength and the write threshold (0 unless
-given), and is stored with the gate as its strength (a gate of 0 writes nothing). Every
-example owns its items: no state crosses the batch.
+position of the token that wrote it (-1 if the writer gave none: provenance for audits, read by no
+computation). A read scores the live items by q . k / sqrt(D) + log(strength), keeps the k best
+and mixes their values with a softmax over those k scores (one-query cross-attention over the
+retrieved items), so a weak item needs a closer key to win. A write offers one candidate per
+example with a gate in [0, 1]: it replaces the weakest item if the gate exceeds that item's
+strength and the write threshold (0 unless given), and is stored with the gate as its strength (a
+gate of 0 writes nothing). Every example owns its items: no state crosses the batch.
 
-What gradients flow: into the read's queries, the stored keys and values (from the candidates
-that wrote them) and, through log(strength), into the gate of every write that landed. The
-choice of slot (the weakest item) and of the k items read are selections, with no gradient.
+What gradients flow: into the read's queries, the stored keys and values (from the candidates that
+wrote them) and, through log(strength), into the gate of every write that landed. The choice of
+slot (the weakest item) and of the k items read are selections, with no gradient.
 """
 
 from __future__ import annotations
@@ -107,8 +106,8 @@ def write_many(memory: EpisodicMemory, keys_BCD: jax.Array, values_BCE: jax.Arra
                origins_BC: Optional[jax.Array] = None) -> EpisodicMemory:
   """Offers C candidates per example at once: ranked by gate, the i-th strongest candidate
   replaces the i-th weakest item where its gate is above that item's strength and above
-  `threshold` (C = 1 is `write`; of more candidates than items only the M strongest can land). One scatter, whatever C: a span's candidates cost one write,
-  not C."""
+  `threshold` (C = 1 is `write`; of more candidates than items only the M strongest can
+  land). One scatter, whatever C: a span's candidates cost one write, not C."""
   return offer(memory, keys_BCD, values_BCE, gates_BC, threshold, origins_BC)[0]
 
 
