@@ -197,15 +197,17 @@ class BrainCoreLayer(nn.Module):
   def __call__(self, x_BQD: jax.Array, memory: LayerMemory, segments_BQ: jax.Array,
                new_document_BQ: jax.Array, core_carry_BQ: jax.Array, cut: SpanCut,
                drop: frozenset = frozenset(),
-               trace: bool = False) -> tuple[jax.Array, LayerMemory, dict, dict]:
+               trace: str = "") -> tuple[jax.Array, LayerMemory, dict, dict]:
     """(x after the layer [B, Q, D], the layer's memory after the chunk, {diagnostic: value},
     the write's trace).
 
     `new_document_BQ` marks the tokens that start a document (the token shift does not cross
     it); `core_carry_BQ` multiplies the core's state at each token (its boundary rule). With
-    `trace` (an aligned chunk) the trace holds what the write gate's hindsight teacher needs:
-    the gates' logits [B, C], and outside the gradient the candidates' keys [B, C, K] and the
-    chunk's episodic queries [B, Q, K]; otherwise it is empty.
+    `trace` (an aligned chunk) the trace holds what the write gate's hindsight teacher needs
+    ('teach'): the gates' logits [B, C], and outside the gradient the candidates' keys
+    [B, C, K] and the chunk's episodic queries [B, Q, K]; 'reads' adds the read audit's
+    provenance (the origins of the items each query read [B, Q, K], of the k strongest items
+    [B, K] and of every live item [B, M]); '' (the default) leaves it empty.
     """
     c = self.config
     x_input_BQD = x_BQD
@@ -281,12 +283,11 @@ class BrainCoreLayer(nn.Module):
         raise ValueError("the write trace needs chunks aligned to the spans (the parallel form)")
       write_trace = {"logits": written["logits"],
                      "keys": jax.lax.stop_gradient(written["keys"]),
-                     "queries": jax.lax.stop_gradient(query_BQK),
-                     # Provenance for the read audit: the origins of the items each query read,
-                     # of the k strongest (the query-blind read) and of every live item.
-                     "read_origins": em_lib.origins(em0, jnp.where(weights_BQK > 0, slots_BQK,
-                                                                   -1)),
-                     "blind_origins": em_lib.origins(em0, em_lib.strongest(em0, c.em_k)),
-                     "live_origins": jnp.where(em0.strength_BM > 0, em0.origin_BM, -1)}
+                     "queries": jax.lax.stop_gradient(query_BQK)}
+    if trace == "reads":  # Provenance for the read audit only: not on the training path.
+      write_trace.update(
+          read_origins=em_lib.origins(em0, jnp.where(weights_BQK > 0, slots_BQK, -1)),
+          blind_origins=em_lib.origins(em0, em_lib.strongest(em0, c.em_k)),
+          live_origins=jnp.where(em0.strength_BM > 0, em0.origin_BM, -1))
     return x_BQD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
                               em_previous_BD), diagnostics, write_trace

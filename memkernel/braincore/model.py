@@ -125,7 +125,7 @@ class BrainCoreModel(nn.Module):
     return segments_BQ != previous_BQ
 
   def _chunk(self, tokens_BQ: jax.Array, segments_BQ: jax.Array, memory: BrainCoreMemory, *,
-             aligned: bool, drop: frozenset, trace: bool = False):
+             aligned: bool, drop: frozenset, trace: str = ""):
     """(logits [B, Q, V], the memory after the chunk, {diagnostic: value}, each layer's write
     trace (empty without `trace`)); Q <= P."""
     q = tokens_BQ.shape[1]
@@ -146,12 +146,13 @@ class BrainCoreModel(nn.Module):
         diagnostics, tuple(traces)
 
   def _run(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
-           aligned: bool, drop: frozenset, trace: bool = False):
+           aligned: bool, drop: frozenset, trace: str = ""):
     """Chunks of P tokens (`nn.scan` over the whole ones, then the rest): (logits, memory,
     diagnostics summed over chunks, each layer's write trace over the sequence: the whole
-    spans' gate logits [B, N, C] and keys [B, N, C, K], every position's queries [B, T, K] and
-    the origins of the items it read [B, T, K], each whole span's query-blind items' origins
-    [B, N, K] and live items' origins [B, N, M]; empty without `trace`)."""
+    spans' gate logits [B, N, C] and keys [B, N, C, K] and every position's queries [B, T, K];
+    with trace='reads' also the origins of the items each position read [B, T, K], each whole
+    span's query-blind items' origins [B, N, K] and live items' origins [B, N, M]; empty
+    without `trace`)."""
     b, t = tokens.shape
     chunk = self.config.span
     n, tail = divmod(t, chunk)
@@ -171,7 +172,7 @@ class BrainCoreModel(nn.Module):
       totals = {k: jnp.sum(v) for k, v in diag.items()}
       traces = [{k: jnp.swapaxes(v, 0, 1) for k, v in layer.items()} for layer in stacked]
       for layer in traces:
-        for name in _PER_POSITION if layer else ():
+        for name in [k for k in _PER_POSITION if k in layer]:
           layer[name] = layer[name].reshape(b, n * chunk, -1)
     if tail:
       out, memory, diag, tail_traces = self._chunk(tokens[:, n * chunk:], segments[:, n * chunk:],
@@ -180,7 +181,7 @@ class BrainCoreModel(nn.Module):
       logits.append(out)
       totals = {k: totals.get(k, 0.0) + v for k, v in diag.items()}
       for layer, tail_trace in zip(traces, tail_traces):
-        for name in _PER_POSITION if tail_trace and layer else ():
+        for name in [k for k in _PER_POSITION if k in layer and k in tail_trace]:
           # The tail's candidates are never written: only its per-position entries.
           layer[name] = jnp.concatenate([layer[name], tail_trace[name]], axis=1)
     return ((jnp.concatenate(logits, axis=1) if len(logits) > 1 else logits[0]), memory, totals,
@@ -234,7 +235,7 @@ class BrainCoreModel(nn.Module):
     memory = init_memory(c, tokens.shape[0])
     teach = train and c.plasticity and c.em_teacher > 0
     logits, memory, totals, traces = self._run(tokens, segments, memory, aligned=True, drop=drop,
-                                               trace=teach)
+                                               trace="teach" if teach else "")
     out = self._outputs(memory, totals)
     if teach and traces[0]:
       mask = jnp.ones(tokens.shape, jnp.float32) if loss_mask is None else loss_mask
@@ -245,8 +246,10 @@ class BrainCoreModel(nn.Module):
       out = out.replace(metrics=metrics, losses={"em_write": c.em_teacher * loss})
     return logits, out
 
-  def _traced(self, tokens: jax.Array, segments: Any, what: str) -> tuple[dict, ...]:
-    """Each layer's write trace of the parallel form over `tokens` (checked for `what`)."""
+  def _traced(self, tokens: jax.Array, segments: Any, what: str,
+              trace: str) -> tuple[dict, ...]:
+    """Each layer's write trace ('teach' or 'reads') of the parallel form over `tokens`
+    (checked for `what`)."""
     c = self.config
     if not c.plasticity:
       raise ValueError(f"{what}: a model without plasticity has no episodic memory")
@@ -255,7 +258,7 @@ class BrainCoreModel(nn.Module):
     segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
                 else jnp.asarray(segments, jnp.int32))
     return self._run(tokens, segments, init_memory(c, tokens.shape[0]), aligned=True,
-                     drop=frozenset(), trace=True)[3]
+                     drop=frozenset(), trace=trace)[3]
 
   def write_gates(self, tokens: jax.Array, segments: Any = None) -> tuple[jax.Array, ...]:
     """Per layer, the write gate of every candidate the parallel form offers, [B, N, C] for
@@ -264,7 +267,7 @@ class BrainCoreModel(nn.Module):
     if getattr(tokens, "ndim", 0) == 2 and tokens.shape[1] < self.config.span:
       raise ValueError(f"write_gates: tokens must hold at least one span ({self.config.span}), "
                        f"got {tokens.shape[1]}")
-    traces = self._traced(tokens, segments, "write_gates")
+    traces = self._traced(tokens, segments, "write_gates", "teach")
     return tuple(jax.nn.sigmoid(layer["logits"]) for layer in traces)
 
   def episodic_reads(self, tokens: jax.Array, segments: Any = None) -> tuple[dict, ...]:
@@ -276,7 +279,7 @@ class BrainCoreModel(nn.Module):
     if getattr(tokens, "ndim", 0) == 2 and tokens.shape[1] % self.config.span:
       raise ValueError(f"episodic_reads: the length must be a multiple of the span "
                        f"({self.config.span}), got {tokens.shape[1]}")
-    traces = self._traced(tokens, segments, "episodic_reads")
+    traces = self._traced(tokens, segments, "episodic_reads", "reads")
     return tuple({"read": layer["read_origins"], "blind": layer["blind_origins"],
                   "live": layer["live_origins"]} for layer in traces)
 
