@@ -22,7 +22,9 @@ resumes, so it may be run in pieces (`--config.tasks=...`).
 Fields:
   tasks           comma-separated subset of copy, mqar, induction, noisy_retrieval, far_compare.
   models          comma-separated subset of `memkernel.sweeps.ablate.MODELS` (the nine kernel
-                  configurations, dense, sliding_window, oracle). The evaluation-only model
+                  configurations, dense, sliding_window, oracle; and, not in the default, the
+                  brain-core's: braincore, braincore/no_working, braincore/no_episodic,
+                  braincore/no_procedural, braincore/lifelong_off). The evaluation-only model
                   (multi_root/sparse_retrieval_without_exact_read) trains the full kernel too.
   seeds           comma-separated seeds; every cell runs once per seed.
   length_factors  evaluation lengths as multiples of the training length (the training length
@@ -37,6 +39,8 @@ Fields:
                   peers too). Starts as the probe configs' defaults; the sweep pins the sizes.
   peer            `PeerConfig` fields (num_heads, window); width, depth and MLP ratio follow
                   `model`.
+  braincore       `BrainCoreConfig` fields of the brain-core models (the probe configs'
+                  `:braincore`); width, depth and MLP ratio follow `model`.
   train, eval     the harness's sections (`memkernel.train`), without seed, oracle and lengths.
 """
 
@@ -61,6 +65,8 @@ _PER_CELL = {"model": ("vocab_size", "leaf_size", "max_seq_len", "num_roots", "u
                        "use_exact_read", "route_descend"),
              # The peers share the kernel's width, depth and MLP ratio: set them in `model`.
              "peer": ("vocab_size", "max_seq_len", "d_model", "num_layers", "mlp_ratio"),
+             "braincore": ("vocab_size", "max_seq_len", "d_model", "num_layers", "mlp_ratio",
+                           "mlp_dim", "without"),
              "train": ("seed", "oracle"),
              "eval": ("lengths", "oracle")}
 # The CPU sweep's probes: 128-token training sequences, the probe's structure otherwise.
@@ -79,7 +85,7 @@ def _probe(task: str, task_arg: str) -> ml_collections.ConfigDict:
 
 def _probe_sections(task_arg: str) -> dict:
   """The probe configs' sections (`configs/common.py` defaults), less what each cell sets."""
-  probe = _probe("mqar", task_arg)
+  probe = _probe("mqar", ",".join(a for a in (task_arg, "braincore") if a))
   return {name: {k: v for k, v in probe[name].to_dict().items() if k not in fields}
           for name, fields in _PER_CELL.items()}
 
@@ -113,6 +119,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   config.task = _task_sections(task_arg, CPU_TASKS)
   config.model = ml_collections.ConfigDict(dict(sections["model"], mlp_dim=0))
   config.peer = ml_collections.ConfigDict(sections["peer"])
+  config.braincore = ml_collections.ConfigDict(sections["braincore"])
   config.train = ml_collections.ConfigDict(sections["train"])
   config.eval = ml_collections.ConfigDict(sections["eval"])
 

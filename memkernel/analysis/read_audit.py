@@ -66,8 +66,9 @@ def audit_reads(experiment: experiment_lib.Experiment, params, *, batches: Optio
   if experiment.model_type != "braincore":
     raise ValueError(f"audit_reads reads the brain-core's episodic memory; this run is a "
                      f"{experiment.model_type!r} run")
-  if not config.plasticity:
-    raise ValueError("audit_reads: the run has no episodic memory (plasticity off)")
+  if not config.has_episodic:
+    raise ValueError("audit_reads: the run has no episodic memory (plasticity off or built "
+                     "without it)")
   if config.em_writes != config.span:
     raise ValueError(f"audit_reads needs every token a candidate (em_writes = span = "
                      f"{config.span}), got em_writes={config.em_writes}")

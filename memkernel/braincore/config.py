@@ -17,6 +17,7 @@ SCAN_IMPLS = ("linear", "associative")
 EM_FEATURES = ("input", "mixed")
 EM_TARGETS = ("first", "near")  # memkernel.braincore.write_teacher.TARGETS
 EM_WRITE_GATES = ("learned", "open", "shut")
+MEMORIES = ("working", "episodic", "procedural")  # What `without` may leave out.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,8 @@ class BrainCoreConfig:
     num_layers: blocks, each an affine-scan core, working memory, episodic read and an MLP.
     num_heads: working-memory attention heads; d_model // num_heads must be even (RoPE).
     mlp_ratio: MLP hidden width relative to d_model.
+    mlp_dim: hidden width of each MLP; 0 means mlp_ratio * d_model (the sweep's ablations use it
+      to give a model without a memory the parameters that memory had).
     max_seq_len: longest accepted input; no parameter depends on it.
     scan_impl: the core's recurrence, 'linear' (lax.scan) or 'associative'.
     window: working memory: the sliding-window attention's span (W), itself included.
@@ -77,6 +80,11 @@ class BrainCoreConfig:
       starts out finding the token after its match (the kernel's `shift_init`); the core's
       output then starts at a tenth of its scale, so a token's own embedding dominates.
     plasticity: False keeps episodic and procedural memory empty: the base model exactly.
+    without: memories the model is built without, a comma-separated subset of 'working',
+      'episodic', 'procedural' ('' : none): their parameters, state and sources do not exist
+      (the ablation sweep's `braincore/no_*` models). Without episodic and procedural memory it
+      is `plasticity=False`; without episodic memory `em_teacher` has nothing to teach and is
+      ignored.
     core_boundary, wm_boundary, em_boundary, pm_boundary: what a document boundary does to the
       core's state and to each memory: 'reset', 'carry' or 'decay' (by `boundary_decay`;
       working memory cannot decay). Episodic and procedural memory change at span starts
@@ -89,6 +97,7 @@ class BrainCoreConfig:
   num_layers: int = 2
   num_heads: int = 4
   mlp_ratio: int = 4
+  mlp_dim: int = 0
   max_seq_len: int = 512
   scan_impl: str = "linear"
   window: int = 256
@@ -111,6 +120,7 @@ class BrainCoreConfig:
   wm_rope: bool = False
   token_shift: bool = True
   plasticity: bool = True
+  without: str = ""
   core_boundary: str = "reset"
   wm_boundary: str = "reset"
   em_boundary: str = "decay"
@@ -122,6 +132,13 @@ class BrainCoreConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_seq_len",
                  "window", "em_items", "em_k", "em_key_dim", "em_writes", "pm_rank", "span"):
       fields.check_int(s, name, getattr(self, name), 1)
+    fields.check_int(s, "mlp_dim", self.mlp_dim, 0)
+    if not isinstance(self.without, str):
+      raise ValueError(f"{s}.without must be a comma-separated string, got {self.without!r}")
+    names = [n.strip() for n in self.without.split(",") if n.strip()]
+    if any(n not in MEMORIES for n in names) or len(set(names)) != len(names):
+      raise ValueError(f"{s}.without must be a comma-separated subset of {MEMORIES} (each at "
+                       f"most once), got {self.without!r}")
     if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
       raise ValueError(f"{s}: d_model // num_heads must be an even integer (RoPE rotates "
                        f"pairs), got d_model={self.d_model}, num_heads={self.num_heads}")
@@ -168,6 +185,30 @@ class BrainCoreConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def mlp_hidden(self) -> int:
+    return self.mlp_dim or self.mlp_ratio * self.d_model
+
+  def _has(self, memory: str) -> bool:
+    return memory not in [n.strip() for n in self.without.split(",")]
+
+  @property
+  def has_working(self) -> bool:
+    return self._has("working")
+
+  @property
+  def has_episodic(self) -> bool:
+    return self.plasticity and self._has("episodic")
+
+  @property
+  def has_procedural(self) -> bool:
+    return self.plasticity and self._has("procedural")
+
+  @property
+  def has_pool(self) -> bool:
+    """Whether the span's features are pooled (episodic candidates; the procedural modulator)."""
+    return self.has_episodic or self.has_procedural
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

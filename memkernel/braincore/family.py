@@ -22,9 +22,13 @@ def _with_capacity(config: BrainCoreConfig, seq_len: int) -> BrainCoreConfig:
 
 
 def _boundaries(c: BrainCoreConfig) -> dict[str, family_lib.Boundary]:
-  rules = {"core": c.core_boundary, "working": c.wm_boundary}
-  if c.plasticity:
-    rules.update(episodic=c.em_boundary, procedural=c.pm_boundary)
+  rules = {"core": c.core_boundary}
+  if c.has_working:
+    rules["working"] = c.wm_boundary
+  if c.has_episodic:
+    rules["episodic"] = c.em_boundary
+  if c.has_procedural:
+    rules["procedural"] = c.pm_boundary
   return {name: family_lib.Boundary(rule) for name, rule in rules.items()}
 
 

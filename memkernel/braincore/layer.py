@@ -25,7 +25,8 @@ Tokens after that point in the same chunk read the written memory and start the 
 and trace, so a chunk may straddle one span boundary and any chunking gives the same outputs.
 
 Sources (`drop` removes a source's addition to the residual stream, nothing else): 'working',
-'episodic', 'procedural'.
+'episodic', 'procedural'. A memory left out by `BrainCoreConfig.without` has no parameters and no
+state (the sweep's ablations); the MLP and the core are always there.
 """
 
 from __future__ import annotations
@@ -100,14 +101,17 @@ class BrainCoreLayer(nn.Module):
     c = self.config
     self.core_norm = nn.RMSNorm()
     self.core = AffineCore(c.d_model, c.scan_impl, output_scale=0.1 if c.token_shift else 1.0)
-    self.wm_norm = nn.RMSNorm()
-    self.wm = WorkingMemory(c.d_model, c.num_heads, c.window, carry=c.wm_boundary == "carry",
-                            shift=c.token_shift, rope=c.wm_rope)
+    if c.has_working:
+      self.wm_norm = nn.RMSNorm()
+      self.wm = WorkingMemory(c.d_model, c.num_heads, c.window, carry=c.wm_boundary == "carry",
+                              shift=c.token_shift, rope=c.wm_rope)
     self.mlp_norm = nn.RMSNorm()
-    self.mlp_in = nn.Dense(c.mlp_ratio * c.d_model, use_bias=False)
+    self.mlp_in = nn.Dense(c.mlp_hidden, use_bias=False)
     self.mlp_out = nn.Dense(c.d_model, use_bias=False)
-    if c.plasticity:
+    if c.has_pool:  # The span's pooled features: episodic candidates, the procedural modulator.
       self.em_norm = nn.RMSNorm()
+      self.salience = nn.Dense(1, use_bias=False)
+    if c.has_episodic:
       d, k, lecun = c.d_model, c.em_key_dim, nn.initializers.lecun_normal()
       query = self.param("em_query", lecun, (d, k))
       self.em_query_kernel = query
@@ -118,9 +122,9 @@ class BrainCoreLayer(nn.Module):
       self.em_key_kernel = self.param("em_key", key_init, (pool_width(c), k))
       self.em_value = nn.Dense(c.em_key_dim, use_bias=False)
       self.em_out = nn.Dense(c.d_model, use_bias=False)
-      self.salience = nn.Dense(1, use_bias=False)
       self.em_gate = nn.Dense(1, kernel_init=_gate_kernel_init(c.em_novelty_init),
                               bias_init=nn.initializers.constant(-c.em_novelty_init / 2))
+    if c.has_procedural:
       self.pm_code = nn.Dense(c.pm_rank, use_bias=False)
       self.pm_modulator = nn.Dense(1)
 
@@ -213,24 +217,23 @@ class BrainCoreLayer(nn.Module):
     x_input_BQD = x_BQD
     y_BQD, core_BD = self.core(self.core_norm(x_BQD), memory.core_BD, core_carry_BQ)
     x_BQD = x_BQD + y_BQD
-    h_BQD = self.wm_norm(x_BQD)
-    h_previous_BQD, wm_previous_BD = None, None
-    if c.token_shift:
-      h_previous_BQD = self._previous(h_BQD, memory.wm_previous_BD, new_document_BQ)
-      wm_previous_BD = h_BQD[:, -1]
-    y_BQD, window = self.wm(h_BQD, memory.window, segments_BQ, h_previous_BQD)
-    if "working" not in drop:
-      x_BQD = x_BQD + y_BQD
-    if not c.plasticity:
+    window, wm_previous_BD = None, None
+    if c.has_working:
+      h_BQD = self.wm_norm(x_BQD)
+      h_previous_BQD = None
+      if c.token_shift:
+        h_previous_BQD = self._previous(h_BQD, memory.wm_previous_BD, new_document_BQ)
+        wm_previous_BD = h_BQD[:, -1]
+      y_BQD, window = self.wm(h_BQD, memory.window, segments_BQ, h_previous_BQD)
+      if "working" not in drop:
+        x_BQD = x_BQD + y_BQD
+    if not c.has_pool:
       h_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
       return (x_BQD + self.mlp_out(h_BQF),
               LayerMemory(core_BD, window, wm_previous_BD=wm_previous_BD), {}, {})
 
     before_Q, after_Q = cut.before_Q, ~cut.before_Q
-    em0 = self._em_boundary(memory.episodic, cut.start_changed_B)
-    pm0 = self._pm_boundary(memory.procedural, cut.start_changed_B)
-
-    # Episodic: pool this span's features, write its candidate, read.
+    # The span's features, pooled for its end's writes.
     u_BQD = self.em_norm(x_input_BQD if c.em_features == "input" else x_BQD)
     features_BQF, em_previous_BD = u_BQD, None
     if c.token_shift:
@@ -241,28 +244,37 @@ class BrainCoreLayer(nn.Module):
     in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
     pool_before = pool_add(memory.pool, salience_BQ, features_BQF,
                            before_Q[:, None] & in_part_QC)
-    em1, written = self._em_write(em0, pool_before, cut.span_start)
-    em1 = self._em_boundary(em1, cut.cut_changed_B)
-    query_BQK = u_BQD @ self.em_query_kernel
-    read_BQK, weights_BQK, slots_BQK = em_lib.read(em0, query_BQK, c.em_k)
-    if not cut.aligned:
-      read_BQK = jnp.where(before_Q[None, :, None], read_BQK,
-                           em_lib.read(em1, query_BQK, c.em_k)[0])
-    if "episodic" not in drop:
-      x_BQD = x_BQD + self.em_out(read_BQK)
+
+    # Episodic: write the span's candidates at its end, read.
+    em0 = em1 = None
+    if c.has_episodic:
+      em0 = self._em_boundary(memory.episodic, cut.start_changed_B)
+      em1, written = self._em_write(em0, pool_before, cut.span_start)
+      em1 = self._em_boundary(em1, cut.cut_changed_B)
+      query_BQK = u_BQD @ self.em_query_kernel
+      read_BQK, weights_BQK, slots_BQK = em_lib.read(em0, query_BQK, c.em_k)
+      if not cut.aligned:
+        read_BQK = jnp.where(before_Q[None, :, None], read_BQK,
+                             em_lib.read(em1, query_BQK, c.em_k)[0])
+      if "episodic" not in drop:
+        x_BQD = x_BQD + self.em_out(read_BQK)
 
     # Procedural: the MLP's output projection plus the fast weights' low-rank delta.
     a_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
     slow_BQD = self.mlp_out(a_BQF)
-    code_BQR = self.pm_code(a_BQF)
-    pm_before = pm_lib.accumulate(pm0, slow_BQD, code_BQR, before_Q[None, :].astype(jnp.float32))
-    pm1 = self._pm_boundary(self._pm_consolidate(pm_before, pool_before), cut.cut_changed_B)
-    delta_BQD = pm_lib.apply(pm0, code_BQR)
-    if not cut.aligned:
-      delta_BQD = jnp.where(before_Q[None, :, None], delta_BQD, pm_lib.apply(pm1, code_BQR))
     x_BQD = x_BQD + slow_BQD
-    if "procedural" not in drop:
-      x_BQD = x_BQD + delta_BQD
+    pm_before = pm1 = None
+    if c.has_procedural:
+      pm0 = self._pm_boundary(memory.procedural, cut.start_changed_B)
+      code_BQR = self.pm_code(a_BQF)
+      pm_before = pm_lib.accumulate(pm0, slow_BQD, code_BQR,
+                                    before_Q[None, :].astype(jnp.float32))
+      pm1 = self._pm_boundary(self._pm_consolidate(pm_before, pool_before), cut.cut_changed_B)
+      delta_BQD = pm_lib.apply(pm0, code_BQR)
+      if not cut.aligned:
+        delta_BQD = jnp.where(before_Q[None, :, None], delta_BQD, pm_lib.apply(pm1, code_BQR))
+      if "procedural" not in drop:
+        x_BQD = x_BQD + delta_BQD
 
     # The memory after the chunk: the written one with the next span begun, or this span's.
     b, f = features_BQF.shape[0], features_BQF.shape[2]
@@ -271,23 +283,25 @@ class BrainCoreLayer(nn.Module):
     else:
       pool_after = pool_add(init_pool(b, c.em_writes, f), salience_BQ, features_BQF,
                             after_Q[:, None] & in_part_QC)
-      pm_after = pm_lib.accumulate(pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
+      pm_after = pm1 if pm1 is None else pm_lib.accumulate(
+          pm1, slow_BQD, code_BQR, after_Q[None, :].astype(jnp.float32))
     em, pm, pool = _select(cut.commit, (em1, pm_after, pool_after), (em0, pm_before, pool_before))
     committed = jnp.asarray(cut.commit, jnp.float32)
-    diagnostics = {"em_gate": jnp.mean(jax.nn.sigmoid(written["logits"])) * committed,
-                   "em_density": jnp.mean(written["density"]) * committed,
-                   "em_commits": committed}
-    write_trace = {}
-    if trace:
+    diagnostics, write_trace = {}, {}
+    if c.has_episodic:
+      diagnostics = {"em_gate": jnp.mean(jax.nn.sigmoid(written["logits"])) * committed,
+                     "em_density": jnp.mean(written["density"]) * committed,
+                     "em_commits": committed}
+    if trace and c.has_episodic:
       if not cut.aligned:
         raise ValueError("the write trace needs chunks aligned to the spans (the parallel form)")
       write_trace = {"logits": written["logits"],
                      "keys": jax.lax.stop_gradient(written["keys"]),
                      "queries": jax.lax.stop_gradient(query_BQK)}
-    if trace == "reads":  # Provenance for the read audit only: not on the training path.
-      write_trace.update(
-          read_origins=em_lib.origins(em0, jnp.where(weights_BQK > 0, slots_BQK, -1)),
-          blind_origins=em_lib.origins(em0, em_lib.strongest(em0, c.em_k)),
-          live_origins=jnp.where(em0.strength_BM > 0, em0.origin_BM, -1))
+      if trace == "reads":  # Provenance for the read audit only: not on the training path.
+        write_trace.update(
+            read_origins=em_lib.origins(em0, jnp.where(weights_BQK > 0, slots_BQK, -1)),
+            blind_origins=em_lib.origins(em0, em_lib.strongest(em0, c.em_k)),
+            live_origins=jnp.where(em0.strength_BM > 0, em0.origin_BM, -1))
     return x_BQD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
                               em_previous_BD), diagnostics, write_trace

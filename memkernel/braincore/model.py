@@ -40,9 +40,11 @@ _PER_POSITION = ("queries", "read_origins")
 
 
 def sources(config: BrainCoreConfig) -> tuple[str, ...]:
-  """The sources an intervention may drop: working memory, and with plasticity episodic and
-  procedural memory."""
-  return SOURCES if config.plasticity else SOURCES[:1]
+  """The sources an intervention may drop: the memories the model has (working memory, and
+  with plasticity episodic and procedural memory, less those it is built `without`)."""
+  has = {"working": config.has_working, "episodic": config.has_episodic,
+         "procedural": config.has_procedural}
+  return tuple(name for name in SOURCES if has[name])
 
 
 def _check_tokens(tokens: Any, ndim: int, what: str):
@@ -89,12 +91,14 @@ class BrainCoreModel(nn.Module):
       raise ValueError(f"memory must be a BrainCoreMemory (from init_memory), got {type(memory)}")
     layer = memory.layers[0] if memory.layers else None
     if (len(memory.layers) != c.num_layers or memory.segment_B.shape != (batch_size,)
-        or (layer.episodic is None) == c.plasticity
-        or layer.window.k_BSNH.shape[1] != c.window
-        or (c.plasticity and layer.episodic.strength_BM.shape[1] != c.em_items)):
+        or (layer.episodic is None) == c.has_episodic
+        or (layer.procedural is None) == c.has_procedural
+        or (layer.window is None) == c.has_working
+        or (c.has_working and layer.window.k_BSNH.shape[1] != c.window)
+        or (c.has_episodic and layer.episodic.strength_BM.shape[1] != c.em_items)):
       raise ValueError("memory does not match the model config or the batch (layers, window, "
-                       "plasticity, episodic items or batch size differ); build it with "
-                       "init_memory(config, batch_size)")
+                       "plasticity, memories left out, episodic items or batch size differ); "
+                       "build it with init_memory(config, batch_size)")
 
   # ----------------------------------------------------------------------------------------------
   # The one chunk function.
@@ -190,15 +194,15 @@ class BrainCoreModel(nn.Module):
   def _outputs(self, memory: BrainCoreMemory, totals: dict) -> Outputs:
     metrics = {}
     for i, layer in enumerate(memory.layers):
-      if layer.episodic is None:
-        continue
-      commits = totals[f"layer_{i}/em_commits"]
-      metrics[f"layer_{i}/em_gate"] = totals[f"layer_{i}/em_gate"] / jnp.maximum(commits, 1.0)
-      metrics[f"layer_{i}/em_density"] = (totals[f"layer_{i}/em_density"]
-                                          / jnp.maximum(commits, 1.0))
-      metrics[f"layer_{i}/em_occupancy"] = jnp.mean(em_lib.occupancy(layer.episodic))
-      metrics[f"layer_{i}/pm_norm"] = jnp.mean(jnp.sqrt(jnp.sum(
-          jnp.square(layer.procedural.fast_BOR), axis=(1, 2))))
+      if layer.episodic is not None:
+        commits = totals[f"layer_{i}/em_commits"]
+        metrics[f"layer_{i}/em_gate"] = totals[f"layer_{i}/em_gate"] / jnp.maximum(commits, 1.0)
+        metrics[f"layer_{i}/em_density"] = (totals[f"layer_{i}/em_density"]
+                                            / jnp.maximum(commits, 1.0))
+        metrics[f"layer_{i}/em_occupancy"] = jnp.mean(em_lib.occupancy(layer.episodic))
+      if layer.procedural is not None:
+        metrics[f"layer_{i}/pm_norm"] = jnp.mean(jnp.sqrt(jnp.sum(
+            jnp.square(layer.procedural.fast_BOR), axis=(1, 2))))
     return Outputs(metrics=metrics, memory=memory)
 
   # ----------------------------------------------------------------------------------------------
@@ -233,7 +237,7 @@ class BrainCoreModel(nn.Module):
     segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None
                 else jnp.asarray(segments, jnp.int32))
     memory = init_memory(c, tokens.shape[0])
-    teach = train and c.plasticity and c.em_teacher > 0
+    teach = train and c.has_episodic and c.em_teacher > 0
     logits, memory, totals, traces = self._run(tokens, segments, memory, aligned=True, drop=drop,
                                                trace="teach" if teach else "")
     out = self._outputs(memory, totals)
@@ -251,8 +255,9 @@ class BrainCoreModel(nn.Module):
     """Each layer's write trace ('teach' or 'reads') of the parallel form over `tokens`
     (checked for `what`)."""
     c = self.config
-    if not c.plasticity:
-      raise ValueError(f"{what}: a model without plasticity has no episodic memory")
+    if not c.has_episodic:
+      raise ValueError(f"{what}: the model has no episodic memory (plasticity off or built "
+                       f"without it)")
     _check_tokens(tokens, 2, "tokens")
     family_lib.check_segments(segments, tokens.shape, align=c.span)
     segments = (jnp.zeros(tokens.shape, jnp.int32) if segments is None

@@ -64,10 +64,12 @@ def pool_add(pool: SpanPool, salience_BQ: jax.Array, features_BQD: jax.Array,
 
 @flax.struct.dataclass
 class LayerMemory:
-  """One layer's state; `episodic`, `procedural` and `pool` are None without plasticity, the
-  last token's working-memory and episodic inputs [B, D] (the token shift's) None without it."""
+  """One layer's state; a memory the model is built without is None (`window` without working
+  memory; `episodic`, `procedural` without plasticity or when left out; `pool`, the span's
+  pooled features, without both), the last token's working-memory and episodic inputs [B, D]
+  (the token shift's) None without it or without their memory."""
   core_BD: jax.Array
-  window: WindowCache
+  window: Optional[WindowCache] = None
   episodic: Optional[episodic.EpisodicMemory] = None
   procedural: Optional[procedural.ProceduralMemory] = None
   pool: Optional[SpanPool] = None
@@ -96,17 +98,23 @@ def init_memory(config: BrainCoreConfig, batch_size: int) -> BrainCoreMemory:
   c = config
   layers = []
   for _ in range(c.num_layers):
-    layer = LayerMemory(core_BD=jnp.zeros((batch_size, c.d_model), jnp.float32),
-                        window=init_window(batch_size, c.window, c.num_heads, c.head_dim))
-    if c.plasticity:
+    layer = LayerMemory(core_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
+    if c.has_working:
+      layer = layer.replace(window=init_window(batch_size, c.window, c.num_heads, c.head_dim))
+    if c.has_episodic:
       layer = layer.replace(
-          episodic=episodic.init_episodic(batch_size, c.em_items, c.em_key_dim, c.em_key_dim),
-          procedural=procedural.init_procedural(batch_size, c.d_model, c.pm_rank),
-          pool=init_pool(batch_size, c.em_writes, pool_width(c)))
+          episodic=episodic.init_episodic(batch_size, c.em_items, c.em_key_dim, c.em_key_dim))
+    if c.has_procedural:
+      layer = layer.replace(procedural=procedural.init_procedural(batch_size, c.d_model,
+                                                                  c.pm_rank))
+    if c.has_pool:
+      layer = layer.replace(pool=init_pool(batch_size, c.em_writes, pool_width(c)))
     if c.token_shift:
-      layer = layer.replace(wm_previous_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
-      if c.plasticity:
-        layer = layer.replace(em_previous_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
+      zeros_BD = jnp.zeros((batch_size, c.d_model), jnp.float32)
+      if c.has_working:
+        layer = layer.replace(wm_previous_BD=zeros_BD)
+      if c.has_pool:
+        layer = layer.replace(em_previous_BD=zeros_BD)
     layers.append(layer)
   return BrainCoreMemory(tuple(layers), jnp.zeros((batch_size,), jnp.int32),
                          jnp.zeros((), jnp.int32))

@@ -22,6 +22,13 @@ with the sweep's overrides; it is then evaluated at `length_factors` x the train
   dense, sliding_window                         the attention peers (same width and depth)
   oracle                                        the full kernel trained and evaluated with the true
                                                 answer leaves fed to the exact read
+  braincore                                     the brain-core (the probe config's `:braincore`)
+  braincore/no_working, braincore/no_episodic, braincore/no_procedural
+                                                the brain-core built without that memory
+                                                (`BrainCoreConfig.without`: no parameters, no state)
+  braincore/lifelong_off                        episodic and procedural memory reset at a document
+                                                boundary (instead of decaying); differs only on
+                                                tasks with documents (cross_doc)
 
 "summaries only" is the tree value as a softmax over the query's Fenwick-node summaries (no
 descent, no leaf); "sparse retrieval" is the beam-routed tree value (the summaries of the nodes
@@ -30,7 +37,9 @@ read of the selected leaves.
 
 Equal budget: a memory source the config switches off has no parameters, so with `match_params`
 every kernel configuration gets the MLP width (`KernelConfig.mlp_dim`) that brings its parameter
-count closest to the full multi-root kernel's (counted with `jax.eval_shape`, nothing compiled).
+count closest to the full multi-root kernel's, and every brain-core without a memory the width
+(`BrainCoreConfig.mlp_dim`) that brings it closest to the full brain-core's (counted with
+`jax.eval_shape`, nothing compiled).
 The memory state each configuration carries is reported per token: `state_bytes_per_token` is
 the recurrent form's memory pytree (`init_memory` at the evaluation length's capacity, divided by
 the length; the same for every kernel configuration of one width), `state_bytes_per_token_read`
@@ -99,7 +108,17 @@ KERNEL_MODELS = (
     WITHOUT_EXACT_READ,
     FULL_KERNEL,
 )
-MODELS = KERNEL_MODELS + PEERS + (ORACLE,)
+BRAINCORE = "braincore"
+# The brain-core and its ablations: `BrainCoreConfig` fields over the probe config's brain-core.
+BRAINCORE_OVERRIDES = {
+    BRAINCORE: {},
+    "braincore/no_working": dict(without="working"),
+    "braincore/no_episodic": dict(without="episodic"),
+    "braincore/no_procedural": dict(without="procedural"),
+    "braincore/lifelong_off": dict(em_boundary="reset", pm_boundary="reset"),
+}
+BRAINCORE_MODELS = tuple(BRAINCORE_OVERRIDES)
+MODELS = KERNEL_MODELS + PEERS + (ORACLE,) + BRAINCORE_MODELS
 # Models evaluated from another model's checkpoint under an intervention: (source, intervention).
 EVAL_ONLY = {WITHOUT_EXACT_READ: (FULL_KERNEL, Interventions(drop=("exact",)))}
 
@@ -112,13 +131,17 @@ _MEMORY = {
 }
 # Fields of the sweep config (configs/ablate.py).
 FIELDS = ("tasks", "models", "seeds", "length_factors", "match_params", "max_eval_memory_gb",
-          "task_arg", "task", "model", "peer", "train", "eval")
+          "task_arg", "task", "model", "peer", "braincore", "train", "eval")
+# The sizes the sweep's `model` section gives the peers and the brain-core too.
+SHARED_SIZES = ("d_model", "num_layers", "mlp_ratio")
 # Set per cell, so not overridable through the sweep's sections.
 _CELL_FIELDS = {"model": ("vocab_size", "leaf_size", "max_seq_len", "num_roots", "use_tree_read",
                           "use_exact_read", "route_descend"),
                 # The peers share the kernel's width, depth and MLP ratio (config.model).
                 "peer": ("vocab_size", "max_seq_len", "kind", "d_model", "num_layers",
                          "mlp_ratio"),
+                "braincore": ("vocab_size", "max_seq_len", "d_model", "num_layers", "mlp_ratio",
+                              "mlp_dim", "without"),
                 "train": ("seed", "oracle"),
                 "eval": ("lengths", "oracle")}
 TASK_ARGS = ("", "smoke")
@@ -148,11 +171,12 @@ def kernel_overrides(model: str, num_roots: int) -> dict[str, Any]:
   return dict(num_roots=1 if roots == "single_root" else num_roots, **_MEMORY[memory])
 
 
-def match_mlp_dim(config: KernelConfig, target: int) -> KernelConfig:
-  """`config` with the MLP width whose parameter count is closest to `target`.
+def match_mlp_dim(config: Any, target: int) -> Any:
+  """`config` (a `KernelConfig` or `BrainCoreConfig`) with the MLP width whose parameter count
+  is closest to `target`.
 
-  The count is affine in `mlp_dim` (each layer's MLP holds (2 d_model + 1) mlp_dim + d_model
-  parameters), so the counts at two widths give it everywhere.
+  The count is affine in `mlp_dim` (each layer's MLP holds 2 d_model mlp_dim parameters, plus
+  what reads its hidden units), so the counts at two widths give it everywhere.
   """
   width = config.mlp_hidden
   base = costs.num_params(dataclasses.replace(config, mlp_dim=width))
@@ -251,7 +275,8 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
 _UNHASHED = {("train", "tensorboard"): False, ("train", "route_hints"): "off",
              ("train", "hints_every"): 25, ("train", "hints_batches"): 2,
              ("train", "hints_alpha"): 16.0, ("train", "hints_gate"): 0.5,
-             ("braincore", "em_write_gate"): "learned"}
+             ("braincore", "em_write_gate"): "learned", ("braincore", "without"): "",
+             ("braincore", "mlp_dim"): 0}
 
 
 def _config_hash(config: Mapping[str, Any], extra: Any = None) -> str:
@@ -274,8 +299,9 @@ def _skip_reason(experiment: experiment_lib.Experiment, length: int, budget_gb: 
           f"max_eval_memory_gb={budget_gb:g}")
 
 
-def _task_config(task: str, task_arg: str) -> ml_collections.ConfigDict:
-  return importlib.import_module(f"configs.{task}").get_config(task_arg or None)
+def _task_config(task: str, task_arg: str, braincore: bool = False) -> ml_collections.ConfigDict:
+  arg = ",".join(a for a in (task_arg, "braincore" if braincore else "") if a)
+  return importlib.import_module(f"configs.{task}").get_config(arg or None)
 
 
 def cell_config(sweep_config: Mapping[str, Any], task: str, model: str,
@@ -283,23 +309,34 @@ def cell_config(sweep_config: Mapping[str, Any], task: str, model: str,
   """The experiment config of one trained cell (before the equal-budget MLP width and the
   evaluation lengths, which `parse_config` sets).
 
-  The task's probe config (`configs/<task>.py`, variant `task_arg`), then the sweep's sections:
-  `task.<task>` (TaskConfig fields), `model` (KernelConfig fields; the shared sizes reach the
-  peers too), `peer`, `train`, `eval`; then the model's own fields and `train.seed`.
+  The task's probe config (`configs/<task>.py`, variant `task_arg`; with `braincore` for the
+  brain-core models), then the sweep's sections: `task.<task>` (TaskConfig fields), `model`
+  (KernelConfig fields; the shared sizes reach the peers and the brain-core too), `peer`,
+  `braincore`, `train`, `eval`; then the model's own fields and `train.seed`.
   """
-  config = _task_config(task, sweep_config.get("task_arg", ""))
+  is_braincore = model in BRAINCORE_MODELS
+  config = _task_config(task, sweep_config.get("task_arg", ""), is_braincore)
   for key, value in _section(sweep_config.get("task") or {}, task).items():
     config.task[key] = value
   # Capacity of the training model: the training length (the harness raises it per eval length).
   config.model.max_seq_len = kernel_family.capacity(config.task.seq_len, config.task.leaf_size)
   config.peer.max_seq_len = config.task.seq_len
-  for name in ("model", "peer", "train", "eval"):
+  sections = ("model", "peer", "braincore", "train", "eval") if is_braincore else (
+      "model", "peer", "train", "eval")
+  for name in sections:
     for key, value in _section(sweep_config, name).items():
       config[name][key] = tuple(value) if isinstance(value, list) else value
   config.train.seed = seed
   config.train.oracle = config.eval.oracle = model == ORACLE
   if model in PEERS:
     config.model_type = model
+  elif is_braincore:
+    config.model_type = BRAINCORE
+    config.braincore.max_seq_len = config.task.seq_len
+    for key in SHARED_SIZES:
+      config.braincore[key] = config.model[key]
+    for key, value in BRAINCORE_OVERRIDES[model].items():
+      config.braincore[key] = value
   else:
     config.model_type = "kernel"
     if model.startswith("multi_root") and config.model.num_roots < 2:
@@ -321,7 +358,7 @@ def _check_sections(config: Mapping[str, Any]) -> None:
   unknown = sorted(set(tasks) - set(probes.TASKS))
   if unknown:
     raise ValueError(f"config.task has unknown task(s) {unknown}; known: {list(probes.TASKS)}")
-  for name in ("model", "peer", "train", "eval"):
+  for name in ("model", "peer", "braincore", "train", "eval"):
     _section(config, name)
   if not isinstance(config.get("match_params", True), bool):
     raise ValueError(f"config.match_params must be a bool, got {config.get('match_params')!r}")
@@ -353,7 +390,7 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
 
   cells = []
   for task in tasks:
-    full = None
+    budgets = {}  # The equal budget of each family: its full model's parameter count.
     for model in [m for m in MODELS if m in trained]:
       for seed in seeds:
         raw = cell_config(config, task, model, seed)
@@ -361,11 +398,16 @@ def parse_config(config: Union[ml_collections.ConfigDict, Mapping[str, Any]]) ->
           experiment = experiment_lib.parse_config(raw)
         except ValueError as e:
           raise ValueError(f"{task} / {model}: {e}") from e
-        if match and model not in PEERS + (ORACLE, FULL_KERNEL):
-          if full is None:  # The budget: the full multi-root kernel's parameter count.
-            full = costs.num_params(
-                experiment_lib.parse_config(cell_config(config, task, FULL_KERNEL, seed)).model)
-          raw.model.mlp_dim = match_mlp_dim(experiment.model, full).mlp_dim
+        full = BRAINCORE if model in BRAINCORE_MODELS else FULL_KERNEL
+        # Every model that leaves a memory out (the brain-core's boundary rules change none).
+        leaves_out = (model in KERNEL_MODELS and model != FULL_KERNEL
+                      or "without" in BRAINCORE_OVERRIDES.get(model, {}))
+        if match and leaves_out:
+          if full not in budgets:
+            budgets[full] = costs.num_params(
+                experiment_lib.parse_config(cell_config(config, task, full, seed)).model)
+          section = "braincore" if model in BRAINCORE_MODELS else "model"
+          raw[section].mlp_dim = match_mlp_dim(experiment.model, budgets[full]).mlp_dim
         train_len = experiment.task.seq_len
         lengths = (train_len,) + tuple(dict.fromkeys(f * train_len for f in factors if f != 1))
         raw.eval.lengths = (train_len,)  # The harness evaluates the training length.
@@ -578,8 +620,8 @@ def _run_cell(cell: Cell, out_dir: str, command: str, mesh: Mesh) -> dict:
       "interventions": dataclasses.asdict(cell.interventions) if not cell.trains else None,
       "config_hash": cell.config_hash, "config": cell.config, "command": command,
       "steps": summary["step"], "params": summary["num_params"],
-      "mlp_dim": (experiment.model.mlp_hidden if experiment.family.routes
-                  else experiment.model.mlp_ratio * experiment.model.d_model),
+      "mlp_dim": getattr(experiment.model, "mlp_hidden",
+                         experiment.model.mlp_ratio * experiment.model.d_model),
       "train_length": cell.lengths[0],
       "lengths": {str(length): lengths[str(length)] for length in cell.lengths},
       "state": {str(length): state_bytes(experiment.model_for_length(length), length,

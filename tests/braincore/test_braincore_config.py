@@ -29,6 +29,10 @@ def test_the_defaults_are_the_seeds():
     ({"em_novelty_init": -4.0}, "em_novelty_init must be >= 0"),
     ({"em_target": "best"}, "em_target must be one of"),
     ({"plasticity": 1}, "plasticity must be a bool"),
+    ({"without": "episodic,tree"}, "without must be a comma-separated subset"),
+    ({"without": "working,working"}, "without must be a comma-separated subset"),
+    ({"without": ["working"]}, "without must be a comma-separated string"),
+    ({"mlp_dim": -1}, "mlp_dim"),
     ({"windw": 8}, "unknown field"),
 ])
 def test_bad_values_are_named(values, message):

@@ -383,6 +383,49 @@ class TestDocuments:
       model.apply(variables, tokens, segments)
 
 
+class TestWithout:
+  """A memory left out (`without`, the sweep's ablations) has no parameters and no state, and
+  the three forms still agree."""
+
+  @pytest.mark.parametrize("memory", ["working", "episodic", "procedural"])
+  def test_forms_agree_without_a_memory(self, memory):
+    config = dataclasses.replace(CONFIG, without=memory, em_teacher=1.0)
+    model = BrainCoreModel(config)
+    variables = model.init(jax.random.key(0), _tokens()[:, :SPAN])
+    tokens = _tokens()
+    logits = _all_forms(config, variables, tokens, jnp.zeros_like(tokens))
+    for name, value in logits.items():
+      np.testing.assert_allclose(value, logits["parallel"], atol=1e-4, err_msg=name)
+    own = {"working": "wm", "episodic": "em_gate", "procedural": "pm_code"}
+    names = set(variables["params"]["layer_0"])
+    assert own[memory] not in names
+    assert {v for k, v in own.items() if k != memory} <= names
+    assert memory not in family_lib.get("braincore").sources(config)
+    assert memory not in family_lib.get("braincore").boundaries(config)
+    layer = init_memory(config, 2).layers[0]
+    state = {"working": layer.window, "episodic": layer.episodic,
+             "procedural": layer.procedural}
+    assert [k for k, v in state.items() if v is None] == [memory]
+    assert memory not in costs.flops_by_part(config, 64)
+    assert costs.state_bytes(config) < costs.state_bytes(CONFIG)
+    with pytest.raises(ValueError, match="sources are"):
+      model.apply(variables, tokens, interventions=Interventions(drop=(memory,)))
+    train = model.apply(variables, tokens, train=True)[1]
+    assert ("em_write" in train.losses) == (memory != "episodic")  # Nothing to teach without it.
+
+  def test_without_both_plastic_memories_is_plasticity_off(self, model_and_params):
+    _, variables = model_and_params
+    off = dataclasses.replace(CONFIG, plasticity=False)
+    without = dataclasses.replace(CONFIG, without="episodic,procedural")
+    shapes = lambda c: jax.tree.map(jnp.shape, jax.eval_shape(
+        BrainCoreModel(c).init, jax.random.key(0), _tokens()[:, :SPAN]))
+    assert shapes(off) == shapes(without)
+    assert costs.state_bytes(off) == costs.state_bytes(without)
+    base = BrainCoreModel(off).init(jax.random.key(3), _tokens()[:, :SPAN])
+    np.testing.assert_array_equal(BrainCoreModel(off).apply(base, _tokens())[0],
+                                  BrainCoreModel(without).apply(base, _tokens())[0])
+
+
 class TestFamily:
 
   def test_registered(self):

@@ -28,6 +28,8 @@ from memkernel import train as train_lib
 from memkernel.kernel.interventions import Interventions
 from memkernel.peers import PeerConfig
 from memkernel import experiment as experiment_lib
+from memkernel import costs
+from memkernel.braincore import model as braincore_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_TASKS = ("mqar", "copy")
@@ -113,7 +115,8 @@ class SweepConfigTest(parameterized.TestCase):
     config.seeds = "0"
     sweep = ablate.parse_config(config)
     cells = {c.model: c for c in sweep.cells}
-    self.assertEqual(set(cells), set(ablate.MODELS))
+    # The default: every model but the brain-core's (chosen by name, below).
+    self.assertEqual(set(cells), set(ablate.MODELS) - set(ablate.BRAINCORE_MODELS))
     self.assertEqual(sweep.seeds, (0,))
     want = {  # model: (num_roots, use_tree_read, use_exact_read, route_descend)
         "single_root/no_memory": (1, False, False, True),
@@ -158,6 +161,38 @@ class SweepConfigTest(parameterized.TestCase):
     self.assertIn("max_eval_memory_gb=2", cells["dense"].skipped[8192])
     self.assertEqual(cells["sliding_window"].skipped, {})
     self.assertEqual(cells[ablate.FULL_KERNEL].skipped, {})
+
+  def test_brain_core_ablations_leave_a_memory_out_at_an_equal_budget(self):
+    config = ablate_config.get_config()
+    config.tasks = "mqar"
+    config.seeds = "0"
+    config.models = ",".join(ablate.BRAINCORE_MODELS)
+    config.model.d_model = 32  # The shared sizes reach the brain-core.
+    config.braincore.em_items = 64  # Its own section reaches every brain-core cell.
+    cells = {c.model: c for c in ablate.parse_config(config).cells}
+    self.assertEqual(list(cells), list(ablate.BRAINCORE_MODELS))
+    models = {m: experiment_lib.parse_config(c.config).model for m, c in cells.items()}
+    full = models[ablate.BRAINCORE]
+    self.assertEqual((full.d_model, full.em_items, full.without, full.mlp_dim), (32, 64, "", 0))
+    budget = costs.num_params(full)
+    for name in ("working", "episodic", "procedural"):
+      model = models[f"braincore/no_{name}"]
+      self.assertEqual(model.without, name)
+      self.assertNotIn(name, braincore_model.sources(model))
+      self.assertGreater(model.mlp_hidden, full.mlp_hidden, name)  # Its parameters went there.
+      self.assertLess(abs(costs.num_params(model) - budget) / budget, 0.01, name)
+    lifelong_off = models["braincore/lifelong_off"]
+    self.assertEqual((lifelong_off.em_boundary, lifelong_off.pm_boundary), ("reset", "reset"))
+    self.assertEqual((full.em_boundary, full.pm_boundary), ("decay", "decay"))
+    self.assertEqual(costs.num_params(lifelong_off), budget)
+    for cell in cells.values():
+      self.assertEqual(cell.config["model_type"], "braincore")
+    config.match_params = False
+    unmatched = {c.model: c for c in ablate.parse_config(config).cells}
+    self.assertEqual(unmatched["braincore/no_working"].config["braincore"]["mlp_dim"], 0)
+    with self.assertRaisesRegex(ValueError, r"config.braincore: \['without'\] are set per cell"):
+      config.braincore.without = "working"
+      ablate.parse_config(config)
 
   def test_an_evaluation_only_model_trains_its_source(self):
     config = ablate_config.get_config("smoke")
