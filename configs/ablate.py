@@ -14,13 +14,14 @@ model. Sized for a few hours on a 2-core CPU (measured: docs/results/sweep_cost/
 resumes, so it may be run in pieces (`--config.tasks=...`).
 
 `arg` variants (after the colon):
-  smoke   2 tasks (mqar, copy), the full kernel, its no-exact-read evaluation and the dense peer,
+  smoke   1 task (mqar), the full kernel, its no-exact-read evaluation and the dense peer,
           1 seed, 4 steps of the probes' smoke variant, lengths 1x and 4x: what CI runs.
   gpu     the probes at their own sizes (512-token training, e.g. MQAR with 32 pairs), d_model
           128, 2000 steps, lengths up to 64x (32k tokens), 3 seeds.
 
 Fields:
-  tasks           comma-separated subset of copy, mqar, induction, noisy_retrieval, far_compare.
+  tasks           comma-separated subset of copy, mqar, induction, noisy_retrieval, far_compare
+                  (the default), passkey, cross_doc.
   models          comma-separated subset of `memkernel.sweeps.ablate.MODELS` (the nine kernel
                   configurations, dense, sliding_window, oracle; and, not in the default, the
                   brain-core's: braincore, braincore/no_working, braincore/no_episodic,
@@ -53,6 +54,7 @@ import ml_collections
 
 ARGS = ("smoke", "gpu")
 TASKS = "copy,mqar,induction,noisy_retrieval,far_compare"
+EXTRA_TASKS = ("passkey", "cross_doc")  # Probes a sweep may name in `tasks`; not in the default.
 MODELS = ",".join((
     "single_root/no_memory", "multi_root/no_memory",
     "single_root/summaries_only", "single_root/sparse_retrieval",
@@ -91,11 +93,12 @@ def _probe_sections(task_arg: str) -> dict:
 
 
 def _task_sections(task_arg: str, sizes: dict) -> ml_collections.ConfigDict:
-  """Every probe's own TaskConfig fields (so each is overridable), updated with `sizes`."""
+  """Every probe's own TaskConfig fields (so each is overridable, also of the probes not in the
+  default `tasks`: passkey, cross_doc), updated with `sizes`."""
   return ml_collections.ConfigDict({
       task: {**{k: v for k, v in _probe(task, task_arg).task.to_dict().items() if k != "name"},
              **sizes.get(task, {})}
-      for task in TASKS.split(",")})
+      for task in TASKS.split(",") + list(EXTRA_TASKS)})
 
 
 def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
@@ -141,7 +144,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
                              ckpt_every=500))
     config.eval.update(dict(batches=8, batch_size=8, audit_batches=4))
   if "smoke" in names:
-    config.tasks = "mqar,copy"
+    config.tasks = "mqar"
     config.models = ("multi_root/sparse_retrieval+exact_read,"
                      "multi_root/sparse_retrieval_without_exact_read,dense")
     config.seeds = "0"

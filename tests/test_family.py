@@ -37,21 +37,25 @@ _SECTIONS = {
 }
 
 
-def _forms(model, params, tokens, segments, config):
-  """Logits of the parallel form, the recurrent form (two calls) and the step, [B, T, V] each."""
-  parallel, _ = model.apply({"params": params}, tokens, segments)
+def _forms(model, parallel_fn, params, tokens, segments, config):
+  """Logits of the parallel form, the recurrent form (two calls) and the step, [B, T, V] each
+  (jitted: op by op, the kernel's forms take a minute on the CPU)."""
+  parallel = parallel_fn(params, tokens, segments)
   memory = family.init_memory(config, tokens.shape[0])
   half = tokens.shape[1] // 2
-  first, memory_half = model.apply({"params": params}, tokens[:, :half], memory,
-                                   segments[:, :half], method=model.scan)
-  second, _ = model.apply({"params": params}, tokens[:, half:], memory_half, segments[:, half:],
-                          method=model.scan)
+  scan = jax.jit(lambda p, x, m, s: model.apply({"params": p}, x, m, s, method=model.scan))
+  first, memory_half = scan(params, tokens[:, :half], memory, segments[:, :half])
+  second, _ = scan(params, tokens[:, half:], memory_half, segments[:, half:])
   step = jax.jit(lambda p, x, m, s: model.apply({"params": p}, x, m, s, method=model.step))
   stepped = []
   for t in range(tokens.shape[1]):
     logits, memory = step(params, tokens[:, t], memory, segments[:, t])
     stepped.append(logits)
   return parallel, jnp.concatenate([first, second], axis=1), jnp.stack(stepped, axis=1)
+
+
+def _parallel(model):
+  return jax.jit(lambda p, x, s: model.apply({"params": p}, x, s)[0])
 
 
 class RegistryTest(parameterized.TestCase):
@@ -89,13 +93,14 @@ class RegistryTest(parameterized.TestCase):
       segments[0, 2 * unit:] = 2
       segments = jnp.asarray(segments)
       params = model.init(jax.random.key(1), tokens[:, :unit])["params"]
-      parallel, scanned, stepped = _forms(model, params, tokens, segments, config)
+      parallel_fn = _parallel(model)
+      parallel, scanned, stepped = _forms(model, parallel_fn, params, tokens, segments, config)
       np.testing.assert_allclose(scanned, parallel, atol=1e-4, rtol=1e-4)
       np.testing.assert_allclose(stepped, parallel, atol=1e-4, rtol=1e-4)
       # With reset, a later document does not see an earlier one: changing the first document
       # leaves the third one's logits as they were.
       changed = tokens.at[0, :unit].set((tokens[0, :unit] + 1) % 32)
-      again, _ = model.apply({"params": params}, changed, segments)
+      again = parallel_fn(params, changed, segments)
       np.testing.assert_allclose(again[0, unit:], parallel[0, unit:], atol=1e-5)
       self.assertGreater(float(jnp.abs(again[0, :unit] - parallel[0, :unit]).max()), 1e-4)
 

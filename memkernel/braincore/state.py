@@ -109,12 +109,11 @@ def init_memory(config: BrainCoreConfig, batch_size: int) -> BrainCoreMemory:
                                                                   c.pm_rank))
     if c.has_pool:
       layer = layer.replace(pool=init_pool(batch_size, c.em_writes, pool_width(c)))
-    if c.token_shift:
-      zeros_BD = jnp.zeros((batch_size, c.d_model), jnp.float32)
+    if c.token_shift:  # Separate buffers: a donated memory may not hold one buffer twice.
       if c.has_working:
-        layer = layer.replace(wm_previous_BD=zeros_BD)
+        layer = layer.replace(wm_previous_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
       if c.has_pool:
-        layer = layer.replace(em_previous_BD=zeros_BD)
+        layer = layer.replace(em_previous_BD=jnp.zeros((batch_size, c.d_model), jnp.float32))
     layers.append(layer)
   return BrainCoreMemory(tuple(layers), jnp.zeros((batch_size,), jnp.int32),
                          jnp.zeros((), jnp.int32))

@@ -113,6 +113,11 @@ class TestForms:
     long = costs.state_bytes(dataclasses.replace(CONFIG, max_seq_len=1 << 20))
     assert short == long
 
+  def test_memory_holds_no_buffer_twice(self):
+    """The benchmark and the sampler donate the memory: one buffer in two leaves is an error."""
+    leaves = jax.tree.leaves(init_memory(CONFIG, 2))
+    assert len({id(x) for x in leaves}) == len(leaves)
+
 
 def _first_difference(a, b):
   differs = np.any(np.abs(np.asarray(a) - np.asarray(b)) > 1e-6, axis=(0, 2))
