@@ -711,6 +711,9 @@ def cell_rows(record: Mapping[str, Any]) -> list[dict]:
         "train_length": train_length,
         "status": status, "reason": reason,
         "accuracy": None if reason else m["accuracy"],
+        # The binomial standard error over the cell's questions (absent in rows made before it).
+        "accuracy_se": None if reason else m.get("accuracy_se"),
+        "queries": None if reason else m.get("queries"),
         "loss": None if reason else m["loss"],
         "routing_recall": recall or None,
         "params": record["params"], "mlp_dim": record["mlp_dim"],

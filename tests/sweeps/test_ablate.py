@@ -35,7 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMOKE_TASKS = ("mqar",)
 SMOKE_MODELS = (ablate.FULL_KERNEL, ablate.WITHOUT_EXACT_READ, "dense")
 ROW_KEYS = ("task", "model", "seed", "length", "length_factor", "train_length", "status",
-            "reason", "accuracy", "loss", "routing_recall", "params", "mlp_dim",
+            "reason", "accuracy", "accuracy_se", "queries", "loss", "routing_recall", "params",
+            "mlp_dim",
             "state_bytes_per_token", "state_bytes_per_token_read", "state_bytes_formula",
             "train_wall_s", "steps", "config_hash", "command", "workdir", "audit",
             "evaluated_from", "interventions")
@@ -340,6 +341,9 @@ class SmokeSweepTest(absltest.TestCase):
       self.assertContainsSubset(ROW_KEYS, row)
       self.assertEqual(row["status"], "ok", row["reason"])
       self.assertTrue(np.isfinite(row["loss"]))
+      self.assertGreater(row["queries"], 0)
+      self.assertAlmostEqual(row["accuracy_se"], np.sqrt(
+          row["accuracy"] * (1 - row["accuracy"]) / row["queries"]), places=6)
       self.assertEqual(row["length_factor"], row["length"] // 64)
       self.assertEqual(row["command"], "python -m experiments.ablate "
                        f"--config=configs/ablate.py:smoke --out={self.out}")
