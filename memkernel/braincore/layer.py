@@ -79,6 +79,15 @@ def _select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def _pm_boundary(config: BrainCoreConfig, pm: pm_lib.ProceduralMemory, changed_B: jax.Array):
+  """Procedural memory after a document boundary's rule, in the rows where `changed_B`."""
+  if config.pm_boundary == "reset":
+    return pm_lib.reset_rows(pm, changed_B)
+  if config.pm_boundary == "decay":
+    return pm_lib.scale(pm, jnp.where(changed_B, config.boundary_decay, 1.0))
+  return pm
+
+
 def _gate_kernel_init(novelty: float):
   """The write gate's kernel over [max salience, novelty, weakest strength, occupancy]: LeCun
   normal, with the novelty weight set to `novelty` where it is not 0 (with the bias at -novelty
@@ -140,12 +149,7 @@ class BrainCoreLayer(nn.Module):
     return em
 
   def _pm_boundary(self, pm: pm_lib.ProceduralMemory, changed_B: jax.Array):
-    rule = self.config.pm_boundary
-    if rule == "reset":
-      return pm_lib.reset_rows(pm, changed_B)
-    if rule == "decay":
-      return pm_lib.scale(pm, jnp.where(changed_B, self.config.boundary_decay, 1.0))
-    return pm
+    return _pm_boundary(self.config, pm, changed_B)
 
   # ----------------------------------------------------------------------------------------------
   # The span-boundary writes.
@@ -191,6 +195,128 @@ class BrainCoreLayer(nn.Module):
     return pm_lib.consolidate(pm, modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
 
   # ----------------------------------------------------------------------------------------------
+
+  # ----------------------------------------------------------------------------------------------
+  # The parallel form, layer by layer.
+
+  def _em_span(self, em: em_lib.EpisodicMemory, xs, reads: bool):
+    """One span of `sequence`'s episodic scan: the boundary rule at its start, its tokens' read
+    of the memory as of the start, then its end's write. Returns (memory, per-span outputs)."""
+    pool, query_BPK, start_changed_B, span_start = xs
+    em0 = self._em_boundary(em, start_changed_B)
+    read_BPK, weights_BPK, slots_BPK = em_lib.read(em0, query_BPK, self.config.em_k)
+    em1, written = self._em_write(em0, pool, span_start)
+    out = dict(read=read_BPK, logits=written["logits"], density=written["density"],
+               keys=jax.lax.stop_gradient(written["keys"]))
+    if reads:
+      out.update(read_origins=em_lib.origins(em0, jnp.where(weights_BPK > 0, slots_BPK, -1)),
+                 blind_origins=em_lib.origins(em0, em_lib.strongest(em0, self.config.em_k)),
+                 live_origins=jnp.where(em0.strength_BM > 0, em0.origin_BM, -1))
+    return em1, out
+
+  def sequence(self, x_BTD: jax.Array, memory: LayerMemory, segments_BT: jax.Array,
+               new_document_BT: jax.Array, core_carry_BT: jax.Array,
+               start_changed_NB: jax.Array, drop: frozenset = frozenset(),
+               trace: str = "") -> tuple[jax.Array, LayerMemory, dict, dict]:
+    """The layer over N whole spans (T = N P tokens) from an empty memory at once: what
+    `__call__` computes chunk by chunk, in the parallel form's order. The core, working memory
+    (blockwise over the sequence), the projections and the MLP run over all T tokens; only the
+    episodic read-then-write and the procedural consolidation step span by span.
+
+    `start_changed_NB` [N, B]: span n starts a new document. Returns (x, the layer's memory
+    after the sequence, {diagnostic: sum over spans}, the write trace as `__call__`'s stacked
+    over spans: [B, N, ...] per span, [B, T, ...] per position).
+    """
+    c = self.config
+    b, t, _ = x_BTD.shape
+    n, p = t // c.span, c.span
+    x_input_BTD = x_BTD
+    y_BTD, core_BD = self.core(self.core_norm(x_BTD), memory.core_BD, core_carry_BT)
+    x_BTD = x_BTD + y_BTD
+    window, wm_previous_BD = None, None
+    if c.has_working:
+      h_BTD = self.wm_norm(x_BTD)
+      h_previous_BTD = None
+      if c.token_shift:
+        h_previous_BTD = self._previous(h_BTD, memory.wm_previous_BD, new_document_BT)
+        wm_previous_BD = h_BTD[:, -1]
+      y_BTD, window = self.wm(h_BTD, memory.window, segments_BT, h_previous_BTD,
+                              blockwise=True)
+      if "working" not in drop:
+        x_BTD = x_BTD + y_BTD
+    if not c.has_pool:
+      h_BTF = nn.gelu(self.mlp_in(self.mlp_norm(x_BTD)))
+      return (x_BTD + self.mlp_out(h_BTF),
+              LayerMemory(core_BD, window, wm_previous_BD=wm_previous_BD), {}, {})
+
+    # Each span's pooled features, all spans at once.
+    u_BTD = self.em_norm(x_input_BTD if c.em_features == "input" else x_BTD)
+    features_BTF, em_previous_BD = u_BTD, None
+    if c.token_shift:
+      features_BTF = jnp.concatenate(
+          [u_BTD, self._previous(u_BTD, memory.em_previous_BD, new_document_BT)], axis=-1)
+      em_previous_BD = u_BTD[:, -1]
+    f = features_BTF.shape[-1]
+    salience_BT = self.salience(features_BTF)[..., 0]
+    in_part_PC = (jnp.arange(p) // (p // c.em_writes))[:, None] == jnp.arange(c.em_writes)[None]
+    pools = pool_add(init_pool(b * n, c.em_writes, f), salience_BT.reshape(b * n, p),
+                     features_BTF.reshape(b * n, p, f), in_part_PC)
+    to_spans = lambda v: v.reshape((b, n) + v.shape[1:])
+    pools_NB = jax.tree.map(lambda v: jnp.swapaxes(to_spans(v), 0, 1), pools)
+
+    diagnostics, write_trace = {}, {}
+    em = None
+    if c.has_episodic:
+      query_BTK = u_BTD @ self.em_query_kernel
+      query_NBPK = jnp.swapaxes(query_BTK.reshape(b, n, p, -1), 0, 1)
+      span_start_N = (p * jnp.arange(n)).astype(jnp.int32)  # The memory starts empty, at 0.
+      scan = nn.scan(lambda module, carry, xs: module._em_span(carry, xs, trace == "reads"),  # pylint: disable=protected-access
+                     variable_broadcast="params", split_rngs={"params": False})
+      em, spans = scan(self, memory.episodic, (pools_NB, query_NBPK, start_changed_NB,
+                                               span_start_N))
+      read_BTK = jnp.swapaxes(spans["read"], 0, 1).reshape(b, t, -1)
+      if "episodic" not in drop:
+        x_BTD = x_BTD + self.em_out(read_BTK)
+      diagnostics = {"em_gate": jnp.sum(jnp.mean(jax.nn.sigmoid(spans["logits"]), axis=(1, 2))),
+                     "em_density": jnp.sum(jnp.mean(spans["density"], axis=1)),
+                     "em_commits": jnp.asarray(n, jnp.float32)}
+      if trace:
+        write_trace = {"logits": jnp.swapaxes(spans["logits"], 0, 1),
+                       "keys": jnp.swapaxes(spans["keys"], 0, 1),
+                       "queries": jax.lax.stop_gradient(query_BTK)}
+        if trace == "reads":
+          write_trace.update(
+              read_origins=jnp.swapaxes(spans["read_origins"], 0, 1).reshape(b, t, -1),
+              blind_origins=jnp.swapaxes(spans["blind_origins"], 0, 1),
+              live_origins=jnp.swapaxes(spans["live_origins"], 0, 1))
+
+    a_BTF = nn.gelu(self.mlp_in(self.mlp_norm(x_BTD)))
+    slow_BTD = self.mlp_out(a_BTF)
+    x_BTD = x_BTD + slow_BTD
+    pm = None
+    if c.has_procedural:
+      code_BTR = self.pm_code(a_BTF)
+      pooled_NBD = jnp.mean(pools_NB.pooled(), axis=2)[..., :c.d_model]
+      modulator_NB = jnp.tanh(self.pm_modulator(pooled_NBD)[..., 0])
+      ones_1P = jnp.ones((1, p), jnp.float32)
+
+      def pm_span(pm, xs):  # Pure: no module is called inside the scan.
+        slow_BPD, code_BPR, modulator_B, changed_B = xs
+        pm0 = _pm_boundary(c, pm, changed_B)
+        delta_BPD = pm_lib.apply(pm0, code_BPR)
+        pm1 = pm_lib.consolidate(pm_lib.accumulate(pm0, slow_BPD, code_BPR, ones_1P),
+                                 modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
+        return pm1, delta_BPD
+
+      spans_of = lambda v: jnp.swapaxes(v.reshape((b, n, p) + v.shape[2:]), 0, 1)
+      pm, delta_NBPD = jax.lax.scan(pm_span, memory.procedural,
+                                    (spans_of(slow_BTD), spans_of(code_BTR), modulator_NB,
+                                     start_changed_NB))
+      if "procedural" not in drop:
+        x_BTD = x_BTD + jnp.swapaxes(delta_NBPD, 0, 1).reshape(b, t, -1)
+    pool = init_pool(b, c.em_writes, f)  # The next span starts empty.
+    return x_BTD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
+                              em_previous_BD), diagnostics, write_trace
 
   @staticmethod
   def _previous(h_BQD: jax.Array, last_BD: jax.Array, new_document_BQ: jax.Array) -> jax.Array:

@@ -1,15 +1,18 @@
-"""The brain-core model (seed 002): embedding -> layers (`BrainCoreLayer`) -> RMSNorm -> LM head,
-processed plasticity span by plasticity span.
+"""The brain-core model (seed 002): embedding -> layers (`BrainCoreLayer`) -> RMSNorm -> LM head.
 
-The three forms of the family protocol (`memkernel.family`) share one chunk function:
+The recurrent forms of the family protocol (`memkernel.family`) share one chunk function; the
+parallel form computes the same layer by layer:
 
     logits, out = model.apply(variables, tokens, segments)                     # parallel
     logits, memory = model.apply(variables, tokens, memory, method=model.scan)   # recurrent
     logits, memory = model.apply(variables, token, memory, method=model.step)    # one token
 
-The parallel form is a `lax.scan` over spans of P tokens from an empty memory, parallel inside
-each span (the core's scan, the window's attention, the episodic read and the MLP over P tokens
-at once); `scan` runs chunks of P tokens from wherever the memory stands, a chunk straddling at
+The parallel form starts from an empty memory and runs each layer over the whole spans at once
+(`BrainCoreLayer.sequence`: the core's scan, working memory's blockwise attention, the
+projections and the MLP over the sequence; only the episodic read-then-write and the procedural
+consolidation scanned span by span), then any last partial span as one chunk. A `lax.scan` over
+spans with every layer inside (the first design) ran working memory as 128 small attentions per
+layer at 8k and spent ~46% of the forward there (docs/bench/braincore/). `scan` runs chunks of P tokens from wherever the memory stands, a chunk straddling at
 most one span end; `step` is a chunk of one token. Tokens, not spans, are what a caller feeds:
 the memory remembers where its span stands (`BrainCoreMemory.position`).
 
@@ -149,6 +152,32 @@ class BrainCoreModel(nn.Module):
     return logits, BrainCoreMemory(tuple(layers), segments_BQ[:, -1], memory.position + q), \
         diagnostics, tuple(traces)
 
+  def _layers(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
+              drop: frozenset, trace: str = ""):
+    """The parallel form over whole spans from an empty memory, layer by layer
+    (`BrainCoreLayer.sequence`): the outputs, memory, diagnostics and traces `_chunk` gives
+    span by span, with the sequence-wide work done at once."""
+    c = self.config
+    t = tokens.shape[1]
+    new_BT = self._new_documents(segments, memory)
+    factor = _CARRY.get(c.core_boundary, c.boundary_decay)
+    carry_BT = jnp.where(new_BT, factor, 1.0).astype(jnp.float32)
+    # Span n starts a new document where its first token's differs from the token's before it.
+    before_BN = jnp.concatenate([memory.segment_B[:, None],
+                                 segments[:, c.span - 1:-1:c.span]], axis=1)
+    start_changed_NB = jnp.swapaxes(segments[:, ::c.span] != before_BN, 0, 1)
+    x_BTD = self.embed(tokens)
+    layers, totals, traces = [], {}, []
+    for i, (layer, layer_memory) in enumerate(zip(self.layers, memory.layers)):
+      x_BTD, layer_memory, d, write_trace = layer.sequence(
+          x_BTD, layer_memory, segments, new_BT, carry_BT, start_changed_NB, drop, trace)
+      layers.append(layer_memory)
+      traces.append(write_trace)
+      totals.update({f"layer_{i}/{k}": v for k, v in d.items()})
+    logits = self.lm_head(self.final_norm(x_BTD)).astype(jnp.float32)
+    return logits, BrainCoreMemory(tuple(layers), segments[:, -1], memory.position + t), \
+        totals, tuple(traces)
+
   def _run(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
            aligned: bool, drop: frozenset, trace: str = ""):
     """Chunks of P tokens (`nn.scan` over the whole ones, then the rest): (logits, memory,
@@ -161,7 +190,12 @@ class BrainCoreModel(nn.Module):
     chunk = self.config.span
     n, tail = divmod(t, chunk)
     logits, totals, traces = [], {}, [{} for _ in self.layers]
-    if n:
+    if n and aligned:  # The parallel form: layer by layer over the whole spans.
+      out, memory, totals, traces = self._layers(tokens[:, :n * chunk], segments[:, :n * chunk],
+                                                 memory, drop=drop, trace=trace)
+      logits.append(out)
+      traces = list(traces)
+    elif n:
       to_chunks = lambda y: jnp.swapaxes(y[:, :n * chunk].reshape(b, n, chunk), 0, 1)
 
       def body(module, mem, xs):
@@ -211,7 +245,9 @@ class BrainCoreModel(nn.Module):
   def __call__(self, tokens: jax.Array, segments: Any = None, *, oracle_leaves: Any = None,
                train: bool = False, loss_mask: Any = None,
                interventions: Any = None) -> tuple[jax.Array, Outputs]:
-    """Parallel form (over spans), from an empty memory.
+    """Parallel form, from an empty memory: layer by layer over the whole spans
+    (`BrainCoreLayer.sequence`: the core, working memory and the MLP over the sequence at once,
+    episodic and procedural memory scanned span by span), then the last partial span as a chunk.
 
     Args:
       tokens: int32 [B, T], T <= max_seq_len.

@@ -66,7 +66,14 @@ class WorkingMemory(nn.Module):
   @nn.compact
   def __call__(self, x_BQD: jax.Array, cache: WindowCache,
                segments_BQ: Optional[jax.Array] = None,
-               x_previous_BQD: Optional[jax.Array] = None) -> tuple[jax.Array, WindowCache]:
+               x_previous_BQD: Optional[jax.Array] = None,
+               blockwise: bool = False) -> tuple[jax.Array, WindowCache]:
+    """(the attention's output [B, Q, D], the cache after the chunk).
+
+    `blockwise`: the chunk is a whole sequence and `cache` is empty (the parallel form): the
+    attention runs in blocks of W over the sequence at once (the sliding-window peer's
+    `blockwise_sliding_window_attention`) instead of against the ring and the chunk.
+    """
     b, q = x_BQD.shape[:2]
     if self.shift and x_previous_BQD is None:
       raise ValueError("WorkingMemory(shift=True) needs x_previous_BQD, each token's predecessor")
@@ -90,6 +97,12 @@ class WorkingMemory(nn.Module):
       k_BQNH = k_BQNH + jnp.einsum("bqd,dnh->bqnh", x_previous_BQD, previous)
     k_BQNH = rope(k_BQNH, positions_Q)
     v_BQNH = nn.DenseGeneral(heads, use_bias=False, name="value")(x_BQD)
+    out = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, name="out")
+    if blockwise:
+      o_BQNH = attention.blockwise_sliding_window_attention(
+          q_BQNH, k_BQNH.astype(jnp.float32), v_BQNH.astype(jnp.float32), self.window,
+          None if self.carry else segments_BQ)
+      return out(o_BQNH), self._written(cache, k_BQNH, v_BQNH, segments_BQ)
     # Keys: the ring's (positions before the chunk), then the chunk's own.
     key_positions = jnp.concatenate([cache.slot_positions(), positions_Q])
     distance = positions_Q[:, None] - key_positions[None, :]
@@ -101,9 +114,12 @@ class WorkingMemory(nn.Module):
     keys = jnp.concatenate([cache.k_BSNH, k_BQNH.astype(jnp.float32)], axis=1)
     values = jnp.concatenate([cache.v_BSNH, v_BQNH.astype(jnp.float32)], axis=1)
     o_BQNH = attention.masked_attention(q_BQNH, keys, values, mask)
-    y_BQD = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False, name="out")(o_BQNH)
-    cache = WindowCache(peer_memory.write(cache.k_BSNH, k_BQNH, cache.position, True),
-                        peer_memory.write(cache.v_BSNH, v_BQNH, cache.position, True),
-                        peer_memory.write(cache.segments_BS, segments_BQ, cache.position, True),
-                        cache.position + q)
-    return y_BQD, cache
+    return out(o_BQNH), self._written(cache, k_BQNH, v_BQNH, segments_BQ)
+
+  @staticmethod
+  def _written(cache: WindowCache, k_BQNH, v_BQNH, segments_BQ) -> WindowCache:
+    q = k_BQNH.shape[1]
+    return WindowCache(peer_memory.write(cache.k_BSNH, k_BQNH, cache.position, True),
+                       peer_memory.write(cache.v_BSNH, v_BQNH, cache.position, True),
+                       peer_memory.write(cache.segments_BS, segments_BQ, cache.position, True),
+                       cache.position + q)
