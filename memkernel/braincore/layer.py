@@ -231,33 +231,17 @@ class BrainCoreLayer(nn.Module):
     b, t, _ = x_BTD.shape
     n, p = t // c.span, c.span
     x_input_BTD = x_BTD
-    y_BTD, core_BD = self.core(self.core_norm(x_BTD), memory.core_BD, core_carry_BT)
-    x_BTD = x_BTD + y_BTD
-    window, wm_previous_BD = None, None
-    if c.has_working:
-      h_BTD = self.wm_norm(x_BTD)
-      h_previous_BTD = None
-      if c.token_shift:
-        h_previous_BTD = self._previous(h_BTD, memory.wm_previous_BD, new_document_BT)
-        wm_previous_BD = h_BTD[:, -1]
-      y_BTD, window = self.wm(h_BTD, memory.window, segments_BT, h_previous_BTD,
-                              blockwise=True)
-      if "working" not in drop:
-        x_BTD = x_BTD + y_BTD
+    x_BTD, core_BD, window, wm_previous_BD = self._core_and_working(
+        x_BTD, memory, segments_BT, new_document_BT, core_carry_BT, drop, blockwise=True)
     if not c.has_pool:
       h_BTF = nn.gelu(self.mlp_in(self.mlp_norm(x_BTD)))
       return (x_BTD + self.mlp_out(h_BTF),
               LayerMemory(core_BD, window, wm_previous_BD=wm_previous_BD), {}, {})
 
     # Each span's pooled features, all spans at once.
-    u_BTD = self.em_norm(x_input_BTD if c.em_features == "input" else x_BTD)
-    features_BTF, em_previous_BD = u_BTD, None
-    if c.token_shift:
-      features_BTF = jnp.concatenate(
-          [u_BTD, self._previous(u_BTD, memory.em_previous_BD, new_document_BT)], axis=-1)
-      em_previous_BD = u_BTD[:, -1]
+    u_BTD, features_BTF, salience_BT, em_previous_BD = self._span_features(
+        x_input_BTD, x_BTD, memory, new_document_BT)
     f = features_BTF.shape[-1]
-    salience_BT = self.salience(features_BTF)[..., 0]
     in_part_PC = (jnp.arange(p) // (p // c.em_writes))[:, None] == jnp.arange(c.em_writes)[None]
     pools = pool_add(init_pool(b * n, c.em_writes, f), salience_BT.reshape(b * n, p),
                      features_BTF.reshape(b * n, p, f), in_part_PC)
@@ -318,6 +302,37 @@ class BrainCoreLayer(nn.Module):
     return x_BTD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
                               em_previous_BD), diagnostics, write_trace
 
+  def _core_and_working(self, x_BQD, memory: LayerMemory, segments_BQ, new_document_BQ,
+                        core_carry_BQ, drop: frozenset, blockwise: bool = False):
+    """x after the core and working memory, the core's state, the window and the last token's
+    working-memory input (None without working memory or the shift)."""
+    y_BQD, core_BD = self.core(self.core_norm(x_BQD), memory.core_BD, core_carry_BQ)
+    x_BQD = x_BQD + y_BQD
+    window, wm_previous_BD = None, None
+    if self.config.has_working:
+      h_BQD = self.wm_norm(x_BQD)
+      h_previous_BQD = None
+      if self.config.token_shift:
+        h_previous_BQD = self._previous(h_BQD, memory.wm_previous_BD, new_document_BQ)
+        wm_previous_BD = h_BQD[:, -1]
+      y_BQD, window = self.wm(h_BQD, memory.window, segments_BQ, h_previous_BQD,
+                              blockwise=blockwise)
+      if "working" not in drop:
+        x_BQD = x_BQD + y_BQD
+    return x_BQD, core_BD, window, wm_previous_BD
+
+  def _span_features(self, x_input_BQD, x_BQD, memory: LayerMemory, new_document_BQ):
+    """(u: the normed episodic input [B, Q, D], the pooled features [B, Q, F] (u, and its
+    predecessor's with the shift), their salience [B, Q], the last token's u for the shift)."""
+    c = self.config
+    u_BQD = self.em_norm(x_input_BQD if c.em_features == "input" else x_BQD)
+    features_BQF, em_previous_BD = u_BQD, None
+    if c.token_shift:
+      features_BQF = jnp.concatenate(
+          [u_BQD, self._previous(u_BQD, memory.em_previous_BD, new_document_BQ)], axis=-1)
+      em_previous_BD = u_BQD[:, -1]
+    return u_BQD, features_BQF, self.salience(features_BQF)[..., 0], em_previous_BD
+
   @staticmethod
   def _previous(h_BQD: jax.Array, last_BD: jax.Array, new_document_BQ: jax.Array) -> jax.Array:
     """Each token's predecessor's features [B, Q, D] (0 where a document starts)."""
@@ -341,18 +356,8 @@ class BrainCoreLayer(nn.Module):
     """
     c = self.config
     x_input_BQD = x_BQD
-    y_BQD, core_BD = self.core(self.core_norm(x_BQD), memory.core_BD, core_carry_BQ)
-    x_BQD = x_BQD + y_BQD
-    window, wm_previous_BD = None, None
-    if c.has_working:
-      h_BQD = self.wm_norm(x_BQD)
-      h_previous_BQD = None
-      if c.token_shift:
-        h_previous_BQD = self._previous(h_BQD, memory.wm_previous_BD, new_document_BQ)
-        wm_previous_BD = h_BQD[:, -1]
-      y_BQD, window = self.wm(h_BQD, memory.window, segments_BQ, h_previous_BQD)
-      if "working" not in drop:
-        x_BQD = x_BQD + y_BQD
+    x_BQD, core_BD, window, wm_previous_BD = self._core_and_working(
+        x_BQD, memory, segments_BQ, new_document_BQ, core_carry_BQ, drop)
     if not c.has_pool:
       h_BQF = nn.gelu(self.mlp_in(self.mlp_norm(x_BQD)))
       return (x_BQD + self.mlp_out(h_BQF),
@@ -360,13 +365,8 @@ class BrainCoreLayer(nn.Module):
 
     before_Q, after_Q = cut.before_Q, ~cut.before_Q
     # The span's features, pooled for its end's writes.
-    u_BQD = self.em_norm(x_input_BQD if c.em_features == "input" else x_BQD)
-    features_BQF, em_previous_BD = u_BQD, None
-    if c.token_shift:
-      features_BQF = jnp.concatenate(
-          [u_BQD, self._previous(u_BQD, memory.em_previous_BD, new_document_BQ)], axis=-1)
-      em_previous_BD = u_BQD[:, -1]
-    salience_BQ = self.salience(features_BQF)[..., 0]
+    u_BQD, features_BQF, salience_BQ, em_previous_BD = self._span_features(
+        x_input_BQD, x_BQD, memory, new_document_BQ)
     in_part_QC = cut.part_Q[:, None] == jnp.arange(c.em_writes)[None, :]
     pool_before = pool_add(memory.pool, salience_BQ, features_BQF,
                            before_Q[:, None] & in_part_QC)

@@ -140,16 +140,22 @@ class BrainCoreModel(nn.Module):
     new_BQ = self._new_documents(segments_BQ, memory)
     factor = _CARRY.get(self.config.core_boundary, self.config.boundary_decay)
     carry_BQ = jnp.where(new_BQ, factor, 1.0).astype(jnp.float32)
+    return self._stack(tokens_BQ, segments_BQ, memory, lambda layer, x, layer_memory: layer(
+        x, layer_memory, segments_BQ, new_BQ, carry_BQ, cut, drop, trace))
+
+  def _stack(self, tokens_BQ, segments_BQ, memory: BrainCoreMemory, apply_layer):
+    """Embedding, each layer by `apply_layer(layer, x, its memory)` (-> x, memory, diagnostics,
+    trace), the LM head: (logits, memory, diagnostics, traces)."""
     x_BQD = self.embed(tokens_BQ)
     layers, diagnostics, traces = [], {}, []
     for i, (layer, layer_memory) in enumerate(zip(self.layers, memory.layers)):
-      x_BQD, layer_memory, d, write_trace = layer(x_BQD, layer_memory, segments_BQ, new_BQ,
-                                                  carry_BQ, cut, drop, trace)
+      x_BQD, layer_memory, d, write_trace = apply_layer(layer, x_BQD, layer_memory)
       layers.append(layer_memory)
       traces.append(write_trace)
       diagnostics.update({f"layer_{i}/{k}": v for k, v in d.items()})
     logits = self.lm_head(self.final_norm(x_BQD)).astype(jnp.float32)
-    return logits, BrainCoreMemory(tuple(layers), segments_BQ[:, -1], memory.position + q), \
+    return logits, BrainCoreMemory(tuple(layers), segments_BQ[:, -1],
+                                   memory.position + tokens_BQ.shape[1]), \
         diagnostics, tuple(traces)
 
   def _layers(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
@@ -158,7 +164,6 @@ class BrainCoreModel(nn.Module):
     (`BrainCoreLayer.sequence`): the outputs, memory, diagnostics and traces `_chunk` gives
     span by span, with the sequence-wide work done at once."""
     c = self.config
-    t = tokens.shape[1]
     new_BT = self._new_documents(segments, memory)
     factor = _CARRY.get(c.core_boundary, c.boundary_decay)
     carry_BT = jnp.where(new_BT, factor, 1.0).astype(jnp.float32)
@@ -166,17 +171,8 @@ class BrainCoreModel(nn.Module):
     before_BN = jnp.concatenate([memory.segment_B[:, None],
                                  segments[:, c.span - 1:-1:c.span]], axis=1)
     start_changed_NB = jnp.swapaxes(segments[:, ::c.span] != before_BN, 0, 1)
-    x_BTD = self.embed(tokens)
-    layers, totals, traces = [], {}, []
-    for i, (layer, layer_memory) in enumerate(zip(self.layers, memory.layers)):
-      x_BTD, layer_memory, d, write_trace = layer.sequence(
-          x_BTD, layer_memory, segments, new_BT, carry_BT, start_changed_NB, drop, trace)
-      layers.append(layer_memory)
-      traces.append(write_trace)
-      totals.update({f"layer_{i}/{k}": v for k, v in d.items()})
-    logits = self.lm_head(self.final_norm(x_BTD)).astype(jnp.float32)
-    return logits, BrainCoreMemory(tuple(layers), segments[:, -1], memory.position + t), \
-        totals, tuple(traces)
+    return self._stack(tokens, segments, memory, lambda layer, x, layer_memory: layer.sequence(
+        x, layer_memory, segments, new_BT, carry_BT, start_changed_NB, drop, trace))
 
   def _run(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
            aligned: bool, drop: frozenset, trace: str = ""):
