@@ -195,8 +195,6 @@ class BrainCoreLayer(nn.Module):
     return pm_lib.consolidate(pm, modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
 
   # ----------------------------------------------------------------------------------------------
-
-  # ----------------------------------------------------------------------------------------------
   # The parallel form, layer by layer.
 
   def _em_span(self, em: em_lib.EpisodicMemory, xs, reads: bool):
@@ -301,6 +299,9 @@ class BrainCoreLayer(nn.Module):
     pool = init_pool(b, c.em_writes, f)  # The next span starts empty.
     return x_BTD, LayerMemory(core_BD, window, em, pm, pool, wm_previous_BD,
                               em_previous_BD), diagnostics, write_trace
+
+  # ----------------------------------------------------------------------------------------------
+  # Steps shared by the sequence and the chunk; one chunk.
 
   def _core_and_working(self, x_BQD, memory: LayerMemory, segments_BQ, new_document_BQ,
                         core_carry_BQ, drop: frozenset, blockwise: bool = False):
