@@ -12,9 +12,10 @@ The parallel form starts from an empty memory and runs each layer over the whole
 projections and the MLP over the sequence; only the episodic read-then-write and the procedural
 consolidation scanned span by span), then any last partial span as one chunk. A `lax.scan` over
 spans with every layer inside (the first design) ran working memory as 128 small attentions per
-layer at 8k and spent ~46% of the forward there (docs/bench/braincore/). `scan` runs chunks of P tokens from wherever the memory stands, a chunk straddling at
-most one span end; `step` is a chunk of one token. Tokens, not spans, are what a caller feeds:
-the memory remembers where its span stands (`BrainCoreMemory.position`).
+layer at 8k and spent ~46% of the forward there (docs/bench/braincore/). `scan` runs chunks
+of P tokens from wherever the memory stands, a chunk straddling at most one span end; `step`
+is a chunk of one token. Tokens, not spans, are what a caller feeds: the memory remembers where
+its span stands (`BrainCoreMemory.position`).
 
 Documents (`segments`): the core and working memory apply their boundary rule at the token that
 starts a document; episodic and procedural memory at the first span start of a new document
@@ -176,7 +177,8 @@ class BrainCoreModel(nn.Module):
 
   def _run(self, tokens: jax.Array, segments: jax.Array, memory: BrainCoreMemory, *,
            aligned: bool, drop: frozenset, trace: str = ""):
-    """Chunks of P tokens (`nn.scan` over the whole ones, then the rest): (logits, memory,
+    """The whole spans (`aligned`, from an empty memory: layer by layer, `_layers`; otherwise
+    chunks of P tokens under `nn.scan`), then the rest as one chunk: (logits, memory,
     diagnostics summed over chunks, each layer's write trace over the sequence: the whole
     spans' gate logits [B, N, C] and keys [B, N, C, K] and every position's queries [B, T, K];
     with trace='reads' also the origins of the items each position read [B, T, K], each whole
