@@ -135,7 +135,7 @@ class BrainCoreConfig:
     fields.check_int(s, "mlp_dim", self.mlp_dim, 0)
     if not isinstance(self.without, str):
       raise ValueError(f"{s}.without must be a comma-separated string, got {self.without!r}")
-    names = [n.strip() for n in self.without.split(",") if n.strip()]
+    names = self.left_out
     if any(n not in MEMORIES for n in names) or len(set(names)) != len(names):
       raise ValueError(f"{s}.without must be a comma-separated subset of {MEMORIES} (each at "
                        f"most once), got {self.without!r}")
@@ -190,8 +190,13 @@ class BrainCoreConfig:
   def mlp_hidden(self) -> int:
     return self.mlp_dim or self.mlp_ratio * self.d_model
 
+  @property
+  def left_out(self) -> tuple[str, ...]:
+    """The memories named in `without`."""
+    return tuple(n.strip() for n in self.without.split(",") if n.strip())
+
   def _has(self, memory: str) -> bool:
-    return memory not in [n.strip() for n in self.without.split(",")]
+    return memory not in self.left_out
 
   @property
   def has_working(self) -> bool:

@@ -188,10 +188,14 @@ class BrainCoreLayer(nn.Module):
                                 origins_BC)
     return em, {"logits": logits_BC, "keys": keys_BCK, "density": stored_B / shape[-1]}
 
-  def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, pool) -> pm_lib.ProceduralMemory:
+  def _pm_modulator(self, pool) -> jax.Array:
+    """The span's procedural modulator tanh(w . pooled + b) [...]: the pooled feature averaged
+    over the span's parts (any leading shape, e.g. [B] or [N, B])."""
+    pooled = jnp.mean(pool.pooled(), axis=-2)[..., :self.config.d_model]
+    return jnp.tanh(self.pm_modulator(pooled)[..., 0])
+
+  def _pm_consolidate(self, pm: pm_lib.ProceduralMemory, modulator_B) -> pm_lib.ProceduralMemory:
     c = self.config
-    pooled_BD = jnp.mean(pool.pooled(), axis=1)[:, :c.d_model]
-    modulator_B = jnp.tanh(self.pm_modulator(pooled_BD)[:, 0])
     return pm_lib.consolidate(pm, modulator_B, lr=c.pm_lr, decay=c.pm_decay, budget=c.pm_budget)
 
   # ----------------------------------------------------------------------------------------------
@@ -278,11 +282,10 @@ class BrainCoreLayer(nn.Module):
     pm = None
     if c.has_procedural:
       code_BTR = self.pm_code(a_BTF)
-      pooled_NBD = jnp.mean(pools_NB.pooled(), axis=2)[..., :c.d_model]
-      modulator_NB = jnp.tanh(self.pm_modulator(pooled_NBD)[..., 0])
+      modulator_NB = self._pm_modulator(pools_NB)
       ones_1P = jnp.ones((1, p), jnp.float32)
 
-      def pm_span(pm, xs):  # Pure: no module is called inside the scan.
+      def pm_span(pm, xs):  # No module is called inside the scan.
         slow_BPD, code_BPR, modulator_B, changed_B = xs
         pm0 = _pm_boundary(c, pm, changed_B)
         delta_BPD = pm_lib.apply(pm0, code_BPR)
@@ -396,7 +399,8 @@ class BrainCoreLayer(nn.Module):
       code_BQR = self.pm_code(a_BQF)
       pm_before = pm_lib.accumulate(pm0, slow_BQD, code_BQR,
                                     before_Q[None, :].astype(jnp.float32))
-      pm1 = self._pm_boundary(self._pm_consolidate(pm_before, pool_before), cut.cut_changed_B)
+      pm1 = self._pm_boundary(self._pm_consolidate(pm_before, self._pm_modulator(pool_before)),
+                              cut.cut_changed_B)
       delta_BQD = pm_lib.apply(pm0, code_BQR)
       if not cut.aligned:
         delta_BQD = jnp.where(before_Q[None, :, None], delta_BQD, pm_lib.apply(pm1, code_BQR))
