@@ -5,6 +5,7 @@
 top-k read, a gated write evicting the weakest item, decay) and `procedural` (PM: low-rank fast
 weights with Hebbian traces, consolidated at span boundaries under a norm budget) as pure JAX;
 `state` (the one memory pytree); `layer` (one layer over a chunk, its span-boundary writes);
-`model` (`BrainCoreModel`: the parallel, scan and step forms over one chunk function); `costs`
+`model` (`BrainCoreModel`: the parallel, scan and step forms over one chunk function);
+`consolidate` (a sleep: one stream's memory distilled into the slow weights); `costs`
 and `family` (its registration as `braincore`).
 """
