@@ -4,7 +4,7 @@ everything it does is `memkernel.analysis.consolidation`.
 
   python -m experiments.consolidate --workdir=runs/consolidate/xdoc_s0
   python -m experiments.consolidate --workdir=runs/consolidate/xdoc_s0 --stream=validation \
-      --learning_rate=0.3 --out=runs/consolidate/xdoc_s0/sleep_val.json
+      --learning_rate=0.1 --out=runs/consolidate/xdoc_s0/sleep_val.json
 
 Choose the sleep's settings on --stream=validation and report on the test stream. Prints the
 table and writes it with the command to --out (default WORKDIR/consolidation.json; never

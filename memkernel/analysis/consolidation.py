@@ -20,6 +20,8 @@ episode with every value token relabelled by a random permutation, so each conso
 now has another value in memory), each before and after, with the loss on the questions and
 the next-token loss over every token (mean over sequences, standard error). Streams come from
 the run's evaluation stream (`eval.stream`), batch i from `fold_in(key, i)` as in evaluation.
+The report also gives each cell's accuracy as an evaluation file does (`lengths`), which the
+roadmap reads.
 """
 
 from __future__ import annotations
@@ -152,7 +154,12 @@ def measure(experiment: experiment_lib.Experiment, params, *, batches: int = 8,
                                                                   / total),
                    "queries": total, "question_nll": q_mean, "question_nll_se": q_se,
                    "next_token_nll": n_mean, "next_token_nll_se": n_se}
-  return {"cells": cells, "streams": batches * batch_size, "batches": batches,
+  # Each cell's accuracy in the evaluation files' layout, for the roadmap (`memkernel.roadmap`).
+  flat = {}
+  for cell, r in cells.items():
+    flat.update({cell: r["accuracy"], f"{cell}_se": r["accuracy_se"]})
+  return {"task": task.name, "lengths": {str(task.seq_len): flat},
+          "cells": cells, "streams": batches * batch_size, "batches": batches,
           "batch_size": batch_size, "stream": experiment.eval.stream,
           "chance": 1.0 / (task.vocab_size // 2),
           "sleep": {"steps": sleep.steps, "learning_rate": sleep.learning_rate,
