@@ -76,6 +76,15 @@ def check_directory(flag: str, path: Optional[str]) -> None:
     raise ValueError(f"--{flag}={path} is a file; it must be a directory")
 
 
+def new_result(out: Optional[str], workdir: str, name: str) -> str:
+  """Where a binary writes its result: `--out`, or `name` in the run's workdir; a ValueError
+  if that file exists (a result is never overwritten)."""
+  path = out or os.path.join(workdir, name)
+  if os.path.exists(path):
+    raise ValueError(f"{path} exists; pass another --out")
+  return path
+
+
 def command(name: str) -> str:
   """The command line this process was started with, as `python -m experiments.<name> ...`
   (what a result file records so it can be remade)."""

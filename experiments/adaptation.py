@@ -13,7 +13,6 @@ bytes, the same for every run. Prints the result and writes it with the command 
 """
 
 import logging as std_logging
-import os
 
 from absl import flags
 from absl import logging
@@ -38,9 +37,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv  # Checked by _cli.run.
   _cli.check_directory("workdir", _WORKDIR.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "adaptation.json")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists; pass another --out")
+  out = _cli.new_result(_OUT.value, _WORKDIR.value, "adaptation.json")
   memory = runs.parse_task_overrides(_MODEL.value, flag="model")
   _cli.quiet_orbax(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)

@@ -13,7 +13,6 @@ overwritten).
 
 import dataclasses
 import logging as std_logging
-import os
 
 from absl import flags
 from absl import logging
@@ -47,9 +46,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
   del argv  # Checked by _cli.run.
   _cli.check_directory("workdir", _WORKDIR.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "consolidation.json")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists; pass another --out")
+  out = _cli.new_result(_OUT.value, _WORKDIR.value, "consolidation.json")
   sleep = consolidate.SleepConfig(steps=_STEPS.value, learning_rate=_LR.value,
                                   replay_batch=_REPLAY_BATCH.value, replay_len=_REPLAY_LEN.value,
                                   trainable=tuple(_TRAINABLE.value),

@@ -16,7 +16,6 @@ computed from the tokens under each node (`memkernel/analysis/node_scores.py`).
 """
 
 import logging as std_logging
-import os
 
 from absl import flags
 from absl import logging
@@ -54,9 +53,7 @@ def main(argv):
     except ValueError:
       raise ValueError(f"--node_scores must be positive integers, got "
                        f"{','.join(_NODE_SCORES.value)!r}") from None
-  out = _OUT.value or os.path.join(_WORKDIR.value, "diagnose.json")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists; pass another --out")
+  out = _cli.new_result(_OUT.value, _WORKDIR.value, "diagnose.json")
   _cli.quiet_orbax(std_logging.ERROR)  # orbax reports every read-only restore.
   logging.set_verbosity(logging.WARNING)
   report = diagnose_lib.diagnose_run(

@@ -36,7 +36,6 @@ CPU (batch 1); the two forms agree. Each length also records its wall time and p
 """
 
 import math
-import os
 
 from absl import flags
 
@@ -107,9 +106,7 @@ def main(argv):
              + ([("hints", f"{_HINT_TABLE.value}{_HINT_ALPHA.value:g}-gate{_HINT_GATE.value:g}")]
                 if hints else []))
   tag = "_".join(f"{k}-{v}" for k, v in changes) or "default"
-  out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{tag}.json")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists; pass another --out")
+  out = _cli.new_result(_OUT.value, _WORKDIR.value, f"eval_{tag}.json")
   _cli.quiet_orbax()
   result = runs.evaluate_run(_WORKDIR.value, lengths=lengths, task=task, batches=_BATCHES.value,
                              step=_STEP.value, beam_width=_BEAM.value,

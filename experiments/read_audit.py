@@ -16,7 +16,6 @@ overwritten). Safe beside a live training run (only committed checkpoints are re
 
 import dataclasses
 import logging as std_logging
-import os
 
 from absl import flags
 from absl import logging
@@ -54,9 +53,7 @@ def main(argv):
                      runs.parse_task_overrides(_TASK.value)),
       runs.parse_task_overrides(_MODEL.value, flag="model"))
   seq_len = _SEQ_LEN.value or experiment.task.seq_len
-  out = _OUT.value or os.path.join(_WORKDIR.value, f"read_audit_{seq_len}.json")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists; pass another --out")
+  out = _cli.new_result(_OUT.value, _WORKDIR.value, f"read_audit_{seq_len}.json")
   if _STREAM.value:
     experiment = dataclasses.replace(
         experiment, eval=dataclasses.replace(experiment.eval, stream=_STREAM.value))

@@ -14,7 +14,6 @@ Safe beside a live training run (only committed checkpoints are read).
 
 import dataclasses
 import logging as std_logging
-import os
 
 from absl import flags
 from absl import logging
@@ -37,9 +36,7 @@ def main(argv):
   _cli.check_directory("workdir", _WORKDIR.value)
   if _BATCHES.value is not None:
     _cli.check_positive("batches", _BATCHES.value)
-  out = _OUT.value or os.path.join(_WORKDIR.value, "write_audit.json")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists; pass another --out")
+  out = _cli.new_result(_OUT.value, _WORKDIR.value, "write_audit.json")
   _cli.quiet_orbax(std_logging.ERROR)
   logging.set_verbosity(logging.WARNING)
   experiment = runs.load_experiment(_WORKDIR.value, _STEP.value)

@@ -183,7 +183,10 @@ class BinaryTest(absltest.TestCase):
   def test_bad_input_ends_in_one_fatal_line(self):
     root = tempfile.mkdtemp()
     peer = cli_checks.peer_run(root)
+    taken = f"{root}/taken.json"
+    open(taken, "w").close()
     cli_checks.assert_fatal_lines(self, "consolidate", {
+        (peer, f"--out={taken}"): "taken.json exists; pass another --out",
         (peer,): "brain-core run of the cross_doc probe",
         (peer, "--steps=0"): "SleepConfig.steps must be a positive integer",
         (peer, "--learning_rate=-1"): "SleepConfig.learning_rate must be positive",
