@@ -34,8 +34,8 @@ _OPTIMIZER = flags.DEFINE_enum("optimizer", _DEFAULT.optimizer, list(consolidate
                                "The sleep's optimizer (sgd: momentum 0.9).")
 _REPLAY_BATCH = flags.DEFINE_integer("replay_batch", _DEFAULT.replay_batch,
                                      "Replay sequences per sleep step.")
-_REPLAY_LEN = flags.DEFINE_integer("replay_len", _DEFAULT.replay_len, "Tokens per replay sequence (at most the "
-                                   "model's span).")
+_REPLAY_LEN = flags.DEFINE_integer("replay_len", _DEFAULT.replay_len,
+                                   "Tokens per replay sequence (at most the model's span).")
 _TRAINABLE = flags.DEFINE_list("trainable", [], "Top-level parameter modules the sleep moves "
                                "(default: all), e.g. lm_head,layer_1.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")

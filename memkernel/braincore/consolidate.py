@@ -19,8 +19,9 @@ provided the step follows the gradient's size: the default optimizer is SGD with
 (`optimizer='sgd'`). Adam divides each gradient by its running scale, so a parameter whose
 gradient is round-off moves by the full learning rate (from an empty memory, which teaches
 nothing, Adam moves the student away from the teacher and SGD does not: tested); it is kept as
-`optimizer='adam'` for comparison. `trainable` limits which top-level modules move (all by default). `memkernel.analysis.consolidation` measures it:
-facts answered after the memory is wiped, and loss on fresh documents before and after.
+`optimizer='adam'` for comparison. `trainable` limits which top-level modules move (all by
+default). `memkernel.analysis.consolidation` measures a sleep: the facts answered after the
+memory is wiped, and what it costs fresh documents.
 """
 
 from __future__ import annotations
@@ -115,13 +116,18 @@ def sleep(model: Any, params: Any, memory: BrainCoreMemory, config: SleepConfig,
     key: the replay sequences' key.
 
   Returns:
-    (the student's parameters, the KL per step float32 [steps]). Jittable and vmappable over
-    streams (params, memory and key batched).
+    (the student's parameters, the KL per step float32 [steps]). Jittable, and vmappable over
+    streams with the memory and the key batched (`per_stream`).
   """
   config.check(model, params)
   if memory.segment_B.shape != (1,):
     raise ValueError(f"sleep distils one stream's memory (batch 1), got batch "
                      f"{memory.segment_B.shape}")
+  position = memory.position % model.config.span
+  # A traced position cannot be checked here; a concrete one is (the usual call, before jit).
+  if not isinstance(position, jax.core.Tracer) and int(position) != 0:
+    raise ValueError(f"sleep starts a replay at a span start; the memory stands "
+                     f"{int(position)} tokens into its span")
   rows = config.replay_batch
   teacher_memory = _rows(memory, rows)
   segments = jnp.broadcast_to(teacher_memory.segment_B[:, None] + 1, (rows, config.replay_len))
@@ -145,11 +151,6 @@ def sleep(model: Any, params: Any, memory: BrainCoreMemory, config: SleepConfig,
     updates, opt_state = optimizer.update(grads, opt_state, student)
     return (optax.apply_updates(student, updates), opt_state), kl
 
-  position = memory.position % model.config.span
-  # A traced position cannot be checked here; a concrete one is (the usual call, before jit).
-  if not isinstance(position, jax.core.Tracer) and int(position) != 0:
-    raise ValueError(f"sleep starts a replay at a span start; the memory stands "
-                     f"{int(position)} tokens into its span")
   (student, _), kls = jax.lax.scan(step, (params, optimizer.init(params)),
                                    jax.random.split(key, config.steps))
   return student, kls
