@@ -126,9 +126,14 @@ def measure(experiment: experiment_lib.Experiment, params, *, batches: int = 8,
     kl_first.append(np.asarray(kls[:, 0]))
     kl_last.append(np.asarray(kls[:, -1]))
     runs = {"carry": batch, "wiped": doc1, "fresh": fresh, "conflict": conflict}
+    before = {}
     for name, b in runs.items():
       args = (b["tokens"], b["segments"], b["targets"], b["mask"])
-      for when, scores in (("before", before_fn(*args)), ("after", after_fn(slept, *args))):
+      # Before the sleep every stream has the same weights: the fresh episodes are the batch's
+      # own, rolled, so their scores are the carried ones, rolled.
+      before[name] = (jax.tree_util.tree_map(roll, before["carry"]) if name == "fresh"
+                      else before_fn(*args))
+      for when, scores in (("before", before[name]), ("after", after_fn(slept, *args))):
         correct, q_nll, n_nll = (np.asarray(x) for x in scores)
         mask = np.asarray(b["mask"]) > 0
         cell = f"{name}_{when}"

@@ -93,6 +93,24 @@ def _rows(memory: BrainCoreMemory, rows: int) -> BrainCoreMemory:
   return jax.tree_util.tree_map(repeat, memory)
 
 
+def replay_kl(model: Any, params: Any, student: Any, memory: BrainCoreMemory,
+              tokens: jax.Array) -> jax.Array:
+  """The sleep's loss: KL(teacher || student) per token, averaged over replay `tokens` [R, L]
+  read as a new document, the teacher being `params` with the one-stream `memory`, the student
+  `student` with every memory wiped. The teacher is outside the gradient."""
+  rows, length = tokens.shape
+  teacher_memory = _rows(memory, rows)
+  segments = jnp.broadcast_to(teacher_memory.segment_B[:, None] + 1, (rows, length))
+  wiped = init_memory(model.config, rows).replace(segment_B=teacher_memory.segment_B,
+                                                  position=jnp.zeros_like(memory.position))
+  teacher, _ = model.apply({"params": params}, tokens, teacher_memory, segments,
+                           method=model.scan)
+  target_logp = jax.lax.stop_gradient(jax.nn.log_softmax(teacher.astype(jnp.float32)))
+  logits, _ = model.apply({"params": student}, tokens, wiped, segments, method=model.scan)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return jnp.mean(jnp.sum(jnp.exp(target_logp) * (target_logp - logp), axis=-1))
+
+
 def _optimizer(config: SleepConfig, params: Any) -> optax.GradientTransformation:
   if config.optimizer == "adam":
     step = optax.adam(config.learning_rate)
@@ -128,26 +146,13 @@ def sleep(model: Any, params: Any, memory: BrainCoreMemory, config: SleepConfig,
   if not isinstance(position, jax.core.Tracer) and int(position) != 0:
     raise ValueError(f"sleep starts a replay at a span start; the memory stands "
                      f"{int(position)} tokens into its span")
-  rows = config.replay_batch
-  teacher_memory = _rows(memory, rows)
-  segments = jnp.broadcast_to(teacher_memory.segment_B[:, None] + 1, (rows, config.replay_len))
-  wiped = init_memory(model.config, rows)
-  wiped = wiped.replace(segment_B=teacher_memory.segment_B,
-                        position=jnp.zeros_like(memory.position))
   optimizer = _optimizer(config, params)
-
-  def loss_fn(student, tokens, target_logp):
-    logits, _ = model.apply({"params": student}, tokens, wiped, segments, method=model.scan)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return jnp.mean(jnp.sum(jnp.exp(target_logp) * (target_logp - logp), axis=-1))
 
   def step(carry, step_key):
     student, opt_state = carry
     tokens = replay_tokens(step_key, config, model.config.vocab_size)
-    teacher, _ = model.apply({"params": params}, tokens, teacher_memory, segments,
-                             method=model.scan)
-    target_logp = jax.lax.stop_gradient(jax.nn.log_softmax(teacher.astype(jnp.float32)))
-    kl, grads = jax.value_and_grad(loss_fn)(student, tokens, target_logp)
+    kl, grads = jax.value_and_grad(
+        lambda p: replay_kl(model, params, p, memory, tokens))(student)
     updates, opt_state = optimizer.update(grads, opt_state, student)
     return (optax.apply_updates(student, updates), opt_state), kl
 
