@@ -138,6 +138,20 @@ class KernelModel(nn.Module):
     merge = lambda y: jnp.moveaxis(y, 0, 1).reshape((b, nb * block) + y.shape[3:])[:, :t]
     return jax.tree.map(merge, out)
 
+  def _check_hints(self, route_hints, lead: tuple[int, ...], memory: Optional[Memory] = None):
+    """Refuses hints of the wrong shape, and hints for a memory that keeps no presence."""
+    c = self.config
+    want = lead + (c.num_layers, c.num_route_heads)
+    if (not isinstance(route_hints, (tuple, list)) or len(route_hints) != 2
+        or any(tuple(getattr(x, "shape", ())) != want for x in route_hints)):
+      got = ([tuple(getattr(x, "shape", ())) for x in route_hints]
+             if isinstance(route_hints, (tuple, list)) else type(route_hints))
+      raise ValueError(f"route_hints must be (token, weight), each of shape {want}, got {got}")
+    if memory is not None and memory.presence is None:
+      raise ValueError("route_hints in the recurrent forms read the tokens every tree node "
+                       "follows; make the memory with init_memory(config, batch_size, "
+                       "presence=True)")
+
   def _logits(self, x_BTD):
     return self.head(self.final_norm(x_BTD)).astype(jnp.float32)
 
@@ -192,7 +206,7 @@ class KernelModel(nn.Module):
       route_hints: optional (token int32 [B, T, layers, H], weight [B, T, layers, H]): each
         routing head favours, by `weight`, the nodes holding a token that follows its hint
         token (-1: no hint), in the summaries' scores and the leaf re-rank. The bias a read
-        trace suggests (`memkernel.paths.traces`); the parallel form only.
+        trace suggests (`memkernel.paths.traces`); `scan` and `step` take them too.
     Returns:
       (logits float32 [B, T, V], aux) with aux["routing"] a per-layer tuple of dicts (leaves,
       weights, runner_up [B, T, H, K], entropy, start_level, read_probs, read_active),
@@ -234,11 +248,7 @@ class KernelModel(nn.Module):
       teacher_pos = routing.teacher_positions(c.teacher_queries, t, b, mask)
     presence = None
     if route_hints is not None:
-      want = (b, t, c.num_layers, c.num_route_heads)
-      if (len(route_hints) != 2 or tuple(route_hints[0].shape) != want
-          or tuple(route_hints[1].shape) != want):
-        raise ValueError(f"route_hints must be (token, weight), each of shape {want}, got "
-                         f"{[tuple(getattr(x, 'shape', ())) for x in route_hints]}")
+      self._check_hints(route_hints, (b, t))
       presence = tree_lib.build_presence(tokens, n, l, c.vocab_size, leaf_doc)
     for i, layer in enumerate(self.layers):
       feats, _, _ = layer.features(x, conv0, roots0, keep_r, c.scan_impl, lag_valid, carry_scale)
@@ -302,8 +312,12 @@ class KernelModel(nn.Module):
   # ----------------------------------------------------------------------------------------------
   # Recurrent forms.
 
-  def _chunk(self, tokens_BC, segments_BC, memory: Memory, interventions: Interventions):
-    """Advances the memory by C <= L tokens; at most one leaf seals inside the chunk."""
+  def _chunk(self, tokens_BC, segments_BC, memory: Memory, interventions: Interventions,
+             hints_BC=None):
+    """Advances the memory by C <= L tokens; at most one leaf seals inside the chunk.
+
+    `hints_BC`: optional routing hints (token, weight [B, C, layers, H]) over the memory's
+    `presence`, which every chunk keeps up to date where the memory has it."""
     c = self.config
     l = c.leaf_size
     b, cl = tokens_BC.shape
@@ -329,7 +343,11 @@ class KernelModel(nn.Module):
     x = self.embed(tokens_BC)
     new_layers, aux_route, aux_gates, aux_roots = [], [], [], []
     node_span = memory.node_span_S2
-    for layer, mem in zip(self.layers, memory.layers):
+    presence = memory.presence
+    if presence is not None:
+      presence = presence.advance(tokens_BC, l, fill, seals, node_span, sealed_count,
+                                  leaf_doc if first_leaf is not None else None)
+    for i, (layer, mem) in enumerate(zip(self.layers, memory.layers)):
       feats, conv, roots = layer.features(x, mem.trunk.conv_BWD, mem.trunk.roots_BRD, keep_r,
                                           c.scan_impl, lag_valid, carry_scale)
       leaf, live = mem.live.append(LiveLeaf(k_BLHE=feats.k, v_BLHE=feats.v, rk_BLHP=feats.rk,
@@ -343,16 +361,19 @@ class KernelModel(nn.Module):
       cache = mem.cache.write(leaf, sealed_count, seals)
       new_layers.append(LayerMemory(trunk=TrunkState(roots_BRD=roots, conv_BWD=conv), live=live,
                                     tree=tree, cache=cache))
+      hints = None if hints_BC is None else (hints_BC[0][:, :, i].astype(jnp.int32),
+                                             hints_BC[1][:, :, i].astype(jnp.float32))
       tree_val, exact_val, route_aux = self._read_memory(
           feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
-          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf, tree.reps)
+          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf, tree.reps,
+          None if hints is None else presence.nodes_BSW, hints)
       x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
       aux_route.append(route_aux)
       aux_gates.append(gates)
       aux_roots.append(feats.roots)
     memory = Memory(layers=tuple(new_layers), num_tokens=p0 + cl, node_span_S2=new_span,
                     segment_B=seg[:, -1], doc_start_B=doc_start[:, -1], leaf_doc_BN=leaf_doc,
-                    leaf_size=l)
+                    leaf_size=l, presence=presence)
     out = Outputs(routes=tuple(aux_route), gates=tuple(aux_gates), roots=tuple(aux_roots))
     return self._logits(x), memory, out
 
@@ -364,6 +385,10 @@ class KernelModel(nn.Module):
         memory.node_span_S2.shape[0] != c.num_nodes):
       raise ValueError("memory does not match the model config (layers, leaf_size or "
                        "max_seq_len differ); build it with init_memory(config, batch_size)")
+    if memory.presence is not None and (memory.presence.nodes_BSW.shape[-1]
+                                        != tree_lib.presence_words(c.vocab_size)):
+      raise ValueError("the memory's token presence was made for another vocabulary size; "
+                       "build it with init_memory(config, batch_size, presence=True)")
     if not isinstance(memory.num_tokens, jax.core.Tracer):
       total = int(memory.num_tokens) + new_tokens
       if total > c.max_seq_len:
@@ -397,7 +422,8 @@ class KernelModel(nn.Module):
     return jnp.asarray(segments, jnp.int32)
 
   def scan(self, tokens, memory: Memory, segments=None, *,
-           interventions: Optional[Interventions] = NONE, return_aux: bool = False):
+           interventions: Optional[Interventions] = NONE, return_aux: bool = False,
+           route_hints=None):
     """Recurrent form: `lax.scan` over leaf-sized chunks of `tokens` [B, T], any T >= 1.
 
     Args:
@@ -408,6 +434,8 @@ class KernelModel(nn.Module):
         the first token). None: the memory's current document goes on.
       interventions: run-time ablations (None: none).
       return_aux: also return the per-token outputs.
+      route_hints: optional (token, weight), each [B, T, layers, H], as in `__call__`; the
+        memory must keep presence (`init_memory(..., presence=True)`).
     Returns:
       (logits [B, T, V], memory') or, with return_aux, (logits, memory', aux) where aux["routing"]
       matches the parallel form's.
@@ -418,24 +446,32 @@ class KernelModel(nn.Module):
     b, t = tokens.shape
     self._check_capacity(memory, t)
     segments = self._stream_segments(segments, memory, (b, t), "segments")
+    if route_hints is not None:
+      self._check_hints(route_hints, (b, t), memory)
     l = c.leaf_size
     n_chunks, tail = divmod(t, l)
     outs = []
     if n_chunks:
-      to_chunks = lambda y: jnp.swapaxes(y[:, :n_chunks * l].reshape(b, n_chunks, l), 0, 1)
+      to_chunks = lambda y: jnp.swapaxes(
+          y[:, :n_chunks * l].reshape((b, n_chunks, l) + y.shape[2:]), 0, 1)
 
       def body(module, mem, chunk):
-        logits, mem, aux = module._chunk(*chunk, mem, interventions)
+        tokens_c, segments_c, hints_c = chunk
+        logits, mem, aux = module._chunk(tokens_c, segments_c, mem, interventions, hints_c)
         return mem, (logits, aux)
 
+      hints = None if route_hints is None else tuple(to_chunks(x) for x in route_hints)
       memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
                                       split_rngs={"params": False})(
-                                          self, memory, (to_chunks(tokens), to_chunks(segments)))
+                                          self, memory,
+                                          (to_chunks(tokens), to_chunks(segments), hints))
       merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n_chunks * l) + y.shape[3:])
       outs.append((merge(logits), jax.tree.map(merge, aux)))
     if tail:
+      hints = (None if route_hints is None
+               else tuple(x[:, n_chunks * l:] for x in route_hints))
       logits, memory, aux = self._chunk(tokens[:, n_chunks * l:], segments[:, n_chunks * l:],
-                                        memory, interventions)
+                                        memory, interventions, hints)
       outs.append((logits, aux))
     logits = jnp.concatenate([o[0] for o in outs], axis=1)
     if not return_aux:
@@ -444,10 +480,12 @@ class KernelModel(nn.Module):
     return logits, memory, aux
 
   def step(self, token, memory: Memory, segment=None, *,
-           interventions: Optional[Interventions] = NONE, return_aux: bool = False):
+           interventions: Optional[Interventions] = NONE, return_aux: bool = False,
+           route_hints=None):
     """Decoding form: one token per sequence, `token` int32 [B].
 
-    `segment` (optional int32 [B]) is each token's document, as `segments` in `scan`.
+    `segment` (optional int32 [B]) is each token's document, as `segments` in `scan`;
+    `route_hints` (optional (token, weight), each [B, layers, H]) as in `scan`.
 
     Returns:
       (logits [B, V], memory') or, with return_aux, (logits, memory', aux).
@@ -458,7 +496,11 @@ class KernelModel(nn.Module):
     b = token.shape[0]
     segments = self._stream_segments(None if segment is None else jnp.reshape(segment, (b, 1)),
                                      memory, (b, 1), "segment")
-    logits, memory, aux = self._chunk(token[:, None], segments, memory, interventions)
+    hints = None
+    if route_hints is not None:
+      self._check_hints(route_hints, (b,), memory)
+      hints = tuple(jnp.asarray(x)[:, None] for x in route_hints)
+    logits, memory, aux = self._chunk(token[:, None], segments, memory, interventions, hints)
     if return_aux:
       return logits[:, 0], memory, aux
     return logits[:, 0], memory

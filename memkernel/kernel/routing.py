@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from memkernel.kernel import tree as tree_lib
 from memkernel.kernel.tree import level_offset
 from memkernel.ops import NEG_INF, matvec, vecmat
 
@@ -205,8 +206,8 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
     node_reps: optional (rep_keys [B, S, H, M, P], rep_sal [B, S, H, M]), every node's
       representative keys (`tree.build_reps`): a node then scores by the best of them,
       max_m q . rk_m (slots of salience NEG_INF are empty), instead of q . its pooled key.
-    hint: optional (presence [B, S, V] of `tree.build_presence`, token [B, T, H] int32 (-1:
-      none), weight [B, T, H]): every score of a node (and, in the re-rank, of a leaf) that
+    hint: optional (presence uint32 [B, S, W] of `tree.build_presence`, token [B, T, H] int32
+      (-1: none), weight [B, T, H]): every score of a node (and, in the re-rank, of a leaf) that
       holds a token following the query head's hint token gains `weight` (read traces'
       routing bias, evaluation only).
   Returns:
@@ -228,10 +229,7 @@ def route_beam(rq_BTHP: jax.Array, node_keys_BSHP: jax.Array, node_vals_BSHE: ja
 
   def hint_bias(flat):
     presence, token, weight = hint
-    vocab = presence.shape[-1]
-    idx = flat * vocab + jnp.maximum(token, 0)[..., None]             # [B, T, H, C]
-    held = jnp.take_along_axis(presence.reshape(b, -1), idx.reshape(b, -1), axis=1)
-    return jnp.where(token[..., None] >= 0, weight[..., None] * held.reshape(idx.shape), 0.0)
+    return weight[..., None] * tree_lib.holds(presence, flat, token[..., None])
 
   def score(level, index, valid):
     flat = jnp.where(valid, flat_index(level, index, num_leaves), 0)

@@ -152,6 +152,39 @@ def _write_slot(store_BN, value_B, index, cond):
 
 
 @flax.struct.dataclass
+class TokenPresence:
+  """Which tokens every sealed node's tokens follow: `tree.build_presence`'s store, kept
+  incrementally for the routing hints of the recurrent forms. Shared by the layers (it depends
+  on the tokens only); a sealed leaf writes O(log N) nodes of W words.
+
+  Attributes:
+    nodes_BSW: uint32, every node's set of tokens, packed (`tree.presence_words`).
+    live_BW: uint32, the set of the live leaf's tokens so far.
+    last_B: int32, the last token consumed (-1 before any): the token the next one follows.
+  """
+
+  nodes_BSW: jax.Array
+  live_BW: jax.Array
+  last_B: jax.Array
+
+  def advance(self, tokens_BC, leaf_size: int, fill, seals, node_span_S2, leaf_index,
+              leaf_doc_BN: Optional[jax.Array] = None) -> "TokenPresence":
+    """Adds C <= L new tokens starting at `fill` of the live leaf (at most one leaf seals, as in
+    `LiveLeaf.append`); when `seals`, the completed leaf's set goes into the nodes at
+    `leaf_index` (`tree.insert_levels`; `leaf_doc_BN` as there)."""
+    c = tokens_BC.shape[1]
+    before = jnp.concatenate([self.last_B[:, None], tokens_BC[:, :-1].astype(jnp.int32)], axis=1)
+    bits = tree_lib.token_bits(before, self.live_BW.shape[-1])             # [B, C, W]
+    in_leaf = (fill + jnp.arange(c) < leaf_size)[None, :, None]
+    leaf = self.live_BW | tree_lib.union(jnp.where(in_leaf, bits, jnp.uint32(0)), axis=1)
+    after = tree_lib.union(jnp.where(in_leaf, jnp.uint32(0), bits), axis=1)
+    (nodes,), _ = tree_lib.insert_levels((self.nodes_BSW,), node_span_S2, (leaf,), leaf_index,
+                                         seals, tree_lib.merge_presence, leaf_doc_BN)
+    return TokenPresence(nodes_BSW=nodes, live_BW=jnp.where(seals, after, leaf),
+                         last_B=tokens_BC[:, -1].astype(jnp.int32))
+
+
+@flax.struct.dataclass
 class LayerMemory:
   """Memory of one kernel layer, composed of its parts."""
 
@@ -175,6 +208,8 @@ class Memory:
     doc_start_B: int32 [B], the position where each row's current document started.
     leaf_doc_BN: int32 [B, N], the document of every sealed leaf (-1 for unsealed slots).
     leaf_size: static L.
+    presence: the tokens every node follows (`TokenPresence`), kept only by a memory made with
+      `init_memory(..., presence=True)`: routing hints in the recurrent forms need it.
   """
 
   layers: tuple[LayerMemory, ...]
@@ -184,6 +219,7 @@ class Memory:
   doc_start_B: jax.Array
   leaf_doc_BN: jax.Array
   leaf_size: int = flax.struct.field(pytree_node=False, default=16)
+  presence: Optional[TokenPresence] = None
 
   @property
   def fill(self) -> jax.Array:
@@ -235,8 +271,17 @@ def init_layer_memory(config: KernelConfig, batch_size: int) -> LayerMemory:
                      cache=init_token_cache(config, batch_size))
 
 
-def init_memory(config: KernelConfig, batch_size: int) -> Memory:
-  """The empty memory of a model with `config`, for `batch_size` sequences."""
+def init_token_presence(config: KernelConfig, batch_size: int) -> TokenPresence:
+  w = tree_lib.presence_words(config.vocab_size)
+  return TokenPresence(nodes_BSW=jnp.zeros((batch_size, config.num_nodes, w), jnp.uint32),
+                       live_BW=jnp.zeros((batch_size, w), jnp.uint32),
+                       last_B=jnp.full((batch_size,), -1, jnp.int32))
+
+
+def init_memory(config: KernelConfig, batch_size: int, *, presence: bool = False) -> Memory:
+  """The empty memory of a model with `config`, for `batch_size` sequences; with `presence`,
+  it also keeps the tokens every tree node follows (`TokenPresence`, 4 * ceil(V / 32) bytes
+  per node and sequence), which routing hints in `scan` and `step` read."""
   if not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   return Memory(
@@ -247,6 +292,7 @@ def init_memory(config: KernelConfig, batch_size: int) -> Memory:
       doc_start_B=jnp.zeros((batch_size,), jnp.int32),
       leaf_doc_BN=jnp.full((batch_size, config.num_leaves), -1, jnp.int32),
       leaf_size=config.leaf_size,
+      presence=init_token_presence(config, batch_size) if presence else None,
   )
 
 

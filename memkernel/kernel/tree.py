@@ -170,7 +170,8 @@ def build_levels(leaf_nodes, num_sealed: int, merge, leaf_doc_BN: jax.Array | No
   while True:
     present = np.arange(num_leaves >> level) < (num_sealed >> level)
     for store, x in zip(stores, level_nodes):
-      store.append(jnp.where(present.reshape((1, -1) + (1,) * (x.ndim - 2)), x, 0.0))
+      store.append(jnp.where(present.reshape((1, -1) + (1,) * (x.ndim - 2)), x,
+                             jnp.zeros((), x.dtype)))
     if level_nodes[0].shape[1] == 1:
       break
     left, right = (tuple(x[:, 0::2] for x in level_nodes),
@@ -185,21 +186,55 @@ def build_levels(leaf_nodes, num_sealed: int, merge, leaf_doc_BN: jax.Array | No
   return tuple(jnp.concatenate(store, axis=1) for store in stores)
 
 
+def presence_words(vocab_size: int) -> int:
+  """The 32-bit words a presence set over `vocab_size` tokens takes."""
+  return -(-vocab_size // 32)
+
+
+def token_bits(tokens: jax.Array, num_words: int) -> jax.Array:
+  """Each token as a one-bit set: uint32 [..., W], bit v % 32 of word v // 32 (-1: none)."""
+  tokens = tokens.astype(jnp.int32)
+  bit = jnp.left_shift(jnp.uint32(1), (tokens & 31).astype(jnp.uint32))
+  word = jnp.arange(num_words, dtype=jnp.int32)
+  hit = (tokens[..., None] >= 0) & ((tokens[..., None] >> 5) == word)
+  return jnp.where(hit, bit[..., None], jnp.uint32(0))
+
+
+def union(bits: jax.Array, axis: int) -> jax.Array:
+  """The union (bitwise or) of packed sets along `axis`."""
+  return jax.lax.reduce(bits, jnp.uint32(0), jax.lax.bitwise_or, (axis % bits.ndim,))
+
+
+def merge_presence(left, right):
+  """The parent of two presence nodes: the union of their sets."""
+  return (jnp.bitwise_or(left[0], right[0]),)
+
+
+def holds(presence_BSW: jax.Array, flat: jax.Array, token: jax.Array) -> jax.Array:
+  """Whether node `flat` [B, ...] holds `token` (broadcast to `flat`; -1: never): float32."""
+  b, _, w = presence_BSW.shape
+  token = jnp.broadcast_to(token, flat.shape)
+  idx = flat * w + (jnp.maximum(token, 0) >> 5)
+  words = jnp.take_along_axis(presence_BSW.reshape(b, -1), idx.reshape(b, -1), axis=1)
+  bit = (words.reshape(idx.shape) >> (jnp.maximum(token, 0) & 31).astype(jnp.uint32)) & 1
+  return jnp.where(token >= 0, bit.astype(jnp.float32), 0.0)
+
+
 def build_presence(tokens_BT: jax.Array, num_leaves: int, leaf_size: int, vocab_size: int,
                    leaf_doc_BN: jax.Array | None = None) -> jax.Array:
-  """Which tokens every node's tokens *follow*: float32 [B, S, V], 1 where some token of the node
-  comes right after token v (the token before position 0 is none). A routing hint "favour what
-  follows token v" (`routing.route_beam(hint=...)`) reads it; it is built in the parallel form
-  only (evaluation-time hints). Sealed leaves only, by `build_levels`' rules."""
+  """Which tokens every node's tokens *follow*, as packed sets: uint32 [B, S, W]
+  (`presence_words`), bit v set where some token of the node comes right after token v (the
+  token before position 0 is none; `holds` reads a bit). A routing hint "favour what follows
+  token v" (`routing.route_beam(hint=...)`) reads it. The recurrent forms keep the same store
+  in their memory (`state.TokenPresence`). Sealed leaves only, by `build_levels`' rules."""
   b, t = tokens_BT.shape
   num_sealed = t // leaf_size
   before = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), tokens_BT[:, :-1].astype(jnp.int32)],
                            axis=1)[:, :num_sealed * leaf_size]
-  onehot = jax.nn.one_hot(before.reshape(b, num_sealed, leaf_size), vocab_size,
-                          dtype=jnp.float32).max(axis=2)                 # [B, sealed, V]
-  leaves = jnp.pad(onehot, ((0, 0), (0, num_leaves - num_sealed), (0, 0)))
-  return build_levels((leaves,), num_sealed, lambda l, r: (jnp.maximum(l[0], r[0]),),
-                      leaf_doc_BN)[0]
+  bits = union(token_bits(before.reshape(b, num_sealed, leaf_size), presence_words(vocab_size)),
+               axis=2)                                                   # [B, sealed, W]
+  leaves = jnp.pad(bits, ((0, 0), (0, num_leaves - num_sealed), (0, 0)))
+  return build_levels((leaves,), num_sealed, merge_presence, leaf_doc_BN)[0]
 
 
 def build_tree(leaf_keys_BNHP: jax.Array, leaf_vals_BNHE: jax.Array, leaf_sal_BNH: jax.Array,

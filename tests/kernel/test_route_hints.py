@@ -4,8 +4,10 @@ suggests, every head favouring the nodes holding a token that follows its hint t
 Checked: the presence store says exactly which tokens each sealed node's tokens follow (a brute
 force over positions); a zero weight, or no hint token, changes nothing; a large weight makes
 every head read the one leaf whose token follows the hint wherever that leaf is visible; the
-hinted forward stays causal and gives the same result with and without query blocks; wrong
-shapes fail with a message, and so do hints where evaluation cannot feed them.
+hinted forward stays causal and gives the same result with and without query blocks; the
+recurrent forms keep the same presence in their memory (across calls and document resets) and
+route and predict as the parallel form does; wrong shapes, and hints for a memory without
+presence, fail with a message.
 """
 
 import dataclasses
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from memkernel import KernelConfig, KernelModel
+from memkernel import KernelConfig, KernelModel, init_memory
 from memkernel import evaluate as evaluate_lib
 from memkernel.kernel import tree as tree_lib
 
@@ -44,12 +46,19 @@ def _filler(seed, b, t):
   return np.array(jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, MARK))
 
 
+def _unpack(presence_BSW, vocab=V):
+  """The packed sets as 0/1 [B, S, vocab]."""
+  bits = (np.asarray(presence_BSW)[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+  return bits.reshape(presence_BSW.shape[:2] + (-1,))[..., :vocab]
+
+
 class PresenceTest(absltest.TestCase):
 
   def test_presence_is_the_tokens_each_node_follows(self):
     tokens = _filler(0, 2, 100)                         # 6 sealed leaves of 16, 8 slots.
-    presence = np.asarray(tree_lib.build_presence(jnp.asarray(tokens), 8, 16, V))
-    self.assertEqual(presence.shape, (2, 15, V))
+    presence = tree_lib.build_presence(jnp.asarray(tokens), 8, 16, V)
+    self.assertEqual((presence.shape, presence.dtype), ((2, 15, 1), jnp.uint32))
+    presence = _unpack(presence)
     for level in range(4):
       for index in range(8 >> level):
         flat = tree_lib.level_offset(8, level) + index
@@ -113,6 +122,76 @@ class HintTest(absltest.TestCase):
       model.apply(params, tokens, route_hints=_hints(2, 32, 1, 1.0))
     with self.assertRaisesRegex(ValueError, "route_hints must be"):
       model.apply(params, tokens, route_hints=(jnp.zeros((2, 64, 2, 2), jnp.int32),))
+
+
+class RecurrentHintTest(absltest.TestCase):
+  """`scan` and `step` with hints: the memory's presence, and the parallel form's routes."""
+
+  CONFIG = dataclasses.replace(BASE, vocab_size=40)       # Two words per set.
+
+  def _case(self):
+    config = self.CONFIG
+    model, params, forward, _ = _compiled(config)
+    tokens = _filler(5, 2, 100)
+    tokens[0, 37:39], tokens[1, 20:22] = (MARK, FOLLOW), (MARK, FOLLOW)
+    tokens[1, 70:72] = (MARK, 39)                         # In the second document of row 1.
+    segments = np.zeros((2, 100), np.int32)
+    segments[1, 64:] = 1                                  # Row 1: a new document at leaf 4.
+    weights = np.random.default_rng(0).uniform(0.0, 8.0, (2, 100, 2, 2)).astype(np.float32)
+    hints = (jnp.full((2, 100, 2, 2), MARK, jnp.int32), jnp.asarray(weights))
+    return config, model, params, jnp.asarray(tokens), jnp.asarray(segments), hints
+
+  def test_recurrent_forms_keep_the_presence_and_route_alike(self):
+    config, model, params, tokens, segments, hints = self._case()
+    parallel = jax.jit(lambda p, t, s, h: model.apply(p, t, s, route_hints=h))
+    logits, aux = parallel(params, tokens, segments, hints)
+    _, plain = parallel(params, tokens, segments, (hints[0], 0.0 * hints[1]))
+    self.assertTrue(any(np.any(np.asarray(a.leaves) != np.asarray(b.leaves))
+                        for a, b in zip(aux.routes, plain.routes)))   # The hints matter here.
+    scan = jax.jit(lambda p, t, s, m, h: model.apply(p, t, m, s, route_hints=h, return_aux=True,
+                                                     method=model.scan))
+    memory = init_memory(config, 2, presence=True)
+    parts = []
+    for lo, hi in ((0, 50), (50, 100)):                   # Two calls, the first ends mid-leaf.
+      part = (tokens[:, lo:hi], segments[:, lo:hi], tuple(h[:, lo:hi] for h in hints))
+      out, memory, part_aux = scan(params, part[0], part[1], memory, part[2])
+      parts.append((out, part_aux))
+    scan_logits = np.concatenate([np.asarray(p[0]) for p in parts], axis=1)
+    np.testing.assert_allclose(scan_logits, np.asarray(logits), atol=1e-5)
+    for layer, route in enumerate(aux.routes):
+      scanned = np.concatenate([np.asarray(p[1].routes[layer].leaves) for p in parts], axis=1)
+      np.testing.assert_array_equal(scanned, np.asarray(route.leaves))
+    leaf_doc = jnp.asarray(np.asarray(segments)[:, 15::16][:, :6])
+    want = tree_lib.build_presence(tokens, config.num_leaves, 16, config.vocab_size,
+                                   jnp.pad(leaf_doc, ((0, 0), (0, config.num_leaves - 6)),
+                                           constant_values=-1))
+    np.testing.assert_array_equal(np.asarray(memory.presence.nodes_BSW), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(memory.presence.last_B), np.asarray(tokens[:, -1]))
+    step = jax.jit(lambda p, t, s, m, h: model.apply(p, t, m, s, route_hints=h,
+                                                     return_aux=True, method=model.step))
+    memory = init_memory(config, 2, presence=True)
+    for i in range(100):
+      out, memory, step_aux = step(params, tokens[:, i], segments[:, i], memory,
+                                   tuple(h[:, i] for h in hints))
+      np.testing.assert_allclose(np.asarray(out), np.asarray(logits)[:, i], atol=1e-5)
+      for layer, route in enumerate(aux.routes):
+        np.testing.assert_array_equal(np.asarray(step_aux.routes[layer].leaves)[:, 0],
+                                      np.asarray(route.leaves)[:, i])
+    np.testing.assert_array_equal(np.asarray(memory.presence.nodes_BSW), np.asarray(want))
+
+  def test_hints_need_a_memory_with_presence(self):
+    config, model, params, tokens, _, hints = self._case()
+    with self.assertRaisesRegex(ValueError, "presence=True"):
+      model.apply(params, tokens, init_memory(config, 2), route_hints=hints, method=model.scan)
+    with self.assertRaisesRegex(ValueError, "presence=True"):
+      model.apply(params, tokens[:, 0], init_memory(config, 2),
+                  route_hints=tuple(h[:, 0] for h in hints), method=model.step)
+    with self.assertRaisesRegex(ValueError, r"route_hints must be .*\(2, 100, 2, 2\)"):
+      model.apply(params, tokens, init_memory(config, 2, presence=True),
+                  route_hints=tuple(h[:, :50] for h in hints), method=model.scan)
+    other = init_memory(dataclasses.replace(config, vocab_size=V), 2, presence=True)
+    with self.assertRaisesRegex(ValueError, "another vocabulary size"):
+      model.apply(params, tokens, other, method=model.scan)
 
 
 class EvaluateHintsTest(absltest.TestCase):
