@@ -25,6 +25,8 @@ widths, curricula) are tuned; the default 'test' stream is the one results are r
 toward the nodes holding a token that follows its query token's hint, by --hint_alpha times the
 read trace's edge strength (--hint_table=shuffled: the control built from shuffled reads), for
 the heads whose trace predicted the leaf they read on at least --hint_gate of held-out queries.
+With --chunk the recurrent form keeps which tokens every tree node follows in its memory (packed
+sets of 4 * ceil(V / 32) bytes per node), so hints reach any length the recurrent form does.
 
 --model=FIELD=VALUE changes a field of the model's memory that no parameter depends on (the
 family's `memory_fields`: for the brain-core its episodic items, read width, decays, threshold
@@ -70,7 +72,7 @@ _STREAM = flags.DEFINE_enum("stream", None, ["test", "validation"], "Evaluation 
                             "choices on 'validation', report 'test' (default: the run's, 'test').")
 _DROP = flags.DEFINE_list("drop", [], "Memory sources to switch off, e.g. episodic,procedural "
                           "(the family's source names; the run-time ablation).")
-_HINTS = flags.DEFINE_string("route_hints", None, "Routing hints (kernel runs, parallel form, "
+_HINTS = flags.DEFINE_string("route_hints", None, "Routing hints (kernel runs, either form, "
                              "synthetic probes): the route_hints.npz `experiments.traces` "
                              "writes; each head favours what follows its query token's hint.")
 _HINT_ALPHA = flags.DEFINE_float("hint_alpha", 1.0, "With --route_hints: the hint's weight "

@@ -106,7 +106,7 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     progress: print a line per batch to stderr (long lengths take minutes per batch).
     route_hints: optional (token, weight) tables [layers * heads, vocab]: every routing head
       favours the nodes holding a token that follows the hint its query token looks up
-      (`hints_for`; a kernel run, the parallel form, a synthetic probe).
+      (`hints_for`; a kernel run, a synthetic probe; either form).
 
   Returns:
     {str(length): {metric: mean over batches}} with the metrics of `forward_metrics`; `queries`
@@ -127,8 +127,8 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
     if not experiment.family.routes:
       raise ValueError(f"route_hints bias routing; the {experiment.model_type!r} family does "
                        "not route")
-    if chunk is not None or text_task.is_text(experiment.task):
-      raise ValueError("route_hints are fed to the parallel form of a synthetic probe only")
+    if text_task.is_text(experiment.task):
+      raise ValueError("route_hints are fed to synthetic probes only")
     want = (experiment.model.num_layers * experiment.model.num_route_heads,
             experiment.task.vocab_size)
     if any(tuple(np.shape(x)) != want for x in route_hints):
@@ -159,7 +159,8 @@ def evaluate(experiment: Experiment, params, *, lengths: Optional[Sequence[int]]
               params, batch, route_hints))
       else:
         batch = _generate_one_device(task, batch_key, ev.batch_size)
-        per_batch.append(_recurrent_metrics(model_config, params, batch, chunk, interventions))
+        per_batch.append(_recurrent_metrics(model_config, params, batch, chunk, interventions,
+                                            route_hints))
       if progress:
         print(f"  length {length}: batch {i + 1}/{ev.batches}, "
               f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
@@ -244,16 +245,19 @@ def _recurrent_text_sums(model_config: Any, params, batch, chunk: int,
 
 @functools.lru_cache(maxsize=16)
 def _chunk_fn(model_config: Any, interventions: Any):
-  """The jitted `(params, memory, chunk) -> (memory', sums)` of one model configuration: the
-  recurrent form over one chunk of a batch, and the sums its metrics need; and {layer: (heads,
-  leaves per head)} of its routing layers, filled when it traces."""
+  """The jitted `(params, memory, chunk, hint_table) -> (memory', sums)` of one model
+  configuration: the recurrent form over one chunk of a batch (with the routing hints of
+  `hint_table`, `hints_for`, where it is not None), and the sums its metrics need; and {layer:
+  (heads, leaves per head)} of its routing layers, filled when it traces."""
   model = family_lib.build(model_config)
   slots: dict[int, tuple[int, int]] = {}
 
-  def run(params, memory, part):
+  def run(params, memory, part, table):
+    hinted = {} if table is None else {
+        "route_hints": hints_for(part["tokens"], table, model_config.num_layers)}
     logits, memory, out = model.apply({"params": params}, part["tokens"], memory,
                                       part.get("segments"), interventions=interventions,
-                                      return_aux=True, method=model.scan)
+                                      return_aux=True, method=model.scan, **hinted)
     mask = part["mask"]
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, part["targets"][..., None], axis=-1)[..., 0]
@@ -274,17 +278,19 @@ def _chunk_fn(model_config: Any, interventions: Any):
   return jax.jit(run, donate_argnums=(1,)), slots
 
 
-def _recurrent_metrics(model_config: Any, params, batch, chunk: int,
-                       interventions: Any) -> dict[str, float]:
-  """`forward_metrics`' loss, accuracy and routing recall of one batch, by the recurrent form."""
+def _recurrent_metrics(model_config: Any, params, batch, chunk: int, interventions: Any,
+                       route_hints: Optional[tuple[Any, Any]] = None) -> dict[str, float]:
+  """`forward_metrics`' loss, accuracy and routing recall of one batch, by the recurrent form
+  (with `route_hints` tables, `hints_for`: a memory that keeps the tokens' presence)."""
   family = family_lib.of_config(model_config)
-  memory = family.init_memory(model_config, batch["tokens"].shape[0])
+  extra = {} if route_hints is None else {"presence": True}
+  memory = family.init_memory(model_config, batch["tokens"].shape[0], **extra)
   run, slots = _chunk_fn(model_config, interventions)
   length = batch["tokens"].shape[1]
   total: dict[str, float] = {}
   for begin in range(0, length, chunk):
     part = {k: v[:, begin:begin + chunk] for k, v in batch.items()}
-    memory, sums = run(params, memory, part)
+    memory, sums = run(params, memory, part, route_hints)
     for k, v in jax.device_get(sums).items():
       total[k] = total.get(k, 0.0) + float(v)
   queries = max(total["queries"], 1.0)

@@ -44,7 +44,8 @@ class Family:
     config_from_dict: (section values, name) -> the frozen, validated config (rejects unknown
       fields, raises `ValueError` naming the field).
     build: config -> the Flax module.
-    init_memory: (config, batch_size) -> the empty memory pytree.
+    init_memory: (config, batch_size) -> the empty memory pytree (a routing family also takes
+      `presence=True`: a memory its recurrent forms' routing hints can read).
     sources: config -> the names of the sources its fusion combines under that config (only
       those it enables), in gate order: `Outputs.gates` and the gate diagnostics follow it, the
       auditor and the sweep enumerate it, an intervention drops sources by these names.
@@ -72,7 +73,7 @@ class Family:
   section: str
   config_from_dict: Callable[[Mapping[str, Any], str], Any]
   build: Callable[[Any], Any]
-  init_memory: Callable[[Any, int], Any]
+  init_memory: Callable[..., Any]
   sources: Callable[[Any], tuple[str, ...]]
   with_capacity: Callable[[Any, int], Any]
   routes: bool = False

@@ -198,7 +198,7 @@ def evaluate_run(workdir: str, *, lengths: Optional[Sequence[int]] = None,
       ablation of what each memory contributes.
     route_hints: optional (token, weight) tables [layers * heads, vocab] biasing each routing
       head toward what follows its query token's hint (`evaluate.evaluate(route_hints=)`; the
-      tables `experiments.traces` writes). Kernel runs, the parallel form.
+      tables `experiments.traces` writes). Kernel runs, either form.
     memory: model-config fields of the memory to change (the family's `memory_fields`, e.g.
       {"em_items": 32} for a brain-core run: capacity without retraining).
 

@@ -289,6 +289,19 @@ class TrainTest(parameterized.TestCase):
       self.assertAlmostEqual(got[k], want[k], places=4, msg=k)
     self.assertGreater(recurrent["cost"]["128"]["wall_s"], 0.0)
     self.assertGreater(recurrent["cost"]["128"]["peak_rss_mib"], 0.0)
+    # Routing hints: the recurrent form's memory keeps the presence the parallel form builds.
+    model = experiment_lib.parse_config(smoke_config(overrides=REFERENCE)).model
+    rng = np.random.default_rng(0)
+    shape = (model.num_layers * model.num_route_heads, model.vocab_size)
+    table = (rng.integers(-1, model.vocab_size, shape).astype(np.int32),
+             rng.uniform(0.0, 4.0, shape).astype(np.float32))
+    hinted = runs.evaluate_run(self.ref_dir, lengths=(128,), batches=1, batch_size=2,
+                               route_hints=table)["lengths"]["128"]
+    hinted_recurrent = runs.evaluate_run(self.ref_dir, lengths=(128,), batches=1, batch_size=2,
+                                         chunk=40, route_hints=table)["lengths"]["128"]
+    self.assertNotEqual(hinted["loss"], want["loss"])
+    for k in keys:
+      self.assertAlmostEqual(hinted_recurrent[k], hinted[k], places=4, msg=k)
     for bad in (0, -1, 2.5):
       with self.assertRaisesRegex(ValueError, "chunk must be a positive integer"):
         runs.evaluate_run(self.ref_dir, chunk=bad)
