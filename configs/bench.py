@@ -1,8 +1,7 @@
 r"""Scaling benchmark: the kernel against dense attention, sliding-window attention, a pure scan and
 the brain-core.
 
-  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
-      python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
+  python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
   python -m experiments.bench --config=configs/bench.py:smoke --out=/tmp/bench_smoke   # seconds
   python -m experiments.bench --config=configs/bench.py --out=/tmp/bench_fwd \
       --config.models=kernel,dense --config.lengths=8192,32768 --config.modes=forward
@@ -15,10 +14,10 @@ Expect hours on a 2-core CPU; select models / lengths / modes to measure less.
 `arg` variants (after the colon): `smoke` (tiny: d 32, 1 layer, lengths 64 and 128, 2 timed
 runs; what the tests run).
 
-CPU: set GLIBC_TUNABLES as above (it must be set before the process starts; Python cannot set it
-for itself). Large fresh XLA buffers are otherwise page-faulted on every call, which slows some
-points down (measured: docs/bench/README.md); the run records the setting in bench.md. Run
-nothing else on the machine.
+CPU: the command restarts itself with `bench.RECOMMENDED_GLIBC_TUNABLES` where GLIBC_TUNABLES is
+unset (glibc reads them only at start; `--allocator=inherit` keeps the environment). Large fresh
+XLA buffers are otherwise page-faulted on every call, which slows some points down (measured:
+docs/bench/README.md); the run records the setting in bench.md. Run nothing else on the machine.
 
 GPU: the same command runs unchanged (JAX picks the accelerator; install `.[cuda12]`). The memory
 budget then defaults to 80% of the device's memory, `measured_peak_bytes` comes from the device

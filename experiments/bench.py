@@ -1,7 +1,6 @@
 r"""Scaling benchmark of the kernel and its peers; everything it does is `memkernel.bench.bench.run`.
 
-  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736 \
-      python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
+  python -m experiments.bench --config=configs/bench.py --out=/tmp/bench
   python -m experiments.bench --config=configs/bench.py:smoke --out=/tmp/bench_smoke
   python -m experiments.bench --config=configs/bench.py --out=/tmp/bench_fwd \
       --config.models=kernel,dense --config.lengths=8192,32768 --config.modes=forward
@@ -12,10 +11,16 @@ Writes OUT/bench.json (one row per model x length x mode, plus the kernel's comp
 OUT/bench_meta.json, OUT/bench.md and the PNG plots. Fields and variants: configs/bench.py.
 With --costs nothing is timed: the analytic FLOPs and state bytes of one decoded token at each
 context length (kernel vs dense attention) go to OUT/costs.json and OUT/costs.md, and are printed.
+
+On the CPU the command sets its own allocator: where GLIBC_TUNABLES is unset it starts itself
+again with `bench.RECOMMENDED_GLIBC_TUNABLES` (glibc reads them only when a process starts; they
+keep freed memory resident, without which large fresh XLA buffers are page-faulted on every call).
+`--allocator=inherit` keeps the environment as it is; bench_meta.json records the setting.
 """
 
 import json
 import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
@@ -28,6 +33,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file
 _OUT = flags.DEFINE_string("out", None, "bench.json, bench.md and the plots go here.")
 _COSTS = flags.DEFINE_bool("costs", False, "Only write the analytic per-token cost table "
                            "(FLOPs and state bytes per decoded token vs context length).")
+_ALLOCATOR = flags.DEFINE_enum("allocator", "recommended", ["recommended", "inherit"],
+                               "On the CPU: 'recommended' starts the command again with the "
+                               "recommended GLIBC_TUNABLES where they are unset; 'inherit' keeps "
+                               "the environment.")
 flags.mark_flags_as_required(["config", "out"])
 
 
@@ -38,6 +47,11 @@ def main(argv):
     bench = bench_lib.parse_config(_CONFIG.value)  # Fails fast, before anything is compiled.
   except ValueError as e:
     raise ValueError(f"invalid config: {e}") from e
+  if not _COSTS.value and _ALLOCATOR.value == "recommended":
+    env = bench_lib.allocator_environment(os.environ)
+    if env is not None:
+      print(f"restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']}", file=sys.stderr, flush=True)
+      os.execve(sys.executable, [sys.executable, "-m", "experiments.bench"] + sys.argv[1:], env)
   command = _cli.command("bench")
   if _COSTS.value:
     rows = bench_lib.per_token_costs(bench, bench.lengths)

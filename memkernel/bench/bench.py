@@ -274,6 +274,15 @@ def parse_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Bench
       braincore=braincore, targets=targets)
 
 
+def allocator_environment(environ: Mapping[str, str]) -> Optional[dict[str, str]]:
+  """The environment to restart a CPU benchmark with: `environ` plus the recommended
+  GLIBC_TUNABLES, or None where nothing changes (they are set, or JAX runs on an accelerator).
+  glibc reads the tunables only when a process starts, so the command re-executes itself."""
+  if environ.get("GLIBC_TUNABLES") or jax.default_backend() != "cpu":
+    return None
+  return dict(environ, GLIBC_TUNABLES=RECOMMENDED_GLIBC_TUNABLES)
+
+
 def _auto_memory_budget() -> int:
   """80% of the accelerator's memory; on the CPU, 80% of the memory available when the run starts.
 
@@ -994,8 +1003,8 @@ def run(config: ml_collections.ConfigDict | Mapping[str, Any], out_dir: str,
   config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   meta = {"command": command, "config": config_dict, **environment(bench)}
   if meta["device"].startswith("cpu") and not meta["glibc_tunables"]:
-    logging.warning("GLIBC_TUNABLES is not set; on CPU, %s is recommended (see configs/bench.py).",
-                    RECOMMENDED_GLIBC_TUNABLES)
+    logging.warning("GLIBC_TUNABLES is not set; on CPU, %s is recommended (`experiments.bench` "
+                    "sets it unless --allocator=inherit).", RECOMMENDED_GLIBC_TUNABLES)
   meta["ceiling_gflops_start"] = matmul_gflops(bench.ceiling_size, bench.repeats)
   logging.info("Device %s, f32 matmul ceiling %.1f GFLOP/s (%d^3).", meta["device"],
                meta["ceiling_gflops_start"], bench.ceiling_size)

@@ -376,6 +376,20 @@ class SmokeRunTest(absltest.TestCase):
     with open(os.path.join(self.out, bench.META_FILE)) as f:
       self.assertGreater(json.load(f)["ceiling_gflops"], 0)
 
+  def test_the_command_sets_the_allocator(self):
+    """Started without GLIBC_TUNABLES, the command restarted itself with the recommended ones
+    (bench_meta.json records the setting the run had)."""
+    with open(os.path.join(self.out, bench.META_FILE)) as f:
+      meta = json.load(f)
+    if os.environ.get("GLIBC_TUNABLES"):
+      self.assertEqual(meta["glibc_tunables"], os.environ["GLIBC_TUNABLES"])
+    else:
+      self.assertEqual(meta["glibc_tunables"], bench.RECOMMENDED_GLIBC_TUNABLES)
+      self.assertIn("restarting with GLIBC_TUNABLES=", self.proc.stderr)
+    self.assertIsNone(bench.allocator_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}))
+    env = bench.allocator_environment({"HOME": "/x"})     # The suite runs on the CPU.
+    self.assertEqual(env, {"HOME": "/x", "GLIBC_TUNABLES": bench.RECOMMENDED_GLIBC_TUNABLES})
+
 
 if __name__ == "__main__":
   absltest.main()
