@@ -312,6 +312,71 @@ class KernelModel(nn.Module):
   # ----------------------------------------------------------------------------------------------
   # Recurrent forms.
 
+  def _continue_documents(self, seg_BC, position_C, memory: Memory):
+    """Document boundaries of new tokens (the previous token is the memory's last one): the
+    start of each token's document [B, C] and `_boundaries`' rules."""
+    reset = seg_BC != jnp.concatenate([memory.segment_B[:, None], seg_BC[:, :-1]], axis=1)
+    doc_start = jax.lax.cummax(jnp.where(reset, position_C, memory.doc_start_B[:, None]), axis=1)
+    return doc_start, self._boundaries(reset, position_C - doc_start,
+                                       doc_start // self.config.leaf_size)
+
+  def _block(self, tokens_BC, segments_BC, memory: Memory, interventions: Interventions,
+             hints_BC=None):
+    """Advances a memory that sits at a leaf boundary by C = K * L tokens at once: the parallel
+    form over the block (every query routes by index, `route_beam`), its K leaves sealed one
+    after another before the reads. Logits are NaN where the memory was mid-leaf."""
+    c = self.config
+    l = c.leaf_size
+    b, cl = tokens_BC.shape
+    k = cl // l
+    keep, keep_r = self._keep(interventions)
+    p0 = memory.num_tokens
+    first = p0 // l
+    position = p0 + jnp.arange(cl, dtype=jnp.int32)
+    query_leaf = position // l
+    seg = segments_BC.astype(jnp.int32)
+    doc_start, (lag_valid, carry_scale, first_leaf) = self._continue_documents(seg, position,
+                                                                               memory)
+    leaf_doc = jax.lax.dynamic_update_slice_in_dim(memory.leaf_doc_BN, seg[:, ::l], first, axis=1)
+    doc_rule = leaf_doc if first_leaf is not None else None
+    x = self.embed(tokens_BC)
+    new_layers, aux_route, aux_gates, aux_roots = [], [], [], []
+    node_span = memory.node_span_S2
+    presence = memory.presence
+    if presence is not None:
+      presence = presence.seal_leaves(tokens_BC, l, node_span, first, doc_rule)
+    leaf_major = lambda y: y.reshape((b, k, l) + y.shape[2:])
+    for i, (layer, mem) in enumerate(zip(self.layers, memory.layers)):
+      feats, conv, roots = layer.features(x, mem.trunk.conv_BWD, mem.trunk.roots_BRD, keep_r,
+                                          c.scan_impl, lag_valid, carry_scale)
+      key, val, sal = tree_lib.summarize_leaf(leaf_major(feats.rk), leaf_major(feats.v),
+                                              leaf_major(feats.pool))
+      reps = (tree_lib.leaf_reps(leaf_major(feats.rk), leaf_major(feats.pool), c.node_reps)
+              if c.node_reps else None)
+      tree, new_span = mem.tree.insert_leaves(node_span, key, val, sal, first,
+                                              pooled=c.tree_merge == "pooled",
+                                              leaf_doc_BN=doc_rule, leaf_reps=reps)
+      cache = mem.cache.write_leaves(leaf_major(feats.k), leaf_major(feats.v), first)
+      live = jax.tree.map(jnp.zeros_like, mem.live)
+      new_layers.append(LayerMemory(trunk=TrunkState(roots_BRD=roots, conv_BWD=conv), live=live,
+                                    tree=tree, cache=cache))
+      hints = None if hints_BC is None else (hints_BC[0][:, :, i].astype(jnp.int32),
+                                             hints_BC[1][:, :, i].astype(jnp.float32))
+      tree_val, exact_val, route_aux = self._read_memory(
+          feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
+          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf, tree.reps,
+          None if hints is None else presence.nodes_BSW, hints)
+      x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
+      aux_route.append(route_aux)
+      aux_gates.append(gates)
+      aux_roots.append(feats.roots)
+    memory = Memory(layers=tuple(new_layers), num_tokens=p0 + cl, node_span_S2=new_span,
+                    segment_B=seg[:, -1], doc_start_B=doc_start[:, -1], leaf_doc_BN=leaf_doc,
+                    leaf_size=l, presence=presence)
+    out = Outputs(routes=tuple(aux_route), gates=tuple(aux_gates), roots=tuple(aux_roots))
+    logits = jnp.where(p0 % l == 0, self._logits(x), jnp.nan)
+    return logits, memory, out
+
   def _chunk(self, tokens_BC, segments_BC, memory: Memory, interventions: Interventions,
              hints_BC=None):
     """Advances the memory by C <= L tokens; at most one leaf seals inside the chunk.
@@ -327,12 +392,9 @@ class KernelModel(nn.Module):
     seals = fill + cl >= l
     position = p0 + jnp.arange(cl, dtype=jnp.int32)
     query_leaf = position // l
-    # Document boundaries; the previous token is the memory's last one.
     seg = segments_BC.astype(jnp.int32)
-    reset = seg != jnp.concatenate([memory.segment_B[:, None], seg[:, :-1]], axis=1)
-    doc_start = jax.lax.cummax(jnp.where(reset, position, memory.doc_start_B[:, None]), axis=1)
-    lag_valid, carry_scale, first_leaf = self._boundaries(reset, position - doc_start,
-                                                          doc_start // l)
+    doc_start, (lag_valid, carry_scale, first_leaf) = self._continue_documents(seg, position,
+                                                                               memory)
     # The sealing leaf's document: documents start at leaf multiples, so the chunk's first token's.
     n = c.num_leaves
     slot = jnp.minimum(sealed_count, n - 1)
@@ -472,6 +534,65 @@ class KernelModel(nn.Module):
                else tuple(x[:, n_chunks * l:] for x in route_hints))
       logits, memory, aux = self._chunk(tokens[:, n_chunks * l:], segments[:, n_chunks * l:],
                                         memory, interventions, hints)
+      outs.append((logits, aux))
+    logits = jnp.concatenate([o[0] for o in outs], axis=1)
+    if not return_aux:
+      return logits, memory
+    aux = jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *[o[1] for o in outs])
+    return logits, memory, aux
+
+  def prefill(self, tokens, memory: Memory, segments=None, *, block: int = 1024,
+              interventions: Optional[Interventions] = NONE, return_aux: bool = False,
+              route_hints=None):
+    """Recurrent form in blocks: what `scan` computes, `block` tokens at a time by the parallel
+    form over the block (its leaves sealed before its reads), the memory carried; the last
+    T mod `block` tokens by `scan`. Work per token as in the parallel form, activations of one
+    block at a time: the form for long prompts and evaluations.
+
+    Args:
+      tokens, memory, segments, interventions, return_aux, route_hints: as in `scan`.
+      block: tokens per step, a positive multiple of leaf_size.
+    The memory must sit at a leaf boundary (`num_tokens` a multiple of leaf_size): refused where
+    its position is concrete; under a transformation that traces it, the logits are NaN.
+    """
+    c = self.config
+    l = c.leaf_size
+    interventions = NONE if interventions is None else interventions
+    if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % l:
+      raise ValueError(f"block must be a positive multiple of leaf_size={l}, got {block!r}")
+    self._check_tokens(tokens, 2, "tokens")
+    b, t = tokens.shape
+    self._check_capacity(memory, t)
+    if not isinstance(memory.num_tokens, jax.core.Tracer) and int(memory.num_tokens) % l:
+      raise ValueError(f"prefill starts at a leaf boundary; the memory holds "
+                       f"{int(memory.num_tokens)} tokens, not a multiple of leaf_size={l} (use "
+                       "scan or step up to the boundary)")
+    segments = self._stream_segments(segments, memory, (b, t), "segments")
+    if route_hints is not None:
+      self._check_hints(route_hints, (b, t), memory)
+    n_blocks, rest = divmod(t, block)
+    outs = []
+    if n_blocks:
+      to_blocks = lambda y: jnp.swapaxes(
+          y[:, :n_blocks * block].reshape((b, n_blocks, block) + y.shape[2:]), 0, 1)
+
+      def body(module, mem, xs):
+        tokens_c, segments_c, hints_c = xs
+        logits, mem, aux = module._block(tokens_c, segments_c, mem, interventions, hints_c)
+        return mem, (logits, aux)
+
+      hints = None if route_hints is None else tuple(to_blocks(x) for x in route_hints)
+      memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
+                                      split_rngs={"params": False})(
+                                          self, memory,
+                                          (to_blocks(tokens), to_blocks(segments), hints))
+      merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n_blocks * block) + y.shape[3:])
+      outs.append((merge(logits), jax.tree.map(merge, aux)))
+    if rest:
+      hints = None if route_hints is None else tuple(x[:, n_blocks * block:] for x in route_hints)
+      logits, memory, aux = self.scan(tokens[:, n_blocks * block:], memory,
+                                      segments[:, n_blocks * block:], interventions=interventions,
+                                      return_aux=True, route_hints=hints)
       outs.append((logits, aux))
     logits = jnp.concatenate([o[0] for o in outs], axis=1)
     if not return_aux:

@@ -125,6 +125,18 @@ class TreeStore:
                                           merge, leaf_doc_BN)
     return TreeStore(*stores), span
 
+  def insert_leaves(self, node_span_S2, leaf_key_BKHP, leaf_val_BKHE, leaf_sal_BKH, first_index,
+                    pooled: bool, leaf_doc_BN: Optional[jax.Array] = None, leaf_reps=None):
+    """Seals K consecutive leaves, `first_index` onwards, one `insert` after another (fields
+    [B, K, ...], `leaf_reps` likewise); returns (TreeStore, node_span_S2)."""
+    def body(j, carry):
+      tree, span = carry
+      take = lambda x: jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
+      reps = None if leaf_reps is None else tuple(take(x) for x in leaf_reps)
+      return tree.insert(span, take(leaf_key_BKHP), take(leaf_val_BKHE), take(leaf_sal_BKH),
+                         first_index + j, jnp.bool_(True), pooled, leaf_doc_BN, reps)
+    return jax.lax.fori_loop(0, leaf_key_BKHP.shape[1], body, (self, node_span_S2))
+
 
 @flax.struct.dataclass
 class TokenCache:
@@ -141,6 +153,13 @@ class TokenCache:
     """Writes a completed leaf's keys and values into slot `index` when `cond`."""
     return TokenCache(_write_slot(self.k_BNLHE, leaf.k_BLHE, index, cond),
                       _write_slot(self.v_BNLHE, leaf.v_BLHE, index, cond))
+
+  def write_leaves(self, k_BKLHE, v_BKLHE, first_index) -> "TokenCache":
+    """Writes K consecutive completed leaves into slots `first_index` onwards (the caller keeps
+    them inside the cache's N slots)."""
+    put = lambda store, x: jax.lax.dynamic_update_slice_in_dim(store, x.astype(store.dtype),
+                                                               first_index, axis=1)
+    return TokenCache(put(self.k_BNLHE, k_BKLHE), put(self.v_BNLHE, v_BKLHE))
 
 
 def _write_slot(store_BN, value_B, index, cond):
@@ -181,6 +200,27 @@ class TokenPresence:
     (nodes,), _ = tree_lib.insert_levels((self.nodes_BSW,), node_span_S2, (leaf,), leaf_index,
                                          seals, tree_lib.merge_presence, leaf_doc_BN)
     return TokenPresence(nodes_BSW=nodes, live_BW=jnp.where(seals, after, leaf),
+                         last_B=tokens_BC[:, -1].astype(jnp.int32))
+
+  def seal_leaves(self, tokens_BC, leaf_size: int, node_span_S2, first_index,
+                  leaf_doc_BN: Optional[jax.Array] = None) -> "TokenPresence":
+    """Adds C = K * L new tokens that start a leaf (the live leaf is empty) and seals their K
+    leaves at `first_index` onwards."""
+    b, c = tokens_BC.shape
+    before = jnp.concatenate([self.last_B[:, None], tokens_BC[:, :-1].astype(jnp.int32)], axis=1)
+    bits = tree_lib.union(tree_lib.token_bits(before.reshape(b, c // leaf_size, leaf_size),
+                                              self.live_BW.shape[-1]), axis=2)   # [B, K, W]
+
+    def body(j, carry):
+      nodes, span = carry
+      leaf = jax.lax.dynamic_index_in_dim(bits, j, axis=1, keepdims=False)
+      (nodes,), span = tree_lib.insert_levels((nodes,), span, (leaf,), first_index + j,
+                                              jnp.bool_(True), tree_lib.merge_presence,
+                                              leaf_doc_BN)
+      return nodes, span
+
+    nodes, _ = jax.lax.fori_loop(0, bits.shape[1], body, (self.nodes_BSW, node_span_S2))
+    return TokenPresence(nodes_BSW=nodes, live_BW=jnp.zeros_like(self.live_BW),
                          last_B=tokens_BC[:, -1].astype(jnp.int32))
 
 

@@ -32,6 +32,13 @@ def _compiled(config: KernelConfig):
   return model, params, parallel, scan, step
 
 
+@functools.lru_cache(maxsize=None)
+def _prefill(config: KernelConfig, block: int = 32):
+  model = KernelModel(config)
+  return jax.jit(lambda v, t, m: model.apply(v, t, m, method=model.prefill, block=block,
+                                             return_aux=True))
+
+
 def _tokens(seed, batch, length):
   return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, V)
 
@@ -55,7 +62,7 @@ def _paths_of(aux):
   return jnp.stack([a.path for a in aux.routes])
 
 
-def _assert_forms_agree(config, tokens, check_step=True):
+def _assert_forms_agree(config, tokens, check_step=True, check_prefill=False):
   model, params, parallel, scan, step = _compiled(config)
   b = tokens.shape[0]
   logits_p, aux_p = parallel(params, tokens)
@@ -65,6 +72,13 @@ def _assert_forms_agree(config, tokens, check_step=True):
   assert mismatch == 0, f"scan selected {mismatch} different leaves than parallel"
   np.testing.assert_array_equal(_paths_of(aux_s), _paths_of(aux_p))
   np.testing.assert_allclose(logits_s, logits_p, atol=1e-4, rtol=0)
+  if check_prefill:  # Blocks of 2 leaves, the rest by scan.
+    logits_b, mem_b, aux_b = _prefill(config)(params, tokens, init_memory(config, b))
+    mismatch = int(jnp.sum(_leaves_of(aux_b) != _leaves_of(aux_p)))
+    assert mismatch == 0, f"prefill selected {mismatch} different leaves than parallel"
+    np.testing.assert_array_equal(_paths_of(aux_b), _paths_of(aux_p))
+    np.testing.assert_allclose(logits_b, logits_p, atol=1e-4, rtol=0)
+    chex.assert_trees_all_close(mem_b, mem_s, atol=1e-4)
   if check_step:
     logits_t, leaves_t, mem_t, paths_t = _run_steps(step, params, tokens, init_memory(config, b))
     mismatch = int(jnp.sum(leaves_t != _leaves_of(aux_p)))
@@ -83,7 +97,7 @@ class FormsTest(parameterized.TestCase):
     # Two layers in the base config (stacking); one for the other root counts (compile time).
     config = dataclasses.replace(BASE, num_roots=num_roots,
                                  num_layers=BASE.num_layers if num_roots == 2 else 1)
-    mem = _assert_forms_agree(config, _tokens(num_roots, 2, length))
+    mem = _assert_forms_agree(config, _tokens(num_roots, 2, length), check_prefill=True)
     assert int(mem.num_tokens) == length
     assert int(mem.num_sealed) == length // 16 and int(mem.fill) == length % 16
 
@@ -96,7 +110,7 @@ class FormsTest(parameterized.TestCase):
       ("all_conv_lags", dict(memory_lags=0)))  # The default reads two lags.
   def test_routing_modes_agree(self, overrides):
     config = dataclasses.replace(BASE, num_layers=1, **overrides)
-    _assert_forms_agree(config, _tokens(3, 2, 53))
+    _assert_forms_agree(config, _tokens(3, 2, 53), check_prefill="node_reps" in overrides)
 
   def test_associative_trunk_agrees_with_scan_forms(self):
     config = dataclasses.replace(BASE, scan_impl="associative", num_layers=1)
@@ -117,6 +131,26 @@ class FormsTest(parameterized.TestCase):
     b, _, memory, _ = _run_steps(step, params, tokens[:, 21:30], memory)  # crosses into fill 14
     c, memory, _ = scan(params, tokens[:, 30:], memory)          # chunks straddle leaf edges
     np.testing.assert_allclose(jnp.concatenate([a, b, c], 1), logits_p, atol=1e-4, rtol=0)
+
+  def test_prefill_continues_a_memory_at_a_leaf_boundary(self):
+    """Prefill picks up where scan left a memory at a leaf boundary, step continues after it;
+    a memory mid-leaf or a block that is no multiple of the leaf is refused, and a traced
+    mid-leaf memory gives NaN logits."""
+    model, params, parallel, scan, step = _compiled(BASE)
+    tokens = _tokens(8, 2, 64)
+    logits_p, _ = parallel(params, tokens)
+    a, memory, _ = scan(params, tokens[:, :16], init_memory(BASE, 2))
+    b, memory, _ = _prefill(BASE)(params, tokens[:, 16:56], memory)   # 1 block + 8 by scan
+    c, _, _, _ = _run_steps(step, params, tokens[:, 56:], memory)
+    np.testing.assert_allclose(jnp.concatenate([a, b, c], 1), logits_p, atol=1e-4, rtol=0)
+    _, mid, _ = scan(params, tokens[:, :20], init_memory(BASE, 2))
+    with self.assertRaisesRegex(ValueError, "prefill starts at a leaf boundary.*20 tokens"):
+      model.apply(params, tokens[:, 20:52], mid, method=model.prefill, block=32)
+    for bad in (0, 24, 2.0, True):
+      with self.assertRaisesRegex(ValueError, "block must be a positive multiple of leaf_size"):
+        model.apply(params, tokens, init_memory(BASE, 2), method=model.prefill, block=bad)
+    traced, _, _ = _prefill(BASE)(params, tokens[:, 20:60], mid)       # Compiled above.
+    self.assertTrue(np.all(np.isnan(np.asarray(traced)[:, :32])))
 
   def test_step_does_not_recompile(self):
     model, params, *_ = _compiled(BASE)

@@ -5,8 +5,8 @@ Checked: the presence store says exactly which tokens each sealed node's tokens 
 force over positions); a zero weight, or no hint token, changes nothing; a large weight makes
 every head read the one leaf whose token follows the hint wherever that leaf is visible; the
 hinted forward stays causal and gives the same result with and without query blocks; the
-recurrent forms keep the same presence in their memory (across calls and document resets) and
-route and predict as the parallel form does; wrong shapes, and hints for a memory without
+recurrent forms (scan, step, prefill) keep the same presence in their memory (across calls and
+document resets) and route and predict as the parallel form does; wrong shapes, and hints for a memory without
 presence, fail with a message.
 """
 
@@ -167,6 +167,15 @@ class RecurrentHintTest(absltest.TestCase):
                                            constant_values=-1))
     np.testing.assert_array_equal(np.asarray(memory.presence.nodes_BSW), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(memory.presence.last_B), np.asarray(tokens[:, -1]))
+    prefill = jax.jit(lambda p, t, s, m, h: model.apply(p, t, m, s, route_hints=h, block=32,
+                                                        return_aux=True, method=model.prefill))
+    out, blocked, blocked_aux = prefill(params, tokens, segments,
+                                        init_memory(config, 2, presence=True), hints)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(logits), atol=1e-5)
+    for layer, route in enumerate(aux.routes):
+      np.testing.assert_array_equal(np.asarray(blocked_aux.routes[layer].leaves),
+                                    np.asarray(route.leaves))
+    np.testing.assert_array_equal(np.asarray(blocked.presence.nodes_BSW), np.asarray(want))
     step = jax.jit(lambda p, t, s, m, h: model.apply(p, t, m, s, route_hints=h,
                                                      return_aux=True, method=model.step))
     memory = init_memory(config, 2, presence=True)
