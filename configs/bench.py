@@ -28,7 +28,9 @@ blocks of 512 on the CPU, for memory), and f32 matmuls may use TF32 unless
 as `matmul_precision`).
 
 Fields:
-  models        comma-separated subset of kernel, dense, sliding_window, scan, braincore.
+  models        comma-separated subset of kernel, dense, sliding_window, scan, braincore,
+                dense_params, sliding_window_params (the two peers with their MLP widened to
+                the kernel's parameter count; the others are measured at its width).
   modes         comma-separated subset of forward, train, scan, decode.
   lengths       comma-separated sequence lengths (8k, 32k accepted).
   components    time the kernel's components at every length.
@@ -83,7 +85,7 @@ def get_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   mlp_ratio = ml_collections.FieldReference(4)
 
   config = ml_collections.ConfigDict()
-  config.models = "kernel,dense,sliding_window,scan,braincore"
+  config.models = "kernel,dense,sliding_window,scan,braincore,dense_params,sliding_window_params"
   config.modes = "forward,train,scan,decode"
   config.lengths = LENGTHS
   config.components = True

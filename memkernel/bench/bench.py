@@ -48,6 +48,7 @@ Rows are written to `DIR/bench.json` after every point, so an interrupted run ke
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -80,14 +81,17 @@ from memkernel.kernel.model import KernelModel
 from memkernel.braincore.config import BrainCoreConfig
 from memkernel.peers import PeerConfig
 
-MODELS = ("kernel", "dense", "sliding_window", "scan", "braincore")
+MODELS = ("kernel", "dense", "sliding_window", "scan", "braincore", "dense_params",
+          "sliding_window_params")
+# Peers at the kernel's parameter count (their MLP widened), beside the peers at its width.
+PARAM_MATCHED = {"dense_params": "dense", "sliding_window_params": "sliding_window"}
 MODES = ("forward", "train", "scan", "decode")
 # Kernel components: the parallel form's whole-sequence work, then the decoding form's events.
 SEQUENCE_COMPONENTS = bench_report.SEQUENCE_COMPONENTS
 EVENT_COMPONENTS = bench_report.EVENT_COMPONENTS
 COMPONENTS = SEQUENCE_COMPONENTS + EVENT_COMPONENTS
 KERNEL_VARIANTS = ("kernel", "scan")  # the kernel, and the kernel with its memory off
-QUADRATIC_MODELS = ("dense",)
+QUADRATIC_MODELS = ("dense", "dense_params")
 JSON_FILE, META_FILE, MD_FILE = "bench.json", "bench_meta.json", "bench.md"
 PLOT_FILES = bench_report.PLOT_FILES
 RECOMMENDED_GLIBC_TUNABLES = (
@@ -202,7 +206,35 @@ class BenchConfig:
       return config
     if model == "braincore":
       return BrainCoreConfig.from_dict({**self.braincore, "max_seq_len": length})
+    if model in PARAM_MATCHED:
+      kind = PARAM_MATCHED[model]
+      ratio = matched_mlp_ratio(self.kernel, tuple(sorted(self.peer.items())), kind)
+      return PeerConfig.from_dict({**self.peer, "kind": kind, "max_seq_len": length,
+                                   "mlp_ratio": ratio})
     return PeerConfig.from_dict({**self.peer, "kind": model, "max_seq_len": length})
+
+
+@functools.lru_cache(maxsize=None)
+def param_count(config) -> int:
+  """Parameters of the model `config` describes (shapes only: nothing is compiled or allocated;
+  no parameter depends on the capacity)."""
+  module = family_lib.build(config)
+  tokens = jnp.zeros((1, 16), jnp.int32)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), tokens))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+
+
+@functools.lru_cache(maxsize=None)
+def matched_mlp_ratio(kernel: KernelConfig, peer: tuple, kind: str) -> int:
+  """The peer's MLP ratio whose parameter count is nearest the kernel's (`peer`: the peer
+  section's sorted items). Parameters grow linearly with the ratio, so two counts settle it."""
+  target = param_count(dataclasses.replace(kernel, max_seq_len=kernel.leaf_size))
+  count = lambda r: param_count(PeerConfig.from_dict({**dict(peer), "kind": kind,
+                                                      "max_seq_len": 16, "mlp_ratio": r}))
+  per_unit = count(2) - count(1)
+  guess = max(1, round((target - count(1)) / per_unit) + 1)
+  return min((r for r in (guess - 1, guess, guess + 1) if r >= 1),
+             key=lambda r: abs(count(r) - target))
 
 
 _FIELDS = ("models", "modes", "lengths", "components", "observability", "batch_size", "warmup",

@@ -73,6 +73,13 @@ def target_checks(rows: Sequence[dict], targets: Mapping[str, int]) -> list[dict
       ("kernel", "forward", long_), ("sliding_window", "forward", long_), "tokens_per_s")
   add(f"kernel / dense train tokens/s at {short}", 5.0, False, ("kernel", "train", short),
       ("dense", "train", short), "tokens_per_s")
+  # The same three against the peers at the kernel's parameter count (`bench.PARAM_MATCHED`).
+  add(f"kernel / dense_params forward tokens/s at {short}", 3.0, False,
+      ("kernel", "forward", short), ("dense_params", "forward", short), "tokens_per_s")
+  add(f"kernel / sliding_window_params forward tokens/s at {long_}", 0.6, False,
+      ("kernel", "forward", long_), ("sliding_window_params", "forward", long_), "tokens_per_s")
+  add(f"kernel / dense_params train tokens/s at {short}", 5.0, False, ("kernel", "train", short),
+      ("dense_params", "train", short), "tokens_per_s")
   add(f"kernel decode latency at {d_long} / at {d_short}", 1.5, True, ("kernel", "decode", d_long),
       ("kernel", "decode", d_short), "median_s")
   for mode in ("forward", "train"):

@@ -11,6 +11,7 @@ analytic FLOP count is O(T log T).
 * Config validation names the field; the FLOP model's growth.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -273,13 +274,33 @@ class ReportTest(absltest.TestCase):
         ("kernel / dense forward tokens/s at 1024", 4.0, ">= 3", True),
         ("kernel / sliding_window forward tokens/s at 8192", 0.5, ">= 0.6", False),
         ("kernel / dense train tokens/s at 1024", 4.0, ">= 5", False),
+        ("kernel / dense_params forward tokens/s at 1024", None, ">= 3", None),
+        ("kernel / sliding_window_params forward tokens/s at 8192", None, ">= 0.6", None),
+        ("kernel / dense_params train tokens/s at 1024", None, ">= 5", None),
         ("kernel decode latency at 8192 / at 1024", 1.25, "<= 1.5", True),
         ("kernel / sliding_window forward peak memory at 8192", 1.5, "<= 2", True),
         ("kernel / sliding_window train peak memory at 8192", None, "<= 2", None),
         ("braincore / sliding_window forward tokens/s at 8192", 0.25, ">= 0.5", False),
     ])
     self.assertEqual([c["note"] for c in checks],
-                     [""] * 7 + ["not measured: sliding_window train T=8192", ""])
+                     [""] * 5 + [f"not measured: {m}" for m in (
+                         "dense_params forward T=1024", "sliding_window_params forward T=8192",
+                         "dense_params train T=1024")]
+                     + [""] * 2 + ["not measured: sliding_window train T=8192", ""])
+
+  def test_peers_at_the_kernels_parameter_count(self):
+    """The *_params peers widen their MLP to the kernel's parameter count (within one step of
+    the ratio), everything else as the peers at its width."""
+    for arg in (None, "smoke"):
+      config = bench.parse_config(bench_config.get_config(arg))
+      kernel = bench.param_count(config.model_config("kernel", 64))
+      for model, kind in bench.PARAM_MATCHED.items():
+        matched, plain = config.model_config(model, 64), config.model_config(kind, 64)
+        self.assertEqual(dataclasses.replace(matched, mlp_ratio=plain.mlp_ratio), plain)
+        step = (bench.param_count(dataclasses.replace(matched, mlp_ratio=2))
+                - bench.param_count(dataclasses.replace(matched, mlp_ratio=1)))
+        self.assertGreater(matched.mlp_ratio, plain.mlp_ratio)
+        self.assertLessEqual(abs(bench.param_count(matched) - kernel), step / 2, (arg, model))
 
   def test_breakdown_and_hot_path(self):
     self.assertEqual(report.forward_breakdown(self.ROWS, 8192, num_layers=2), {
