@@ -510,31 +510,41 @@ class KernelModel(nn.Module):
     segments = self._stream_segments(segments, memory, (b, t), "segments")
     if route_hints is not None:
       self._check_hints(route_hints, (b, t), memory)
-    l = c.leaf_size
-    n_chunks, tail = divmod(t, l)
-    outs = []
-    if n_chunks:
-      to_chunks = lambda y: jnp.swapaxes(
-          y[:, :n_chunks * l].reshape((b, n_chunks, l) + y.shape[2:]), 0, 1)
-
-      def body(module, mem, chunk):
-        tokens_c, segments_c, hints_c = chunk
-        logits, mem, aux = module._chunk(tokens_c, segments_c, mem, interventions, hints_c)
-        return mem, (logits, aux)
-
-      hints = None if route_hints is None else tuple(to_chunks(x) for x in route_hints)
-      memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
-                                      split_rngs={"params": False})(
-                                          self, memory,
-                                          (to_chunks(tokens), to_chunks(segments), hints))
-      merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n_chunks * l) + y.shape[3:])
-      outs.append((merge(logits), jax.tree.map(merge, aux)))
-    if tail:
-      hints = (None if route_hints is None
-               else tuple(x[:, n_chunks * l:] for x in route_hints))
-      logits, memory, aux = self._chunk(tokens[:, n_chunks * l:], segments[:, n_chunks * l:],
-                                        memory, interventions, hints)
+    memory, outs, done = self._scan_pieces(lambda m, *xs: m._chunk(*xs), c.leaf_size, tokens,
+                                           segments, memory, interventions, route_hints)
+    if done < t:
+      hints = None if route_hints is None else tuple(x[:, done:] for x in route_hints)
+      logits, memory, aux = self._chunk(tokens[:, done:], segments[:, done:], memory,
+                                        interventions, hints)
       outs.append((logits, aux))
+    return self._joined(outs, memory, return_aux)
+
+  def _scan_pieces(self, advance, size: int, tokens, segments, memory: Memory, interventions,
+                   route_hints):
+    """`advance(module, tokens, segments, memory, interventions, hints)` (`_chunk` or `_block`)
+    under `nn.scan` over the whole pieces of `size` tokens: (memory', [(logits, aux)] or [] when
+    T < size, the tokens consumed)."""
+    b, t = tokens.shape
+    n = t // size
+    if not n:
+      return memory, [], 0
+    to_pieces = lambda y: jnp.swapaxes(y[:, :n * size].reshape((b, n, size) + y.shape[2:]), 0, 1)
+
+    def body(module, mem, xs):
+      logits, mem, aux = advance(module, *xs[:2], mem, interventions, xs[2])
+      return mem, (logits, aux)
+
+    hints = None if route_hints is None else tuple(to_pieces(x) for x in route_hints)
+    memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
+                                    split_rngs={"params": False})(
+                                        self, memory, (to_pieces(tokens), to_pieces(segments),
+                                                       hints))
+    merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n * size) + y.shape[3:])
+    return memory, [(merge(logits), jax.tree.map(merge, aux))], n * size
+
+  @staticmethod
+  def _joined(outs, memory: Memory, return_aux: bool):
+    """The pieces' logits (and outputs) along the sequence."""
     logits = jnp.concatenate([o[0] for o in outs], axis=1)
     if not return_aux:
       return logits, memory
@@ -570,35 +580,15 @@ class KernelModel(nn.Module):
     segments = self._stream_segments(segments, memory, (b, t), "segments")
     if route_hints is not None:
       self._check_hints(route_hints, (b, t), memory)
-    n_blocks, rest = divmod(t, block)
-    outs = []
-    if n_blocks:
-      to_blocks = lambda y: jnp.swapaxes(
-          y[:, :n_blocks * block].reshape((b, n_blocks, block) + y.shape[2:]), 0, 1)
-
-      def body(module, mem, xs):
-        tokens_c, segments_c, hints_c = xs
-        logits, mem, aux = module._block(tokens_c, segments_c, mem, interventions, hints_c)
-        return mem, (logits, aux)
-
-      hints = None if route_hints is None else tuple(to_blocks(x) for x in route_hints)
-      memory, (logits, aux) = nn.scan(body, variable_broadcast="params",
-                                      split_rngs={"params": False})(
-                                          self, memory,
-                                          (to_blocks(tokens), to_blocks(segments), hints))
-      merge = lambda y: jnp.swapaxes(y, 0, 1).reshape((b, n_blocks * block) + y.shape[3:])
-      outs.append((merge(logits), jax.tree.map(merge, aux)))
-    if rest:
-      hints = None if route_hints is None else tuple(x[:, n_blocks * block:] for x in route_hints)
-      logits, memory, aux = self.scan(tokens[:, n_blocks * block:], memory,
-                                      segments[:, n_blocks * block:], interventions=interventions,
-                                      return_aux=True, route_hints=hints)
+    memory, outs, done = self._scan_pieces(lambda m, *xs: m._block(*xs), block, tokens,
+                                           segments, memory, interventions, route_hints)
+    if done < t:
+      hints = None if route_hints is None else tuple(x[:, done:] for x in route_hints)
+      logits, memory, aux = self.scan(tokens[:, done:], memory, segments[:, done:],
+                                      interventions=interventions, return_aux=True,
+                                      route_hints=hints)
       outs.append((logits, aux))
-    logits = jnp.concatenate([o[0] for o in outs], axis=1)
-    if not return_aux:
-      return logits, memory
-    aux = jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *[o[1] for o in outs])
-    return logits, memory, aux
+    return self._joined(outs, memory, return_aux)
 
   def step(self, token, memory: Memory, segment=None, *,
            interventions: Optional[Interventions] = NONE, return_aux: bool = False,

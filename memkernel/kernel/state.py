@@ -6,7 +6,9 @@ A layer's memory is composed of the parts its sublayers own (as a recurrent bloc
 from its sublayers' caches), each with an `init_*` function returning zeros and the one update it
 owns: `TrunkState` (the trunk's recurrences and convolution), `LiveLeaf` (the tokens of the leaf
 being filled; `append`), `TreeStore` (the sealed summary tree; `insert`) and `TokenCache` (the
-exact tokens of sealed leaves; `write`).
+exact tokens of sealed leaves; `write`); `prefill` seals K leaves at once (`insert_leaves`,
+`write_leaves`). Beside the layers, a memory may keep `TokenPresence` (which tokens every node's
+tokens follow; `advance`, `seal_leaves`), the store routing hints read.
 
 The tree is stored level-major: level l (leaves at l = 0) occupies flat node indices
 `[level_offset(l), level_offset(l) + N / 2**l)`, and node i of level l spans leaves
@@ -321,7 +323,7 @@ def init_token_presence(config: KernelConfig, batch_size: int) -> TokenPresence:
 def init_memory(config: KernelConfig, batch_size: int, *, presence: bool = False) -> Memory:
   """The empty memory of a model with `config`, for `batch_size` sequences; with `presence`,
   it also keeps the tokens every tree node follows (`TokenPresence`, 4 * ceil(V / 32) bytes
-  per node and sequence), which routing hints in `scan` and `step` read."""
+  per node and sequence), which routing hints in `scan`, `step` and `prefill` read."""
   if not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
   return Memory(
