@@ -320,6 +320,19 @@ class KernelModel(nn.Module):
     return doc_start, self._boundaries(reset, position_C - doc_start,
                                        doc_start // self.config.leaf_size)
 
+  def _read_and_finish(self, layer, i, x, feats, tree, cache, query_leaf, first_leaf, presence,
+                       hints_BC, interventions, keep):
+    """A recurrent step's layer `i` after its memory is updated: route and read it (with the
+    layer's hints over `presence`), then fusion and MLP: (x', gates, route trace)."""
+    hints = None if hints_BC is None else (hints_BC[0][:, :, i].astype(jnp.int32),
+                                           hints_BC[1][:, :, i].astype(jnp.float32))
+    tree_val, exact_val, route_aux = self._read_memory(
+        feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
+        query_leaf, self.config.beam_width, None, interventions, layer.read_sink, first_leaf,
+        tree.reps, None if hints is None else presence.nodes_BSW, hints)
+    x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
+    return x, gates, route_aux
+
   def _block(self, tokens_BC, segments_BC, memory: Memory, interventions: Interventions,
              hints_BC=None):
     """Advances a memory that sits at a leaf boundary by C = K * L tokens at once: the parallel
@@ -360,13 +373,9 @@ class KernelModel(nn.Module):
       live = jax.tree.map(jnp.zeros_like, mem.live)
       new_layers.append(LayerMemory(trunk=TrunkState(roots_BRD=roots, conv_BWD=conv), live=live,
                                     tree=tree, cache=cache))
-      hints = None if hints_BC is None else (hints_BC[0][:, :, i].astype(jnp.int32),
-                                             hints_BC[1][:, :, i].astype(jnp.float32))
-      tree_val, exact_val, route_aux = self._read_memory(
-          feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
-          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf, tree.reps,
-          None if hints is None else presence.nodes_BSW, hints)
-      x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
+      x, gates, route_aux = self._read_and_finish(layer, i, x, feats, tree, cache, query_leaf,
+                                                  first_leaf, presence, hints_BC, interventions,
+                                                  keep)
       aux_route.append(route_aux)
       aux_gates.append(gates)
       aux_roots.append(feats.roots)
@@ -423,13 +432,9 @@ class KernelModel(nn.Module):
       cache = mem.cache.write(leaf, sealed_count, seals)
       new_layers.append(LayerMemory(trunk=TrunkState(roots_BRD=roots, conv_BWD=conv), live=live,
                                     tree=tree, cache=cache))
-      hints = None if hints_BC is None else (hints_BC[0][:, :, i].astype(jnp.int32),
-                                             hints_BC[1][:, :, i].astype(jnp.float32))
-      tree_val, exact_val, route_aux = self._read_memory(
-          feats, tree.node_keys_BSHP, tree.node_vals_BSHE, cache.k_BNLHE, cache.v_BNLHE,
-          query_leaf, c.beam_width, None, interventions, layer.read_sink, first_leaf, tree.reps,
-          None if hints is None else presence.nodes_BSW, hints)
-      x, gates = layer.finish(x, feats, tree_val, exact_val, keep)
+      x, gates, route_aux = self._read_and_finish(layer, i, x, feats, tree, cache, query_leaf,
+                                                  first_leaf, presence, hints_BC, interventions,
+                                                  keep)
       aux_route.append(route_aux)
       aux_gates.append(gates)
       aux_roots.append(feats.roots)
